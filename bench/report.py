@@ -1,0 +1,48 @@
+"""Ratio table from a pytest-benchmark JSON file: each torch variant's median over kiln's.
+
+    python bench/report.py bench/results/linear_act_cpu.json [--out bench/results/linear_act_cpu.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from collections import defaultdict
+
+from common import markdown_table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("json_file")
+    parser.add_argument("--out", help="also write the table (markdown) here")
+    args = parser.parse_args()
+    data = json.load(open(args.json_file))
+    groups = defaultdict(dict)
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        groups[bench["group"]][info["impl"]] = (bench["stats"]["median"], info.get("flop"))
+    rows = []
+    for group, impls in groups.items():
+        kiln_median, flop = impls["kiln"]
+        row = [group, f"{kiln_median * 1e3:.1f}",
+               f"{flop / kiln_median / 1e9:.0f}" if flop else "-"]
+        for impl in ("torch", "torch.compile"):
+            median = impls.get(impl, (None,))[0]
+            row += ["-", "-"] if median is None else [f"{median * 1e3:.1f}", f"{median / kiln_median:.2f}"]
+        rows.append(row)
+    machine = data.get("machine_info", {})
+    title = (f"{machine.get('cpu', {}).get('brand_raw', platform.processor())}, "
+             f"{data.get('datetime', '')[:10]}, medians of pytest-benchmark rounds")
+    table = markdown_table(["case", "kiln ms", "kiln GFLOP/s", "torch ms", "torch/kiln",
+                            "compile ms", "compile/kiln"], rows)
+    text = f"{title}\n\n{table}\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""Which backend runs an op.
+
+Backends: ``triton`` (CUDA tensors; CPU tensors too under ``TRITON_INTERPRET=1``),
+``cuda`` (the compiled extension ``kiln._cuda``), ``cpu`` (numba) and ``reference``
+(pure PyTorch, any device).
+
+The choice, most specific first:
+
+1. a per-op choice: ``use("cuda", ops=["linear_act"])``;
+2. the global choice: ``use("cpu")`` (a setter, and a context manager that restores
+   the previous choice on exit);
+3. the ``KILN_BACKEND`` environment variable;
+4. the default for the tensors' device: ``triton`` for CUDA tensors, ``cpu`` for CPU tensors.
+
+A backend the user asked for (1-3) that cannot run these tensors is an error naming
+what is missing. Only the default (4) may step aside: when it does not cover a dtype
+(say bfloat16 on CPU) the op runs on ``reference`` and says so once in the log.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+from collections.abc import Iterable
+
+import torch
+
+BACKENDS = ("triton", "cuda", "cpu", "reference")
+
+log = logging.getLogger("kiln")
+
+_global_choice: str | None = None
+_op_choice: dict[str, str] = {}
+_logged_defaults: set[tuple] = set()
+
+
+class BackendError(RuntimeError):
+    """A backend was asked for that cannot run the given tensors."""
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kiln backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+class use:
+    """Choose the backend, globally or for some ops; usable as a context manager.
+
+    ``kiln.backend.use("cpu")`` sets it until changed; ``with kiln.backend.use("cpu"):``
+    sets it for the block. ``ops=["linear_act"]`` limits the choice to those ops.
+    ``use(None)`` clears the choice (back to ``KILN_BACKEND`` or the device default).
+    """
+
+    def __init__(self, name: str | None, ops: Iterable[str] | None = None):
+        global _global_choice
+        if name is not None:
+            _check_name(name)
+        self._ops = None if ops is None else list(ops)
+        if self._ops is None:
+            self._previous = _global_choice
+            _global_choice = name
+        else:
+            self._previous = {op: _op_choice.get(op) for op in self._ops}
+            for op in self._ops:
+                if name is None:
+                    _op_choice.pop(op, None)
+                else:
+                    _op_choice[op] = name
+
+    def __enter__(self) -> use:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _global_choice
+        if self._ops is None:
+            _global_choice = self._previous
+            return
+        for op, previous in self._previous.items():
+            if previous is None:
+                _op_choice.pop(op, None)
+            else:
+                _op_choice[op] = previous
+
+
+def requested(op: str) -> str | None:
+    """The backend the user asked for this op (None: the device default applies)."""
+    if op in _op_choice:
+        return _op_choice[op]
+    if _global_choice is not None:
+        return _global_choice
+    env = os.environ.get("KILN_BACKEND")
+    if env:
+        try:
+            return _check_name(env)
+        except ValueError as e:
+            raise ValueError(f"KILN_BACKEND={env!r}: {e}") from None
+    return None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _import_error(module: str) -> str | None:
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # an import can fail with more than ImportError (e.g. a bad driver)
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def cuda_extension():
+    """The compiled module ``kiln._cuda``; raises BackendError when it is not built."""
+    error = _import_error("kiln._cuda")
+    if error is not None:
+        raise BackendError(
+            "the cuda backend needs the extension kiln._cuda, which is not built "
+            f"({error}); reinstall kiln on a machine with nvcc (KILN_CUDA=ON pip install .)"
+        )
+    return importlib.import_module("kiln._cuda")
+
+
+def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype, dtypes) -> str | None:
+    """Why backend ``name`` cannot run tensors of this device and dtype; None if it can."""
+    if dtype not in dtypes:
+        supported = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        return f"it supports dtypes {supported}, not {str(dtype).removeprefix('torch.')}"
+    if name == "reference":
+        return None
+    if name == "cpu":
+        if device.type != "cpu":
+            return f"it runs on CPU tensors, not {device.type} tensors"
+        error = _import_error("numba")
+        return None if error is None else f"numba cannot be imported ({error})"
+    if name == "triton":
+        error = _import_error("triton")
+        if error is not None:
+            return f"triton cannot be imported ({error})"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpreted():
+            return None
+        return (
+            f"it runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
+            f"not {device.type} tensors"
+        )
+    if name == "cuda":
+        if device.type != "cuda":
+            return f"it runs on CUDA tensors, not {device.type} tensors"
+        error = _import_error("kiln._cuda")
+        return None if error is None else f"the extension kiln._cuda is not built ({error})"
+    raise AssertionError(name)
+
+
+def default_for(device: torch.device) -> str:
+    return {"cuda": "triton", "cpu": "cpu"}.get(device.type, "reference")
+
+
+def select(op: str, device: torch.device, dtype: torch.dtype, supported: dict) -> str:
+    """The backend that runs ``op`` on tensors of ``device`` and ``dtype``.
+
+    ``supported`` maps each backend of the op to the dtypes it covers.
+    """
+    name = requested(op)
+    if name is not None:
+        reason = (
+            f"op {op!r} has no {name} implementation"
+            if name not in supported
+            else unavailable_reason(name, device, dtype, supported[name])
+        )
+        if reason is not None:
+            raise BackendError(f"kiln backend {name!r} cannot run {op}: {reason}")
+        return name
+    name = default_for(device)
+    reason = (
+        "no implementation" if name not in supported
+        else unavailable_reason(name, device, dtype, supported[name])
+    )
+    if reason is None:
+        return name
+    key = (op, name, device.type, dtype)
+    if key not in _logged_defaults:
+        _logged_defaults.add(key)
+        log.warning("kiln: %s on %s %s runs on the reference backend: %s backend: %s",
+                    op, device.type, dtype, name, reason)
+    reason_ref = unavailable_reason("reference", device, dtype, supported["reference"])
+    if reason_ref is not None:
+        raise BackendError(f"no kiln backend can run {op} on {device.type} {dtype}: {reason_ref}")
+    return "reference"
+
+
+def report(op: str, supported: dict, dtype: torch.dtype = torch.float32) -> dict[str, str]:
+    """For ``kiln info``: which backend ``op`` would use on each device kind present."""
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    out = {}
+    for device in devices:
+        try:
+            out[device.type] = select(op, device, dtype, supported)
+        except BackendError as e:
+            out[device.type] = f"error: {e}"
+    return out

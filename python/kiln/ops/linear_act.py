@@ -1,0 +1,222 @@
+"""linear_act: y = act(x @ W^T + b), the fused affine layer of the notes (section 5.6).
+
+Forward runs one GEMM with the bias and the activation in its epilogue. Backward
+needs dz = dy * act'(z) and forms it inside the gradient GEMMs (Triton, CUDA) or
+block by block in cache (cpu), never as a separate pass over memory:
+dx = dz W, dW = dz^T x, db = sum over rows of dz.
+
+Saved for backward: x and W (the GEMM operands), and one (M, N) tensor for act':
+the output y itself for relu, tanh, sigmoid (their derivative is a function of y, and
+y exists anyway), the pre-activation z for gelu, gelu_tanh, silu (forward writes it
+as a second output), nothing for identity. Double backward is not supported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kiln import backend
+from kiln.kernels.activations import ACTIVATIONS, CODE, SAVED
+
+from ._checks import check_floating, check_same_device_dtype
+
+OP = "linear_act"
+
+# ---------------------------------------------------------------------------------------
+# The pure-PyTorch reference: obviously right, any device and dtype.
+
+
+def _act_reference(z: Tensor, activation: str) -> Tensor:
+    return {
+        "identity": lambda t: t,
+        "relu": F.relu,
+        "gelu": F.gelu,
+        "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+        "tanh": torch.tanh,
+        "sigmoid": torch.sigmoid,
+        "silu": F.silu,
+    }[activation](z)
+
+
+def _act_grad_reference(saved: Tensor, activation: str) -> Tensor:
+    """act'(z) from the saved tensor (y for relu/tanh/sigmoid, z for the others)."""
+    s = saved
+    if activation == "relu":
+        return (s > 0).to(s.dtype)
+    if activation == "tanh":
+        return 1 - s * s
+    if activation == "sigmoid":
+        return s * (1 - s)
+    if activation == "gelu":
+        return 0.5 * (1 + torch.erf(s / 2**0.5)) + s * torch.exp(-0.5 * s * s) / (2 * torch.pi) ** 0.5
+    if activation == "gelu_tanh":
+        c = (2 / torch.pi) ** 0.5
+        t = torch.tanh(c * (s + 0.044715 * s**3))
+        return 0.5 * (1 + t) + 0.5 * s * (1 - t * t) * c * (1 + 3 * 0.044715 * s * s)
+    if activation == "silu":
+        sg = torch.sigmoid(s)
+        return sg * (1 + s * (1 - sg))
+    raise AssertionError(activation)
+
+
+def reference_forward(x, weight, bias, activation: int, save_preact: bool):
+    z = F.linear(x, weight, bias)
+    return _act_reference(z, ACTIVATIONS[activation]), (z if save_preact else None)
+
+
+def reference_backward(grad_out, x, weight, saved, activation: int, need_dx, need_dw, need_db):
+    name = ACTIVATIONS[activation]
+    dz = grad_out if SAVED[name] is None else grad_out * _act_grad_reference(saved, name)
+    return (dz @ weight if need_dx else None,
+            dz.t() @ x if need_dw else None,
+            dz.sum(0) if need_db else None)
+
+
+# ---------------------------------------------------------------------------------------
+# The cuda backend: kiln._cuda takes raw pointers, sizes and the stream.
+
+_CUDA_DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _ptr(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def cuda_forward(x, weight, bias, activation: int, save_preact: bool):
+    ext = backend.cuda_extension()
+    M, K, N = x.shape[0], x.shape[1], weight.shape[0]
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    preact = torch.empty_like(out) if save_preact else None
+    with torch.cuda.device(x.device):
+        ext.linear_act_forward(x.data_ptr(), weight.data_ptr(), _ptr(bias), out.data_ptr(),
+                               _ptr(preact), M, N, K, _CUDA_DTYPE[x.dtype], activation,
+                               torch.cuda.current_stream().cuda_stream)
+    return out, preact
+
+
+def cuda_backward(grad_out, x, weight, saved, activation: int, need_dx, need_dw, need_db):
+    ext = backend.cuda_extension()
+    M, K, N = x.shape[0], x.shape[1], weight.shape[0]
+    dx = torch.empty_like(x) if need_dx else None
+    dw = torch.empty_like(weight) if need_dw else None
+    db = torch.empty((N,), dtype=x.dtype, device=x.device) if need_db else None
+    with torch.cuda.device(x.device):
+        ext.linear_act_backward(grad_out.data_ptr(), x.data_ptr(), weight.data_ptr(), _ptr(saved),
+                                _ptr(dx), _ptr(dw), _ptr(db), M, N, K, _CUDA_DTYPE[x.dtype],
+                                activation, torch.cuda.current_stream().cuda_stream)
+    return dx, dw, db
+
+
+# ---------------------------------------------------------------------------------------
+# The table of implementations: module (or this file) and the dtypes each covers.
+
+_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = {
+    "triton": _GPU_DTYPES,
+    "cuda": _GPU_DTYPES,
+    "cpu": (torch.float32, torch.float64),
+    "reference": (torch.float64, torch.float32, torch.float16, torch.bfloat16),
+}
+_KERNEL_MODULES = {"triton": "kiln.kernels.triton.linear_act", "cpu": "kiln.kernels.cpu.linear_act"}
+
+
+def _implementation(name: str):
+    """(forward, backward) of backend ``name``; kernel modules load on first use."""
+    if name == "reference":
+        return reference_forward, reference_backward
+    if name == "cuda":
+        return cuda_forward, cuda_backward
+    module = importlib.import_module(_KERNEL_MODULES[name])
+    return module.forward, module.backward
+
+
+# ---------------------------------------------------------------------------------------
+# The custom ops: 2-D contiguous operands; the public function reshapes.
+
+
+@torch.library.custom_op("kiln::linear_act", mutates_args=())
+def _linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str) -> tuple[Tensor, Tensor]:
+    """Returns (y, z); z is empty unless act' needs the pre-activation."""
+    forward, _ = _implementation(backend.select(OP, x.device, x.dtype, DTYPES))
+    out, preact = forward(x, weight, bias, CODE[activation], SAVED[activation] == "preact")
+    return out, (preact if preact is not None else x.new_empty(0))
+
+
+@_linear_act.register_fake
+def _(x, weight, bias, activation):
+    out = x.new_empty((x.shape[0], weight.shape[0]))
+    return out, (torch.empty_like(out) if SAVED[activation] == "preact" else x.new_empty(0))
+
+
+@torch.library.custom_op("kiln::linear_act_backward", mutates_args=())
+def _linear_act_backward(grad_out: Tensor, x: Tensor, weight: Tensor, saved: Optional[Tensor],
+                         activation: str, need_dx: bool, need_dw: bool, need_db: bool
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dx, dW, db), each empty when not needed."""
+    _, backward = _implementation(backend.select(OP, x.device, x.dtype, DTYPES))
+    grads = backward(grad_out, x, weight, saved, CODE[activation], need_dx, need_dw, need_db)
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+@_linear_act_backward.register_fake
+def _(grad_out, x, weight, saved, activation, need_dx, need_dw, need_db):
+    return (torch.empty_like(x) if need_dx else x.new_empty(0),
+            torch.empty_like(weight) if need_dw else x.new_empty(0),
+            x.new_empty(weight.shape[0]) if need_db else x.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, activation = inputs
+    out, preact = output
+    kind = SAVED[activation]
+    saved = {"output": out, "preact": preact, None: None}[kind]
+    ctx.save_for_backward(x, weight, saved)
+    ctx.activation = activation
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_out, grad_preact):
+    x, weight, saved = ctx.saved_tensors
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    need_db = need_db and ctx.has_bias
+    dx, dw, db = _linear_act_backward(grad_out.contiguous(), x, weight, saved, ctx.activation,
+                                      need_dx, need_dw, need_db)
+    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None, None)
+
+
+torch.library.register_autograd("kiln::linear_act", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------
+# The public op.
+
+
+def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+               activation: str = "relu") -> Tensor:
+    """act(x @ weight.T + bias) for x (..., in), weight (out, in), bias (out,) or None.
+
+    activation: one of identity, relu, gelu (erf), gelu_tanh, tanh, sigmoid, silu.
+    """
+    if activation not in CODE:
+        raise ValueError(f"linear_act: unknown activation {activation!r}; "
+                         f"expected one of {', '.join(ACTIVATIONS)}")
+    check_floating(OP, x=x, weight=weight)
+    check_same_device_dtype(OP, x=x, weight=weight, bias=bias)
+    if weight.dim() != 2:
+        raise ValueError(f"linear_act: weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear_act: x's last dim must equal weight's in dim: "
+                         f"x {tuple(x.shape)} vs weight {tuple(weight.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"linear_act: bias must have shape ({weight.shape[0]},) to match weight "
+                         f"{tuple(weight.shape)}, got {tuple(bias.shape)}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    out, _ = _linear_act(x2, weight.contiguous(), None if bias is None else bias.contiguous(),
+                         activation)
+    return out.reshape(*lead, weight.shape[0])

@@ -1,0 +1,1 @@
+"""Training: data, loops and the end-to-end jobs."""

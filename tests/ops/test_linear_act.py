@@ -1,0 +1,197 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kiln
+from kiln.kernels.activations import ACTIVATIONS
+from tests.numerics import BOUND, rel_err
+
+TORCH_ACT = {
+    "identity": lambda t: t,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "silu": F.silu,
+}
+
+# (leading dims of x, in, out): none a multiple of a block size; 1s; a 3-D input;
+# and for the cpu backend shapes with several row blocks and several column chunks.
+SMALL_SHAPES = [((1,), 1, 1), ((7,), 19, 33), ((65,), 70, 130), ((2, 5), 19, 33)]
+CPU_BLOCKED_SHAPES = [((3000,), 17, 300), ((3, 700), 9, 45)]
+
+
+def _inputs(lead, k, n, dtype, bias=True, device="cpu"):
+    g = torch.Generator().manual_seed(hash((lead, k, n)) % 2**31)
+    x = torch.randn(*lead, k, generator=g, dtype=torch.float64)
+    w = torch.randn(n, k, generator=g, dtype=torch.float64) / k**0.5
+    b = torch.randn(n, generator=g, dtype=torch.float64) if bias else None
+    dy = torch.randn(*lead, n, generator=g, dtype=torch.float64)
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype).requires_grad_()
+    return (x, w, b, dy), (cast(x), cast(w), cast(b))
+
+
+def _check(backend, lead, k, n, activation, dtype, bias=True, device="cpu"):
+    (x64, w64, b64, dy64), (x, w, b) = _inputs(lead, k, n, dtype, bias, device)
+    x64, w64 = x64.requires_grad_(), w64.requires_grad_()
+    b64 = b64.requires_grad_() if b64 is not None else None
+    ref = TORCH_ACT[activation](F.linear(x64, w64, b64))
+    ref.backward(dy64)
+    with kiln.backend.use(backend):
+        out = kiln.ops.linear_act(x, w, b, activation)
+        out.backward(dy64.to(device=device, dtype=dtype))
+    bound = BOUND[dtype]
+    assert rel_err(out, ref) < bound, "forward"
+    assert rel_err(x.grad, x64.grad) < bound, "dx"
+    assert rel_err(w.grad, w64.grad) < bound, "dweight"
+    if bias:
+        assert rel_err(b.grad, b64.grad) < bound, "dbias"
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape", SMALL_SHAPES + CPU_BLOCKED_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_matches_torch_cpu_and_reference(backend, dtype, shape, activation):
+    _check(backend, *shape, activation, dtype)
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=str)
+def test_matches_torch_triton_interpreted(shape, activation):
+    _check("triton", *shape, activation, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_no_bias(backend, activation):
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    _check(backend, (9,), 13, 21, activation, dtype, bias=False)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+def test_non_contiguous_inputs(backend):
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    g = torch.Generator().manual_seed(0)
+    x_full = torch.randn(23, 40, dtype=dtype, generator=g)
+    x = x_full[:, ::2].t()  # (20, 23), strided both ways
+    w = torch.randn(23, 17, dtype=dtype, generator=g).t()  # (17, 23), transposed
+    b = torch.randn(34, dtype=dtype, generator=g)[::2]
+    for t in (x, w, b):
+        t.requires_grad_()
+    with kiln.backend.use(backend):
+        out = kiln.ops.linear_act(x, w, b, "silu")
+        out.sum().backward()  # an expanded (stride-0) upstream gradient
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = F.silu(F.linear(x64, w64, b64))
+    ref.sum().backward()
+    bound = BOUND[dtype]
+    assert rel_err(out, ref) < bound
+    for got, want in ((x.grad, x64.grad), (w.grad, w64.grad), (b.grad, b64.grad)):
+        assert rel_err(got, want) < bound
+
+
+def test_only_weight_grad_when_input_is_data():
+    x = torch.randn(6, 5, dtype=torch.float64)
+    w = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    kiln.ops.linear_act(x, w, None, "tanh").sum().backward()
+    assert x.grad is None and w.grad is not None
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradcheck_cpu_backend(activation):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
+    with kiln.backend.use("cpu"):
+        assert torch.autograd.gradcheck(
+            lambda *a: kiln.ops.linear_act(*a, activation=activation), (x, w, b))
+
+
+def test_large_activations_stay_finite():
+    # sigmoid and silu evaluate exp only of non-positive arguments: no overflow to inf/inf.
+    x = torch.tensor([[-1e4, -50.0, 0.0, 50.0, 1e4]], dtype=torch.float64).t()
+    w = torch.ones(1, 1, dtype=torch.float64)
+    for activation in ("sigmoid", "silu", "tanh", "gelu", "gelu_tanh"):
+        with kiln.backend.use("cpu"):
+            out = kiln.ops.linear_act(x, w, None, activation)
+        assert torch.equal(out, TORCH_ACT[activation](x)) or rel_err(out, TORCH_ACT[activation](x)) < 1e-15
+
+
+# --- bad input -------------------------------------------------------------------------
+
+
+def test_mismatched_inner_dims_names_both_shapes():
+    with pytest.raises(ValueError, match=r"x \(3, 4\) vs weight \(5, 6\)"):
+        kiln.ops.linear_act(torch.randn(3, 4), torch.randn(5, 6))
+
+
+def test_bias_shape_is_checked():
+    with pytest.raises(ValueError, match=r"bias must have shape \(5,\).*got \(4,\)"):
+        kiln.ops.linear_act(torch.randn(3, 6), torch.randn(5, 6), torch.randn(4))
+
+
+def test_integer_input_is_rejected():
+    with pytest.raises(TypeError, match=r"x must be a floating-point tensor, got dtype int64"):
+        kiln.ops.linear_act(torch.ones(3, 4, dtype=torch.long), torch.randn(5, 4))
+
+
+def test_mixed_dtypes_name_both():
+    with pytest.raises(TypeError, match=r"weight has dtype float64 but x has dtype float32"):
+        kiln.ops.linear_act(torch.randn(3, 4), torch.randn(5, 4, dtype=torch.float64))
+
+
+def test_mixed_devices_name_both():
+    with pytest.raises(ValueError, match=r"bias is on meta but x is on cpu"):
+        kiln.ops.linear_act(torch.randn(3, 4), torch.randn(5, 4), torch.empty(5, device="meta"))
+
+
+def test_unknown_activation():
+    with pytest.raises(ValueError, match=r"unknown activation 'swish'.*identity, relu"):
+        kiln.ops.linear_act(torch.randn(3, 4), torch.randn(5, 4), activation="swish")
+
+
+# --- torch.compile ---------------------------------------------------------------------
+
+
+def test_compile_fullgraph_cpu_backend():
+    torch._dynamo.reset()
+    model = kiln.nn.MLP([12, 16, 3], activation="gelu").double()
+    x = torch.randn(5, 12, dtype=torch.float64)
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    out.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    eager = model(x)
+    eager.square().sum().backward()
+    assert rel_err(out, eager) < 1e-12
+    for got, p in zip(grads, model.parameters()):
+        assert rel_err(got, p.grad) < 1e-12
+
+
+# --- GPU -------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("shape", [((1,), 1, 1), ((65,), 70, 130), ((3, 333), 257, 515),
+                                   ((1000,), 1024, 768)], ids=str)
+def test_matches_torch_gpu(backend, dtype, shape, activation):
+    _check(backend, *shape, activation, dtype, device="cuda")
+
+
+@pytest.mark.gpu
+def test_compile_fullgraph_triton_gpu():
+    torch._dynamo.reset()
+    model = kiln.nn.MLP([64, 128, 10], activation="relu").cuda()
+    x = torch.randn(33, 64, device="cuda")
+    with kiln.backend.use("triton"):
+        out = torch.compile(model, fullgraph=True)(x)
+        assert rel_err(out, model(x)) < 1e-5

@@ -1,0 +1,87 @@
+import logging
+import sys
+
+import pytest
+import torch
+
+import kiln
+from kiln import backend
+from kiln.backend import BackendError
+
+
+def test_default_by_device():
+    assert backend.select("linear_act", torch.device("cpu"), torch.float32,
+                          kiln.ops.BACKEND_DTYPES["linear_act"]) == "cpu"
+    assert backend.default_for(torch.device("cuda")) == "triton"
+
+
+def test_use_is_a_setter_and_a_context_manager():
+    backend.use("reference")
+    assert backend.requested("linear_act") == "reference"
+    with backend.use("cpu"):
+        assert backend.requested("linear_act") == "cpu"
+    assert backend.requested("linear_act") == "reference"
+
+
+def test_per_op_choice_wins_over_global():
+    with backend.use("reference"), backend.use("cpu", ops=["linear_act"]):
+        assert backend.requested("linear_act") == "cpu"
+        assert backend.requested("layer_norm") == "reference"
+    assert backend.requested("linear_act") is None
+
+
+def test_environment_variable(monkeypatch):
+    monkeypatch.setenv("KILN_BACKEND", "reference")
+    assert backend.requested("linear_act") == "reference"
+    with backend.use("cpu"):
+        assert backend.requested("linear_act") == "cpu"
+    monkeypatch.setenv("KILN_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="KILN_BACKEND='gpu'.*triton, cuda, cpu, reference"):
+        backend.requested("linear_act")
+
+
+def test_unknown_name():
+    with pytest.raises(ValueError, match="unknown kiln backend 'numba'"):
+        backend.use("numba")
+
+
+def test_the_chosen_backend_really_runs(monkeypatch):
+    op = sys.modules["kiln.ops.linear_act"]
+
+    calls = []
+    real = op._implementation
+    monkeypatch.setattr(op, "_implementation", lambda name: calls.append(name) or real(name))
+    x, w = torch.randn(3, 4), torch.randn(2, 4)
+    for name in ("cpu", "reference"):
+        with backend.use(name):
+            kiln.ops.linear_act(x, w)
+    assert calls == ["cpu", "reference"]
+
+
+def test_cuda_backend_on_cpu_tensors_is_an_error():
+    with backend.use("cuda"), pytest.raises(BackendError, match="cuda.*runs on CUDA tensors, not cpu"):
+        kiln.ops.linear_act(torch.randn(3, 4), torch.randn(2, 4))
+
+
+def test_cpu_backend_with_unsupported_dtype_is_an_error():
+    x, w = torch.randn(3, 4, dtype=torch.bfloat16), torch.randn(2, 4, dtype=torch.bfloat16)
+    with backend.use("cpu"), pytest.raises(BackendError, match="supports dtypes float32, float64, not bfloat16"):
+        kiln.ops.linear_act(x, w)
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with backend.use("triton"), pytest.raises(BackendError, match="TRITON_INTERPRET=1"):
+        kiln.ops.linear_act(torch.randn(3, 4), torch.randn(2, 4))
+
+
+def test_default_steps_aside_to_reference_for_uncovered_dtype_and_says_so(caplog):
+    backend._logged_defaults.clear()
+    x, w = torch.randn(3, 4, dtype=torch.bfloat16), torch.randn(2, 4, dtype=torch.bfloat16)
+    with caplog.at_level(logging.WARNING, logger="kiln"):
+        out = kiln.ops.linear_act(x, w)
+        kiln.ops.linear_act(x, w)
+    expected = torch.relu(x.double() @ w.double().t())
+    assert (out.double() - expected).abs().max() < 0.1
+    messages = [r.getMessage() for r in caplog.records if "reference backend" in r.getMessage()]
+    assert len(messages) == 1 and "bfloat16" in messages[0]
