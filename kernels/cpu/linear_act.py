@@ -14,14 +14,13 @@ block products come from ``torch.mm`` and everything around them is numba:
 float32 and float64; math accumulates in the storage dtype except db (float64).
 """
 
-import math
-
 import numpy as np
 import torch
 from numba import njit, prange
 
 from ..activations import GELU, GELU_TANH, GELU_TANH_CUBIC, IDENTITY, INV_SQRT_2, INV_SQRT_2PI
 from ..activations import RELU, SIGMOID, SILU, SQRT_2_OVER_PI, TANH
+from .fastmath import erf, exp, like, tanh
 
 _BLOCK_BYTES = 1 << 19  # one block of y: half of a 1-2 MiB L2 leaves room for x's rows
 _DB_COLUMNS = 256  # columns per thread in the dz pass
@@ -31,63 +30,122 @@ def _rows_per_block(n_cols: int, itemsize: int) -> int:
     return max(8, _BLOCK_BYTES // max(1, n_cols * itemsize))
 
 
-@njit(inline="always", fastmath=False)
+@njit(inline="always")
 def _sigmoid(z):
     # exp of a non-positive argument only: no overflow for large |z|.
-    if z >= 0:
-        return 1.0 / (1.0 + math.exp(-z))
-    e = math.exp(z)
-    return e / (1.0 + e)
+    one = like(z, 1.0)
+    e = exp(-abs(z))
+    return one / (one + e) if z >= 0 else e / (one + e)
 
 
 @njit(inline="always")
-def _act(z, code):
-    if code == RELU:
-        return z if z > 0 else 0.0 * z
-    if code == GELU:
-        return 0.5 * z * (1.0 + math.erf(z * INV_SQRT_2))
-    if code == GELU_TANH:
-        return 0.5 * z * (1.0 + math.tanh(SQRT_2_OVER_PI * (z + GELU_TANH_CUBIC * z * z * z)))
-    if code == TANH:
-        return math.tanh(z)
-    if code == SIGMOID:
-        return _sigmoid(z)
-    if code == SILU:
-        return z * _sigmoid(z)
-    return z
+def _relu(z):
+    return z if z > 0 else z * 0  # z * 0 keeps z's type, and NaN
 
 
 @njit(inline="always")
-def _act_grad(s, code):
-    """act'(z) from ``s``: the output y for relu, tanh, sigmoid; z for the others."""
+def _gelu(z):
+    return like(z, 0.5) * z * (like(z, 1.0) + erf(z * like(z, INV_SQRT_2)))
+
+
+@njit(inline="always")
+def _gelu_tanh(z):
+    u = like(z, SQRT_2_OVER_PI) * (z + like(z, GELU_TANH_CUBIC) * z * z * z)
+    return like(z, 0.5) * z * (like(z, 1.0) + tanh(u))
+
+
+@njit(inline="always")
+def _silu(z):
+    return z * _sigmoid(z)
+
+
+@njit(inline="always")
+def _act_row(row, code):
+    """row <- act(row). One loop per activation: a switch inside the loop would keep
+    LLVM from vectorizing it."""
+    n = row.size
     if code == RELU:
-        return 1.0 if s > 0 else 0.0
-    if code == TANH:
-        return 1.0 - s * s
-    if code == SIGMOID:
-        return s * (1.0 - s)
-    if code == GELU:
-        return 0.5 * (1.0 + math.erf(s * INV_SQRT_2)) + s * INV_SQRT_2PI * math.exp(-0.5 * s * s)
-    if code == GELU_TANH:
-        t = math.tanh(SQRT_2_OVER_PI * (s + GELU_TANH_CUBIC * s * s * s))
-        du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_CUBIC * s * s)
-        return 0.5 * (1.0 + t) + 0.5 * s * (1.0 - t * t) * du
-    if code == SILU:
-        sg = _sigmoid(s)
-        return sg * (1.0 + s * (1.0 - sg))
-    return 1.0
+        for j in range(n):
+            row[j] = _relu(row[j])
+    elif code == GELU:
+        for j in range(n):
+            row[j] = _gelu(row[j])
+    elif code == GELU_TANH:
+        for j in range(n):
+            row[j] = _gelu_tanh(row[j])
+    elif code == TANH:
+        for j in range(n):
+            row[j] = tanh(row[j])
+    elif code == SIGMOID:
+        for j in range(n):
+            row[j] = _sigmoid(row[j])
+    elif code == SILU:
+        for j in range(n):
+            row[j] = _silu(row[j])
+
+
+@njit(inline="always")
+def _gelu_grad(z):
+    one, half = like(z, 1.0), like(z, 0.5)
+    return half * (one + erf(z * like(z, INV_SQRT_2))) + z * like(z, INV_SQRT_2PI) * exp(-half * z * z)
+
+
+@njit(inline="always")
+def _gelu_tanh_grad(z):
+    one, half, c = like(z, 1.0), like(z, 0.5), like(z, GELU_TANH_CUBIC)
+    t = tanh(like(z, SQRT_2_OVER_PI) * (z + c * z * z * z))
+    du = like(z, SQRT_2_OVER_PI) * (one + like(z, 3.0) * c * z * z)
+    return half * (one + t) + half * z * (one - t * t) * du
+
+
+@njit(inline="always")
+def _silu_grad(z):
+    sg = _sigmoid(z)
+    return sg * (like(z, 1.0) + z * (like(z, 1.0) - sg))
+
+
+@njit(inline="always")
+def _grad_row(dz, dy, s, code):
+    """dz <- dy * act'(z), from s: the output y for relu, tanh, sigmoid; z for the others."""
+    n = dz.size
+    if code == RELU:
+        for j in range(n):
+            dz[j] = dy[j] if s[j] > 0 else dy[j] * 0
+    elif code == TANH:
+        for j in range(n):
+            dz[j] = dy[j] * (like(s[j], 1.0) - s[j] * s[j])
+    elif code == SIGMOID:
+        for j in range(n):
+            dz[j] = dy[j] * (s[j] * (like(s[j], 1.0) - s[j]))
+    elif code == GELU:
+        for j in range(n):
+            dz[j] = dy[j] * _gelu_grad(s[j])
+    elif code == GELU_TANH:
+        for j in range(n):
+            dz[j] = dy[j] * _gelu_tanh_grad(s[j])
+    elif code == SILU:
+        for j in range(n):
+            dz[j] = dy[j] * _silu_grad(s[j])
+    else:
+        dz[:] = dy
 
 
 @njit(parallel=True, cache=True)
 def _epilogue(y, bias, has_bias, preact, save_preact, code):
-    """In place on one block: y <- act(y + bias); preact <- y + bias when asked."""
+    """In place on one block: y <- act(y + bias); preact <- y + bias when asked.
+
+    One loop per step over a row that sits in L1: branch-free inner loops vectorize,
+    where one loop storing to both y and preact would not (they might alias).
+    """
     rows, cols = y.shape
     for i in prange(rows):
-        for j in range(cols):
-            z = y[i, j] + bias[j] if has_bias else y[i, j]
-            if save_preact:
-                preact[i, j] = z
-            y[i, j] = _act(z, code)
+        row = y[i]
+        if has_bias:
+            for j in range(cols):
+                row[j] += bias[j]
+        if save_preact:
+            preact[i, :] = row
+        _act_row(row, code)
 
 
 @njit(parallel=True, cache=True)
@@ -100,12 +158,12 @@ def _grad_preact(dy, saved, has_saved, dz, db_acc, code, chunk):
         j1 = min(cols, j0 + chunk)
         col_sum = np.zeros(j1 - j0, np.float64)
         for i in range(rows):
-            for j in range(j0, j1):
-                g = dy[i, j] * _act_grad(saved[i, j], code) if has_saved else dy[i, j]
-                dz[i, j] = g
-                col_sum[j - j0] += g
-        for j in range(j0, j1):
-            db_acc[j] += col_sum[j - j0]
+            dz_row = dz[i, j0:j1]
+            _grad_row(dz_row, dy[i, j0:j1], saved[i, j0:j1] if has_saved else dy[i, j0:j1],
+                      code if has_saved else IDENTITY)
+            for j in range(j1 - j0):
+                col_sum[j] += dz_row[j]
+        db_acc[j0:j1] += col_sum
 
 
 def forward(x, weight, bias, activation: int, save_preact: bool):
