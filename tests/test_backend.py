@@ -85,3 +85,18 @@ def test_default_steps_aside_to_reference_for_uncovered_dtype_and_says_so(caplog
     assert (out.double() - expected).abs().max() < 0.1
     messages = [r.getMessage() for r in caplog.records if "reference backend" in r.getMessage()]
     assert len(messages) == 1 and "bfloat16" in messages[0]
+
+
+def test_cuda_extension_without_a_gpu_raises_instead_of_crashing():
+    try:
+        ext = backend.cuda_extension()
+    except BackendError:
+        pytest.skip("kiln._cuda is not built on this machine (no nvcc at install time)")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the gpu tests run the extension")
+    assert ext.device_count() == 0
+    assert ext.archs().split() and all(a.isdigit() for a in ext.archs().split())
+    with pytest.raises(RuntimeError, match="linear_act_forward: CUDA error"):
+        ext.linear_act_forward(8, 8, 0, 8, 0, 2, 2, 2, 0, 1, 0)
+    with pytest.raises(ValueError):
+        ext.linear_act_forward(8, 8, 0, 8, 0, 2, 2, 2, 7, 1, 0)  # no dtype has code 7
