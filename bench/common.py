@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
-TORCH_ACT = {
-    "identity": lambda t: t,
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-    "silu": F.silu,
-}
+from kiln.ops.linear_act import TORCH_ACTIVATIONS
 
 
 def torch_linear_act(x, weight, bias, activation):
     """PyTorch eager: one addmm (bias folded into the GEMM), then the activation pass."""
-    return TORCH_ACT[activation](F.linear(x, weight, bias))
+    return TORCH_ACTIVATIONS[activation](F.linear(x, weight, bias))
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
