@@ -14,24 +14,27 @@ CPU_BLOCKED_SHAPES = [((3000,), 17, 300), ((3, 700), 9, 45)]
 
 
 def _inputs(lead, k, n, dtype, bias=True, device="cpu"):
+    """Inputs in ``dtype`` on ``device``, and the same values in float64 for the oracle."""
     g = torch.Generator().manual_seed(hash((lead, k, n)) % 2**31)
     x = torch.randn(*lead, k, generator=g, dtype=torch.float64)
     w = torch.randn(n, k, generator=g, dtype=torch.float64) / k**0.5
     b = torch.randn(n, generator=g, dtype=torch.float64) if bias else None
     dy = torch.randn(*lead, n, generator=g, dtype=torch.float64)
-    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype).requires_grad_()
-    return (x, w, b, dy), (cast(x), cast(w), cast(b))
+    low = [None if t is None else t.to(device=device, dtype=dtype) for t in (x, w, b, dy)]
+    exact = [None if t is None else t.detach().cpu().double().clone() for t in low]
+    return low, exact
 
 
 def _check(backend, lead, k, n, activation, dtype, bias=True, device="cpu"):
-    (x64, w64, b64, dy64), (x, w, b) = _inputs(lead, k, n, dtype, bias, device)
-    x64, w64 = x64.requires_grad_(), w64.requires_grad_()
-    b64 = b64.requires_grad_() if b64 is not None else None
+    (x, w, b, dy), (x64, w64, b64, dy64) = _inputs(lead, k, n, dtype, bias, device)
+    params = [t for t in (x, w, b, x64, w64, b64) if t is not None]
+    for t in params:
+        t.requires_grad_()
     ref = TORCH_ACT[activation](F.linear(x64, w64, b64))
     ref.backward(dy64)
     with kiln.backend.use(backend):
         out = kiln.ops.linear_act(x, w, b, activation)
-        out.backward(dy64.to(device=device, dtype=dtype))
+        out.backward(dy)
     bound = BOUND[dtype]
     assert rel_err(out, ref) < bound, "forward"
     assert rel_err(x.grad, x64.grad) < bound, "dx"
