@@ -3,7 +3,7 @@
 A hand-rolled GEMM in numba runs at a fraction of MKL's rate (DESIGN.md), so the
 block products come from ``torch.mm`` and everything around them is numba:
 
-* forward: rows in blocks small enough that a block of y stays in L2; each block's
+* forward: rows in blocks (tall enough for MKL, small enough for L3); each block's
   product is followed at once by one numba pass that adds the bias, applies the
   activation and (for gelu, gelu_tanh, silu) keeps z, while the block is in cache.
 * backward: per row block, one numba pass makes dz = dy * act'(saved) and adds its
@@ -22,12 +22,17 @@ from ..activations import GELU, GELU_TANH, GELU_TANH_CUBIC, IDENTITY, INV_SQRT_2
 from ..activations import RELU, SIGMOID, SILU, SQRT_2_OVER_PI, TANH
 from .fastmath import erf, exp, like, tanh
 
-_BLOCK_BYTES = 1 << 19  # one block of y: half of a 1-2 MiB L2 leaves room for x's rows
+# A row block must be tall: each torch.mm call packs all of W again, so short blocks
+# spend their time repacking (32-row blocks of 4096x1024 @ 1024x4096 ran at half of one
+# whole mm; 512-row blocks matched it). A block of y up to 8 MiB still sits in L3 when
+# the epilogue reads it back.
+_BLOCK_BYTES = 8 << 20
+_MIN_BLOCK_ROWS = 256
 _DB_COLUMNS = 256  # columns per thread in the dz pass
 
 
 def _rows_per_block(n_cols: int, itemsize: int) -> int:
-    return max(8, _BLOCK_BYTES // max(1, n_cols * itemsize))
+    return max(_MIN_BLOCK_ROWS, _BLOCK_BYTES // max(1, n_cols * itemsize))
 
 
 @njit(inline="always")

@@ -1,15 +1,20 @@
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kiln
 from kiln.kernels.activations import ACTIVATIONS
 from kiln.ops.linear_act import TORCH_ACTIVATIONS as TORCH_ACT
 from tests.numerics import BOUND, rel_err
 
-# (leading dims of x, in, out): none a multiple of a block size; 1s; a 3-D input;
-# and for the cpu backend shapes with several row blocks and several column chunks.
+# (leading dims of x, in, out): none a multiple of a block size; 1s; a 3-D input.
 SMALL_SHAPES = [((1,), 1, 1), ((7,), 19, 33), ((65,), 70, 130), ((2, 5), 19, 33)]
+# With the cpu kernel's row blocks shrunk (below): several row blocks, a ragged last
+# one, and several column chunks in the dz pass.
 CPU_BLOCKED_SHAPES = [((3000,), 17, 300), ((3, 700), 9, 45)]
 
 
@@ -45,7 +50,7 @@ def _check(backend, lead, k, n, activation, dtype, bias=True, device="cpu"):
 
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("shape", SMALL_SHAPES + CPU_BLOCKED_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_matches_torch_cpu_and_reference(backend, dtype, shape, activation):
@@ -54,9 +59,29 @@ def test_matches_torch_cpu_and_reference(backend, dtype, shape, activation):
 
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape", CPU_BLOCKED_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_cpu_backend_across_row_blocks(monkeypatch, dtype, shape, activation):
+    cpu_kernel = importlib.import_module("kiln.kernels.cpu.linear_act")
+    monkeypatch.setattr(cpu_kernel, "_BLOCK_BYTES", 1 << 14)
+    monkeypatch.setattr(cpu_kernel, "_MIN_BLOCK_ROWS", 8)
+    lead, k, n = shape
+    assert cpu_kernel._rows_per_block(n, 8) < lead[-1]
+    _check("cpu", *shape, activation, dtype)
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("shape", SMALL_SHAPES, ids=str)
 def test_matches_torch_triton_interpreted(shape, activation):
     _check("triton", *shape, activation, torch.float32)
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 300), k=st.integers(1, 70), n=st.integers(1, 600),
+       activation=st.sampled_from(ACTIVATIONS), bias=st.booleans())
+def test_cpu_backend_over_shapes(m, k, n, activation, bias):
+    _check("cpu", (m,), k, n, activation, torch.float64, bias=bias)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
