@@ -20,7 +20,7 @@ from numba import njit, prange
 
 from ..activations import GELU, GELU_TANH, GELU_TANH_CUBIC, IDENTITY, INV_SQRT_2, INV_SQRT_2PI
 from ..activations import RELU, SIGMOID, SILU, SQRT_2_OVER_PI, TANH
-from .fastmath import erf, exp, like, tanh
+from .fastmath import exp, like, one_plus_erf, tanh
 
 # A row block must be tall: each torch.mm call packs all of W again, so short blocks
 # spend their time repacking (32-row blocks of 4096x1024 @ 1024x4096 ran at half of one
@@ -50,7 +50,7 @@ def _relu(z):
 
 @njit(inline="always")
 def _gelu(z):
-    return like(z, 0.5) * z * (like(z, 1.0) + erf(z * like(z, INV_SQRT_2)))
+    return like(z, 0.5) * z * one_plus_erf(z * like(z, INV_SQRT_2))
 
 
 @njit(inline="always")
@@ -92,7 +92,7 @@ def _act_row(row, code):
 @njit(inline="always")
 def _gelu_grad(z):
     one, half = like(z, 1.0), like(z, 0.5)
-    return half * (one + erf(z * like(z, INV_SQRT_2))) + z * like(z, INV_SQRT_2PI) * exp(-half * z * z)
+    return half * one_plus_erf(z * like(z, INV_SQRT_2)) + z * like(z, INV_SQRT_2PI) * exp(-half * z * z)
 
 
 @njit(inline="always")

@@ -140,17 +140,18 @@ def _implementation(name: str):
 
 
 @torch.library.custom_op("kiln::linear_act", mutates_args=())
-def _linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str) -> tuple[Tensor, Tensor]:
-    """Returns (y, z); z is empty unless act' needs the pre-activation."""
+def _linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
+                save_preact: bool) -> tuple[Tensor, Tensor]:
+    """Returns (y, z); z is empty unless save_preact (act' needs z and a grad is wanted)."""
     forward, _ = _implementation(backend.select(OP, x.device, x.dtype, DTYPES))
-    out, preact = forward(x, weight, bias, CODE[activation], SAVED[activation] == "preact")
+    out, preact = forward(x, weight, bias, CODE[activation], save_preact)
     return out, (preact if preact is not None else x.new_empty(0))
 
 
 @_linear_act.register_fake
-def _(x, weight, bias, activation):
+def _(x, weight, bias, activation, save_preact):
     out = x.new_empty((x.shape[0], weight.shape[0]))
-    return out, (torch.empty_like(out) if SAVED[activation] == "preact" else x.new_empty(0))
+    return out, (torch.empty_like(out) if save_preact else x.new_empty(0))
 
 
 @torch.library.custom_op("kiln::linear_act_backward", mutates_args=())
@@ -171,7 +172,7 @@ def _(grad_out, x, weight, saved, activation, need_dx, need_dw, need_db):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, activation = inputs
+    x, weight, bias, activation, _ = inputs
     out, preact = output
     kind = SAVED[activation]
     saved = {"output": out, "preact": preact, None: None}[kind]
@@ -186,7 +187,7 @@ def _backward(ctx, grad_out, grad_preact):
     need_db = need_db and ctx.has_bias
     dx, dw, db = _linear_act_backward(grad_out.contiguous(), x, weight, saved, ctx.activation,
                                       need_dx, need_dw, need_db)
-    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None, None)
+    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None, None, None)
 
 
 torch.library.register_autograd("kiln::linear_act", _backward, setup_context=_setup_context)
@@ -217,6 +218,9 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                          f"{tuple(weight.shape)}, got {tuple(bias.shape)}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    # Inference (no grad wanted) never writes z, even for the activations that save it.
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias))
     out, _ = _linear_act(x2, weight.contiguous(), None if bias is None else bias.contiguous(),
-                         activation)
+                         activation, wants_grad and SAVED[activation] == "preact")
     return out.reshape(*lead, weight.shape[0])
