@@ -7,7 +7,8 @@ block products come from ``torch.mm`` and everything around them is numba:
   product is followed at once by one numba pass that adds the bias, applies the
   activation and (for gelu, gelu_tanh, silu) keeps z, while the block is in cache.
 * backward: per row block, one numba pass makes dz = dy * act'(saved) and adds its
-  column sums into db (columns split over threads: deterministic, no atomics);
+  column sums into db (fixed row parts with their own partial sums: deterministic,
+  no atomics);
   dx for the block is multiplied out while dz is in cache; dW = dz^T x is one GEMM
   at the end, which needs all of dz, so dz is one (M, N) buffer in backward.
 
@@ -28,7 +29,7 @@ from .fastmath import exp, like, one_plus_erf, tanh
 # the epilogue reads it back.
 _BLOCK_BYTES = 8 << 20
 _MIN_BLOCK_ROWS = 256
-_DB_COLUMNS = 256  # columns per thread in the dz pass
+_DB_PARTS = 8  # row parts of the dz pass, each with its own db partial sums
 
 
 def _rows_per_block(n_cols: int, itemsize: int) -> int:
@@ -154,21 +155,24 @@ def _epilogue(y, bias, has_bias, preact, save_preact, code):
 
 
 @njit(parallel=True, cache=True)
-def _grad_preact(dy, saved, has_saved, dz, db_acc, code, chunk):
-    """dz = dy * act'(saved) for one block, and db_acc += column sums of dz."""
+def _grad_preact(dy, saved, has_saved, dz, db_parts, code):
+    """dz = dy * act'(saved) for one block; db_parts[p] += column sums of part p's rows.
+
+    The rows split into a fixed number of parts (not one per thread), each summed in
+    order into its own float64 row of db_parts: the result does not depend on the
+    thread count or schedule. Whole rows per thread stream through memory; column
+    chunks per thread ran at half the speed.
+    """
     rows, cols = dy.shape
-    n_chunks = (cols + chunk - 1) // chunk
-    for c in prange(n_chunks):
-        j0 = c * chunk
-        j1 = min(cols, j0 + chunk)
-        col_sum = np.zeros(j1 - j0, np.float64)
-        for i in range(rows):
-            dz_row = dz[i, j0:j1]
-            _grad_row(dz_row, dy[i, j0:j1], saved[i, j0:j1] if has_saved else dy[i, j0:j1],
-                      code if has_saved else IDENTITY)
-            for j in range(j1 - j0):
+    parts = db_parts.shape[0]
+    per_part = (rows + parts - 1) // parts
+    for p in prange(parts):
+        col_sum = db_parts[p]
+        for i in range(p * per_part, min(rows, (p + 1) * per_part)):
+            dz_row = dz[i]
+            _grad_row(dz_row, dy[i], saved[i] if has_saved else dy[i], code if has_saved else IDENTITY)
+            for j in range(cols):
                 col_sum[j] += dz_row[j]
-        db_acc[j0:j1] += col_sum
 
 
 def forward(x, weight, bias, activation: int, save_preact: bool):
@@ -192,16 +196,16 @@ def backward(grad_out, x, weight, saved, activation: int, need_dx: bool, need_dw
     M, N = grad_out.shape
     dz = torch.empty_like(grad_out)
     dx = torch.empty_like(x) if need_dx else None
-    db_acc = np.zeros(N, np.float64)
+    db_parts = np.zeros((_DB_PARTS, N), np.float64)
     saved_np = saved.numpy() if saved is not None else grad_out.new_empty((1, 1)).numpy()
     step = _rows_per_block(N, grad_out.element_size())
     for r0 in range(0, M, step):
         r1 = min(M, r0 + step)
         dz_block = dz[r0:r1]
         _grad_preact(grad_out[r0:r1].numpy(), saved_np[r0:r1] if saved is not None else saved_np,
-                     saved is not None, dz_block.numpy(), db_acc, activation, _DB_COLUMNS)
+                     saved is not None, dz_block.numpy(), db_parts, activation)
         if need_dx:
             torch.mm(dz_block, weight, out=dx[r0:r1])
     dw = torch.mm(dz.t(), x) if need_dw else None
-    db = torch.from_numpy(db_acc).to(grad_out.dtype) if need_db else None
+    db = torch.from_numpy(db_parts.sum(0)).to(grad_out.dtype) if need_db else None
     return dx, dw, db

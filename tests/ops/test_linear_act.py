@@ -14,7 +14,7 @@ from tests.numerics import BOUND, rel_err
 # (leading dims of x, in, out): none a multiple of a block size; 1s; a 3-D input.
 SMALL_SHAPES = [((1,), 1, 1), ((7,), 19, 33), ((65,), 70, 130), ((2, 5), 19, 33)]
 # With the cpu kernel's row blocks shrunk (below): several row blocks, a ragged last
-# one, and several column chunks in the dz pass.
+# one, and blocks with fewer rows than the dz pass has parts.
 CPU_BLOCKED_SHAPES = [((3000,), 17, 300), ((3, 700), 9, 45)]
 
 
