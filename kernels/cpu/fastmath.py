@@ -86,7 +86,9 @@ def _like(x, c):
 
 
 def _exp_f32(x):
-    x = min(max(x, _EXP_MIN), _EXP_MAX)
+    if x < _EXP_MIN:  # underflow: 0, as softmax of very negative logits needs
+        return np.float32(0.0)
+    x = min(x, _EXP_MAX)
     n = np.floor(x * _LOG2E + np.float32(0.5))
     r = (x - n * _LN2_HI) - n * _LN2_LO
     p = _C6 + r * _C7

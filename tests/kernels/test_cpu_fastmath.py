@@ -46,6 +46,11 @@ def test_float32_forms(name, bound, kind):
     assert err[worst] < bound, f"{name}({x32[worst]}) = {got[worst]}, want {want[worst]}"
 
 
+def test_float32_exp_underflows_to_zero():
+    x = np.array([-87.5, -100.0, -1e4, -np.inf], dtype=np.float32)
+    assert (_vectorized(fastmath.exp)(x) == 0).all()
+
+
 @pytest.mark.parametrize("name", ["exp", "tanh", "erf", "one_plus_erf"])
 def test_float64_forms_are_libm(name):
     x = np.linspace(-30, 30, 10_001)

@@ -1,5 +1,6 @@
 """Drop-in nn.Modules built only on kiln.ops."""
 
 from .linear import MLP, Linear
+from .loss import CrossEntropyLoss
 
-__all__ = ["Linear", "MLP"]
+__all__ = ["Linear", "MLP", "CrossEntropyLoss"]

@@ -1,12 +1,16 @@
 """kiln's fused ops: autograd-aware, registered with torch.library, one file per family."""
 
-import importlib
-
+from . import cross_entropy as _cross_entropy_family
+from . import linear_act as _linear_act_family
+from .cross_entropy import cross_entropy, log_softmax, softmax
 from .linear_act import linear_act
 
-# op name -> {backend: dtypes it covers}; what `kiln info` and the dispatcher consult.
+# op name (as kiln.backend.use(..., ops=[...]) takes it) -> {backend: dtypes it covers};
+# what `kiln info` and the dispatcher consult.
 BACKEND_DTYPES = {
-    name: importlib.import_module(f"{__name__}.{name}").DTYPES for name in ("linear_act",)
+    "linear_act": _linear_act_family.DTYPES,
+    "softmax": _cross_entropy_family.DTYPES,
+    "cross_entropy": _cross_entropy_family.DTYPES,
 }
 
-__all__ = ["linear_act", "BACKEND_DTYPES"]
+__all__ = ["linear_act", "softmax", "log_softmax", "cross_entropy", "BACKEND_DTYPES"]

@@ -24,6 +24,7 @@ from kiln import backend
 from kiln.kernels.activations import ACTIVATIONS, CODE, SAVED
 
 from ._checks import check_floating, check_same_device_dtype
+from ._cuda_launch import DTYPE_CODE, ptr, stream
 
 OP = "linear_act"
 
@@ -80,22 +81,14 @@ def reference_backward(grad_out, x, weight, saved, activation: int, need_dx, nee
 # ---------------------------------------------------------------------------------------
 # The cuda backend: kiln._cuda takes raw pointers, sizes and the stream.
 
-_CUDA_DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-
-def _ptr(t: Optional[Tensor]) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
 def cuda_forward(x, weight, bias, activation: int, save_preact: bool):
     ext = backend.cuda_extension()
     M, K, N = x.shape[0], x.shape[1], weight.shape[0]
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     preact = torch.empty_like(out) if save_preact else None
     with torch.cuda.device(x.device):
-        ext.linear_act_forward(x.data_ptr(), weight.data_ptr(), _ptr(bias), out.data_ptr(),
-                               _ptr(preact), M, N, K, _CUDA_DTYPE[x.dtype], activation,
-                               torch.cuda.current_stream().cuda_stream)
+        ext.linear_act_forward(ptr(x), ptr(weight), ptr(bias), ptr(out), ptr(preact), M, N, K,
+                               DTYPE_CODE[x.dtype], activation, stream(x))
     return out, preact
 
 
@@ -106,9 +99,8 @@ def cuda_backward(grad_out, x, weight, saved, activation: int, need_dx, need_dw,
     dw = torch.empty_like(weight) if need_dw else None
     db = torch.empty((N,), dtype=x.dtype, device=x.device) if need_db else None
     with torch.cuda.device(x.device):
-        ext.linear_act_backward(grad_out.data_ptr(), x.data_ptr(), weight.data_ptr(), _ptr(saved),
-                                _ptr(dx), _ptr(dw), _ptr(db), M, N, K, _CUDA_DTYPE[x.dtype],
-                                activation, torch.cuda.current_stream().cuda_stream)
+        ext.linear_act_backward(ptr(grad_out), ptr(x), ptr(weight), ptr(saved), ptr(dx), ptr(dw),
+                                ptr(db), M, N, K, DTYPE_CODE[x.dtype], activation, stream(x))
     return dx, dw, db
 
 

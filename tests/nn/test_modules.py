@@ -44,3 +44,13 @@ def test_mlp_matches_the_torch_stack(activation):
 def test_mlp_needs_two_sizes():
     with pytest.raises(ValueError, match=r"at least \(in, out\) sizes, got \[4\]"):
         kiln.nn.MLP([4])
+
+
+def test_cross_entropy_loss_module_matches_torch_and_its_state_dict():
+    weight = torch.rand(5, dtype=torch.float64) + 0.5
+    ours = kiln.nn.CrossEntropyLoss(weight=weight, ignore_index=2, label_smoothing=0.1)
+    theirs = torch.nn.CrossEntropyLoss(weight=weight, ignore_index=2, label_smoothing=0.1)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    x = torch.randn(7, 5, dtype=torch.float64)
+    t = torch.randint(0, 5, (7,))
+    assert rel_err(ours(x, t), theirs(x, t)) < 1e-12

@@ -1,0 +1,151 @@
+"""CPU form of the softmax family and cross-entropy, numba, rows in parallel.
+
+Each row's statistics (max and log-sum-exp) come from one pass over the row, online
+at chunk granularity: a chunk of CHUNK values gives its max (a vectorized loop), the
+running sum is rescaled by exp(m_old - m_new), then the chunk adds exp(x - m). A
+per-element online update would be a serial dependency chain that does not vectorize.
+A second pass writes the outputs. float32 and float64; statistics (lse, loss per row)
+are float32 for float32 input and float64 for float64 input.
+"""
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from .fastmath import exp, like
+
+CHUNK = 512
+
+
+@njit(inline="always")
+def _row_lse(x):
+    """log(sum(exp(x))) of one row, one pass, stable for any finite x."""
+    m = like(x[0], -np.inf)
+    s = like(x[0], 0.0)
+    for c0 in range(0, x.size, CHUNK):
+        chunk = x[c0:c0 + CHUNK]
+        m_chunk = chunk.max()
+        if m_chunk > m:
+            s = s * exp(m - m_chunk)
+            m = m_chunk
+        acc = like(x[0], 0.0)
+        for j in range(chunk.size):
+            acc += exp(chunk[j] - m)
+        s += acc
+    return m + np.log(s)
+
+
+@njit(parallel=True, cache=True)
+def _softmax_forward(x, y, log):
+    for i in prange(x.shape[0]):
+        lse = _row_lse(x[i])
+        row, out = x[i], y[i]
+        if log:
+            for j in range(row.size):
+                out[j] = row[j] - lse
+        else:
+            for j in range(row.size):
+                out[j] = exp(row[j] - lse)
+
+
+@njit(parallel=True, cache=True)
+def _softmax_backward(g, y, dx, log):
+    for i in prange(g.shape[0]):
+        gi, yi, di = g[i], y[i], dx[i]
+        if log:
+            total = gi.sum()
+            for j in range(gi.size):
+                di[j] = gi[j] - exp(yi[j]) * total
+        else:
+            dot = like(gi[0], 0.0)
+            for j in range(gi.size):
+                dot += gi[j] * yi[j]
+            for j in range(gi.size):
+                di[j] = yi[j] * (gi[j] - dot)
+
+
+@njit(parallel=True, cache=True)
+def _ce_forward(x, target, weight, has_weight, ignore_index, smoothing, loss, lse_out):
+    n, c = x.shape
+    w_sum = weight.sum() if has_weight else c
+    for i in prange(n):
+        row = x[i]
+        t = target[i]
+        lse = _row_lse(row)
+        lse_out[i] = lse
+        if t == ignore_index:
+            loss[i] = 0
+            continue
+        w_t = weight[t] if has_weight else 1.0
+        value = (1.0 - smoothing) * w_t * (lse - row[t])
+        if smoothing > 0:
+            weighted = 0.0
+            for j in range(c):
+                weighted += (weight[j] if has_weight else 1.0) * row[j]
+            value += smoothing / c * (w_sum * lse - weighted)
+        loss[i] = value
+
+
+@njit(parallel=True, cache=True)
+def _ce_backward(grad_loss, x, target, weight, has_weight, lse, ignore_index, smoothing, dx):
+    n, c = x.shape
+    w_sum = weight.sum() if has_weight else c
+    for i in prange(n):
+        out = dx[i]
+        t = target[i]
+        if t == ignore_index:
+            out[:] = 0
+            continue
+        row = x[i]
+        g = grad_loss[i]
+        lse_i = lse[i]
+        hard = g * (1.0 - smoothing) * (weight[t] if has_weight else 1.0)
+        soft = g * smoothing / c
+        # dL/dx_c = hard (p_c - [c = t]) + soft (S_w p_c - w_c)
+        p_scale = like(row[0], hard + soft * w_sum)
+        if has_weight:
+            for j in range(c):
+                out[j] = p_scale * exp(row[j] - lse_i) - like(row[0], soft) * weight[j]
+        else:
+            soft_c = like(row[0], soft)
+            for j in range(c):
+                out[j] = p_scale * exp(row[j] - lse_i) - soft_c
+        out[t] -= hard
+
+
+def _stats_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def softmax_forward(x, log: bool):
+    y = torch.empty_like(x)
+    _softmax_forward(x.numpy(), y.numpy(), log)
+    return y
+
+
+def softmax_backward(grad_y, y, log: bool):
+    dx = torch.empty_like(y)
+    _softmax_backward(grad_y.numpy(), y.numpy(), dx.numpy(), log)
+    return dx
+
+
+def _weight_np(weight, like_tensor):
+    w = weight if weight is not None else like_tensor.new_ones(1)
+    return w.to(like_tensor.dtype).numpy()
+
+
+def cross_entropy_forward(logits, target, weight, ignore_index: int, label_smoothing: float):
+    n = logits.shape[0]
+    loss = torch.empty(n, dtype=_stats_dtype(logits.dtype))
+    lse = torch.empty(n, dtype=loss.dtype)
+    _ce_forward(logits.numpy(), target.numpy(), _weight_np(weight, logits), weight is not None,
+                ignore_index, label_smoothing, loss.numpy(), lse.numpy())
+    return loss, lse
+
+
+def cross_entropy_backward(grad_loss, logits, target, weight, lse, ignore_index: int, label_smoothing: float):
+    dx = torch.empty_like(logits)
+    _ce_backward(grad_loss.to(lse.dtype).numpy(), logits.numpy(), target.numpy(),
+                 _weight_np(weight, logits), weight is not None, lse.numpy(), ignore_index,
+                 label_smoothing, dx.numpy())
+    return dx

@@ -1,0 +1,327 @@
+"""The numerically stable softmax family (notes 2.5 and 12): softmax, log_softmax, cross_entropy.
+
+Every kernel gets a row's max and log-sum-exp in one online pass, so |x| ~ 1e4 is safe.
+
+* softmax / log_softmax save their output y only: softmax' needs y, and log_softmax'
+  needs exp(y) = softmax.
+* cross_entropy saves the logits, the targets and one float32 log-sum-exp per row
+  (float64 for float64 logits); backward rebuilds p = exp(x - lse) and writes
+  dlogits = g (p - onehot) (with class weights and label smoothing) in one pass, never
+  storing the (N, C) probabilities. The custom op returns the loss per row; the
+  reduction (sum, or the weighted mean) is plain torch on N values, so its gradient
+  reaches the kernel as the per-row g.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from kiln import backend
+
+from ._checks import check_floating, check_same_device_dtype
+from ._cuda_launch import DTYPE_CODE, ptr, stream
+
+# ---------------------------------------------------------------------------------------
+# The pure-PyTorch reference.
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reference_softmax_forward(x, log: bool):
+    return torch.log_softmax(x, -1) if log else torch.softmax(x, -1)
+
+
+def reference_softmax_backward(grad_y, y, log: bool):
+    if log:
+        return grad_y - torch.exp(y) * grad_y.sum(-1, keepdim=True)
+    return y * (grad_y - (grad_y * y).sum(-1, keepdim=True))
+
+
+def _class_weights(weight, x):
+    return x.new_ones(x.shape[1]) if weight is None else weight.to(x.dtype)
+
+
+def reference_cross_entropy_forward(logits, target, weight, ignore_index: int, label_smoothing: float):
+    x = logits.to(_stats_dtype(logits.dtype))
+    C = x.shape[1]
+    w = _class_weights(weight, x)
+    lse = torch.logsumexp(x, -1)
+    valid = target != ignore_index
+    t = torch.where(valid, target, 0)
+    nll = lse - x.gather(1, t[:, None])[:, 0]
+    smooth = w.sum() * lse - x @ w  # sum_c w_c (lse - x_c)
+    loss = (1 - label_smoothing) * w[t] * nll + label_smoothing / C * smooth
+    return torch.where(valid, loss, 0), lse
+
+
+def reference_cross_entropy_backward(grad_loss, logits, target, weight, lse, ignore_index: int,
+                                     label_smoothing: float):
+    x = logits.to(lse.dtype)
+    C = x.shape[1]
+    w = _class_weights(weight, x)
+    valid = target != ignore_index
+    t = torch.where(valid, target, 0)
+    g = torch.where(valid, grad_loss.to(lse.dtype), 0)
+    hard = g * (1 - label_smoothing) * w[t]
+    soft = g * label_smoothing / C
+    p = torch.exp(x - lse[:, None])
+    dx = (hard + soft * w.sum())[:, None] * p - soft[:, None] * w[None, :]
+    dx[torch.arange(len(t), device=x.device), t] -= hard
+    return dx.to(logits.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# The cuda backend.
+
+
+def cuda_softmax_forward(x, log: bool):
+    ext = backend.cuda_extension()
+    y = torch.empty_like(x)
+    with torch.cuda.device(x.device):
+        ext.softmax_forward(ptr(x), ptr(y), x.shape[0], x.shape[1], int(log), DTYPE_CODE[x.dtype], stream(x))
+    return y
+
+
+def cuda_softmax_backward(grad_y, y, log: bool):
+    ext = backend.cuda_extension()
+    dx = torch.empty_like(y)
+    with torch.cuda.device(y.device):
+        ext.softmax_backward(ptr(grad_y), ptr(y), ptr(dx), y.shape[0], y.shape[1], int(log),
+                             DTYPE_CODE[y.dtype], stream(y))
+    return dx
+
+
+def _cuda_weight(weight):
+    return None if weight is None else weight.float().contiguous()
+
+
+def cuda_cross_entropy_forward(logits, target, weight, ignore_index: int, label_smoothing: float):
+    ext = backend.cuda_extension()
+    N, C = logits.shape
+    loss = torch.empty(N, dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(loss)
+    weight = _cuda_weight(weight)
+    with torch.cuda.device(logits.device):
+        ext.cross_entropy_forward(ptr(logits), ptr(target), ptr(weight), ptr(loss), ptr(lse), N, C,
+                                  ignore_index, label_smoothing, DTYPE_CODE[logits.dtype], stream(logits))
+    return loss, lse
+
+
+def cuda_cross_entropy_backward(grad_loss, logits, target, weight, lse, ignore_index: int,
+                                label_smoothing: float):
+    ext = backend.cuda_extension()
+    N, C = logits.shape
+    dx = torch.empty_like(logits)
+    weight = _cuda_weight(weight)
+    grad_loss = grad_loss.float().contiguous()
+    with torch.cuda.device(logits.device):
+        ext.cross_entropy_backward(ptr(grad_loss), ptr(logits), ptr(target), ptr(weight), ptr(lse),
+                                   ptr(dx), N, C, ignore_index, label_smoothing,
+                                   DTYPE_CODE[logits.dtype], stream(logits))
+    return dx
+
+
+# ---------------------------------------------------------------------------------------
+# The table of implementations.
+
+_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = {
+    "triton": _GPU_DTYPES,
+    "cuda": _GPU_DTYPES,
+    "cpu": (torch.float32, torch.float64),
+    "reference": (torch.float64, torch.float32, torch.float16, torch.bfloat16),
+}
+_KERNEL_MODULES = {"triton": "kiln.kernels.triton.cross_entropy", "cpu": "kiln.kernels.cpu.cross_entropy"}
+_REFERENCE = SimpleNamespace(
+    softmax_forward=reference_softmax_forward, softmax_backward=reference_softmax_backward,
+    cross_entropy_forward=reference_cross_entropy_forward,
+    cross_entropy_backward=reference_cross_entropy_backward)
+_CUDA = SimpleNamespace(
+    softmax_forward=cuda_softmax_forward, softmax_backward=cuda_softmax_backward,
+    cross_entropy_forward=cuda_cross_entropy_forward,
+    cross_entropy_backward=cuda_cross_entropy_backward)
+
+
+def _implementation(op: str, t: Tensor):
+    """The kernels of the backend that runs ``op`` ("softmax" or "cross_entropy") on t."""
+    name = backend.select(op, t.device, t.dtype, DTYPES)
+    if name == "reference":
+        return _REFERENCE
+    if name == "cuda":
+        return _CUDA
+    return importlib.import_module(_KERNEL_MODULES[name])
+
+
+# ---------------------------------------------------------------------------------------
+# The custom ops: 2-D contiguous rows; the public functions move the class dim last.
+
+
+@torch.library.custom_op("kiln::softmax", mutates_args=())
+def _softmax(x: Tensor, log: bool) -> Tensor:
+    return _implementation("softmax", x).softmax_forward(x, log)
+
+
+@_softmax.register_fake
+def _(x, log):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("kiln::softmax_backward", mutates_args=())
+def _softmax_backward(grad_y: Tensor, y: Tensor, log: bool) -> Tensor:
+    return _implementation("softmax", y).softmax_backward(grad_y, y, log)
+
+
+@_softmax_backward.register_fake
+def _(grad_y, y, log):
+    return torch.empty_like(y)
+
+
+def _softmax_setup(ctx, inputs, output):
+    ctx.save_for_backward(output)
+    ctx.log = inputs[1]
+
+
+def _softmax_grad(ctx, grad_y):
+    (y,) = ctx.saved_tensors
+    return _softmax_backward(grad_y.contiguous(), y, ctx.log), None
+
+
+torch.library.register_autograd("kiln::softmax", _softmax_grad, setup_context=_softmax_setup)
+
+
+@torch.library.custom_op("kiln::cross_entropy", mutates_args=())
+def _cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                   label_smoothing: float) -> tuple[Tensor, Tensor]:
+    """Returns (loss per row, log-sum-exp per row)."""
+    return _implementation("cross_entropy", logits).cross_entropy_forward(
+        logits, target, weight, ignore_index, label_smoothing)
+
+
+@_cross_entropy.register_fake
+def _(logits, target, weight, ignore_index, label_smoothing):
+    stats = logits.new_empty(logits.shape[0], dtype=_stats_dtype(logits.dtype))
+    return stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("kiln::cross_entropy_backward", mutates_args=())
+def _cross_entropy_backward(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
+                            lse: Tensor, ignore_index: int, label_smoothing: float) -> Tensor:
+    return _implementation("cross_entropy", logits).cross_entropy_backward(
+        grad_loss, logits, target, weight, lse, ignore_index, label_smoothing)
+
+
+@_cross_entropy_backward.register_fake
+def _(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing):
+    return torch.empty_like(logits)
+
+
+def _cross_entropy_setup(ctx, inputs, output):
+    logits, target, weight, ignore_index, label_smoothing = inputs
+    ctx.save_for_backward(logits, target, weight, output[1])
+    ctx.ignore_index, ctx.label_smoothing = ignore_index, label_smoothing
+
+
+def _cross_entropy_grad(ctx, grad_loss, grad_lse):
+    logits, target, weight, lse = ctx.saved_tensors
+    dlogits = _cross_entropy_backward(grad_loss.contiguous(), logits, target, weight, lse,
+                                      ctx.ignore_index, ctx.label_smoothing)
+    return dlogits, None, None, None, None
+
+
+torch.library.register_autograd("kiln::cross_entropy", _cross_entropy_grad,
+                                setup_context=_cross_entropy_setup)
+
+
+# ---------------------------------------------------------------------------------------
+# The public ops.
+
+
+def _rows_last(x: Tensor, dim: int) -> tuple[Tensor, tuple]:
+    moved = x.movedim(dim, -1)
+    return moved.reshape(-1, x.shape[dim]).contiguous(), moved.shape
+
+
+def _softmax_family(name: str, x: Tensor, dim: int, log: bool) -> Tensor:
+    check_floating(name, x=x)
+    if x.dim() == 0:
+        raise ValueError(f"{name}: x must have at least one dimension, got a scalar")
+    if not -x.dim() <= dim < x.dim():
+        raise IndexError(f"{name}: dim {dim} is out of range for x of shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    rows, moved_shape = _rows_last(x, dim)
+    return _softmax(rows, log).reshape(moved_shape).movedim(-1, dim)
+
+
+def softmax(x: Tensor, dim: int = -1) -> Tensor:
+    """exp(x - logsumexp(x)) along ``dim``, stable for any finite x."""
+    return _softmax_family("softmax", x, dim, log=False)
+
+
+def log_softmax(x: Tensor, dim: int = -1) -> Tensor:
+    """x - logsumexp(x) along ``dim``, stable for any finite x."""
+    return _softmax_family("log_softmax", x, dim, log=True)
+
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tensor] = None,
+                  ignore_index: int = -100, reduction: str = "mean",
+                  label_smoothing: float = 0.0) -> Tensor:
+    """torch.nn.functional.cross_entropy for class-index targets.
+
+    logits (N, C) or (N, C, d1, ...) or (C,); target (N,) / (N, d1, ...) / () of int64.
+    """
+    check_floating("cross_entropy", logits=logits)
+    check_same_device_dtype("cross_entropy", logits=logits, weight=weight)
+    if target.is_floating_point() or target.dtype != torch.int64:
+        raise TypeError(f"cross_entropy: target must hold class indices as int64, got dtype "
+                        f"{str(target.dtype).removeprefix('torch.')} (shape {tuple(target.shape)}); "
+                        "class-probability targets are not supported")
+    if target.device != logits.device:
+        raise ValueError(f"cross_entropy: target is on {target.device} but logits is on {logits.device}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if logits.dim() == 0:
+        raise ValueError("cross_entropy: logits must have a class dimension, got a scalar")
+    class_dim = 1 if logits.dim() >= 2 else 0
+    C = logits.shape[class_dim]
+    expected = logits.shape[:class_dim] + logits.shape[class_dim + 1:]
+    if target.shape != expected:
+        raise ValueError(f"cross_entropy: target shape {tuple(target.shape)} does not match logits "
+                         f"{tuple(logits.shape)} (expected {tuple(expected)}: logits without the class dim {class_dim})")
+    if weight is not None and weight.shape != (C,):
+        raise ValueError(f"cross_entropy: weight must have shape ({C},) for logits {tuple(logits.shape)}, "
+                         f"got {tuple(weight.shape)}")
+    if C == 0:
+        raise ValueError(f"cross_entropy: logits {tuple(logits.shape)} has no classes")
+    rows, _ = _rows_last(logits, class_dim)
+    flat_target = target.reshape(-1).contiguous()
+    if flat_target.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = ((flat_target < 0) | (flat_target >= C)) & (flat_target != ignore_index)
+        if bad.any():
+            value = flat_target[bad][0].item()
+            raise ValueError(f"cross_entropy: target value {value} is out of range for {C} classes "
+                             f"(and is not ignore_index={ignore_index})")
+    loss, _ = _cross_entropy(rows, flat_target, weight, ignore_index, float(label_smoothing))
+    if reduction == "none":
+        return loss.reshape(target.shape).to(logits.dtype)
+    total = loss.sum()
+    if reduction == "sum":
+        return total.to(logits.dtype)
+    valid = flat_target != ignore_index
+    if weight is None:
+        denominator = valid.sum().to(total.dtype)
+    else:
+        denominator = torch.where(valid, weight.to(total.dtype)[torch.where(valid, flat_target, 0)], 0).sum()
+    return (total / denominator).to(logits.dtype)

@@ -1,0 +1,247 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kiln
+from tests.numerics import BOUND, rel_err
+
+HOST_BACKENDS = ["cpu", "reference"]
+GPU_BACKENDS = ["triton", "cuda"]
+# (rows, classes): one row, one class, classes no block multiple, GPT-2's and a padded vocab.
+ROW_SHAPES = [(1, 1), (1, 9), (3, 7), (5, 1000), (2, 50257), (3, 32003)]
+
+
+def _randn(*shape, scale=1.0, dtype=torch.float64, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def _same_values_in_float64(t):
+    return t.detach().cpu().double().clone().requires_grad_()
+
+
+# --- softmax / log_softmax -------------------------------------------------------------
+
+
+def _check_softmax(backend, fn, torch_fn, x, dim, dtype):
+    x64 = _same_values_in_float64(x)
+    x = x.detach().clone().requires_grad_()
+    dy = _randn(*x.shape, seed=1, dtype=dtype, device=x.device)
+    with kiln.backend.use(backend):
+        out = fn(x, dim)
+        out.backward(dy)
+    ref = torch_fn(x64, dim)
+    ref.backward(dy.double().cpu())
+    assert rel_err(out, ref) < BOUND[dtype], "forward"
+    assert rel_err(x.grad, x64.grad) < BOUND[dtype], "dx"
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("shape", ROW_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_softmax_family_matches_torch(backend, log, dtype, shape):
+    fn, torch_fn = (kiln.ops.log_softmax, torch.log_softmax) if log else (kiln.ops.softmax, torch.softmax)
+    _check_softmax(backend, fn, torch_fn, _randn(*shape, scale=3, dtype=dtype), -1, dtype)
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1])
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_softmax_over_any_dim_of_a_3d_tensor(backend, dim):
+    x = _randn(4, 5, 6).transpose(0, 2)  # non-contiguous too
+    _check_softmax(backend, kiln.ops.log_softmax, torch.log_softmax, x, dim, torch.float64)
+    _check_softmax(backend, kiln.ops.softmax, torch.softmax, x, dim, torch.float64)
+
+
+def test_log_softmax_large_logits_float32():
+    x = _randn(4, 1000, scale=1e4, dtype=torch.float32)
+    _check_softmax("cpu", kiln.ops.log_softmax, torch.log_softmax, x, -1, torch.float32)
+
+
+def test_softmax_large_logits_float32():
+    # At |x| ~ 1e4 softmax saturates: float64's gradient is ~1e-47 (from probabilities
+    # float32 cannot hold), so its relative error says nothing. The gradient's error is
+    # measured against the scale of dy instead (|dx| <= 2 |dy| for softmax).
+    x = _randn(4, 1000, scale=1e4, dtype=torch.float32).requires_grad_()
+    dy = _randn(4, 1000, seed=1, dtype=torch.float32)
+    with kiln.backend.use("cpu"):
+        out = kiln.ops.softmax(x, -1)
+        out.backward(dy)
+    x64 = _same_values_in_float64(x)
+    ref = torch.softmax(x64, -1)
+    ref.backward(dy.double())
+    assert rel_err(out, ref) < BOUND[torch.float32]
+    assert (x.grad.double() - x64.grad).norm() / dy.double().norm() < BOUND[torch.float32]
+
+
+def test_softmax_gradcheck_cpu():
+    x = _randn(3, 11).requires_grad_()
+    with kiln.backend.use("cpu"):
+        assert torch.autograd.gradcheck(lambda t: kiln.ops.softmax(t, -1), (x,))
+        assert torch.autograd.gradcheck(lambda t: kiln.ops.log_softmax(t, 0), (x,))
+
+
+# --- cross_entropy ---------------------------------------------------------------------
+
+
+def _targets(n, c, ignore_every=0, seed=2, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, c, (n,), generator=g)
+    if ignore_every:
+        t[::ignore_every] = -100
+    return t.to(device)
+
+
+def _check_ce(backend, logits, target, dtype, **kwargs):
+    x64 = _same_values_in_float64(logits)
+    x = logits.detach().clone().requires_grad_()
+    weight = kwargs.pop("weight", None)
+    w64 = None if weight is None else weight.double().cpu()
+    with kiln.backend.use(backend):
+        out = kiln.ops.cross_entropy(x, target, weight=weight, **kwargs)
+    ref = F.cross_entropy(x64, target.cpu(), weight=w64, **kwargs)
+    dy = _randn(*ref.shape, seed=5)
+    out.backward(dy.to(device=out.device, dtype=out.dtype))
+    ref.backward(dy)
+    assert out.dtype == logits.dtype
+    assert rel_err(out, ref) < BOUND[dtype], "loss"
+    assert rel_err(x.grad, x64.grad) < BOUND[dtype], "dlogits"
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("shape", ROW_SHAPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_cross_entropy_matches_torch(backend, dtype, reduction, shape):
+    n, c = shape
+    logits = _randn(n, c, scale=3, dtype=dtype)
+    _check_ce(backend, logits, _targets(n, c), dtype, reduction=reduction)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_cross_entropy_weights_ignore_index_smoothing(backend, reduction, weighted, smoothing):
+    n, c = 13, 37
+    weight = _randn(c, seed=3).abs() + 0.1 if weighted else None
+    _check_ce(backend, _randn(n, c), _targets(n, c, ignore_every=4), torch.float64,
+              weight=weight, reduction=reduction, label_smoothing=smoothing)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_cross_entropy_custom_ignore_index_and_spatial_input(backend):
+    logits = _randn(2, 5, 3, 4)  # (N, C, d1, d2)
+    target = _targets(24, 5, seed=4).reshape(2, 3, 4)
+    target[0, 1, 2] = 3
+    for reduction in ("mean", "none"):
+        _check_ce(backend, logits, target, torch.float64, reduction=reduction, ignore_index=3)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_cross_entropy_unbatched(backend):
+    _check_ce(backend, _randn(7), torch.tensor(4), torch.float64)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_cross_entropy_every_target_ignored_gives_what_torch_gives(backend, reduction):
+    logits = _randn(4, 6).requires_grad_()
+    target = torch.full((4,), -100)
+    with kiln.backend.use(backend):
+        out = kiln.ops.cross_entropy(logits, target, reduction=reduction)
+    ref = F.cross_entropy(logits.detach(), target, reduction=reduction)
+    assert torch.equal(out.isnan(), ref.isnan())  # mean is 0/0 in torch too
+    assert torch.equal(torch.nan_to_num(out.detach()), torch.nan_to_num(ref))
+    if reduction != "mean":
+        out.sum().backward()
+        assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cross_entropy_large_logits_stay_finite_and_right(dtype):
+    logits = _randn(6, 300, scale=1e4, dtype=dtype)
+    logits[0, :] = -1e4  # a row of equal, very negative logits
+    backend = "cpu" if dtype == torch.float32 else "reference"  # bfloat16 on CPU: the reference
+    _check_ce(backend, logits, _targets(6, 300), dtype)
+
+
+def test_cross_entropy_gradcheck_cpu():
+    x = _randn(5, 8).requires_grad_()
+    t = _targets(5, 8, ignore_every=3)
+    w = _randn(8, seed=9).abs() + 0.1
+    with kiln.backend.use("cpu"):
+        assert torch.autograd.gradcheck(
+            lambda a: kiln.ops.cross_entropy(a, t, weight=w, label_smoothing=0.2), (x,))
+
+
+# --- bad input -------------------------------------------------------------------------
+
+
+def test_target_out_of_range_names_the_value():
+    with pytest.raises(ValueError, match=r"target value 7 is out of range for 7 classes"):
+        kiln.ops.cross_entropy(torch.randn(3, 7), torch.tensor([0, 7, 1]))
+    with pytest.raises(ValueError, match=r"target value -1 is out of range"):
+        kiln.ops.cross_entropy(torch.randn(3, 7), torch.tensor([0, -1, 1]))
+
+
+def test_shape_mismatch_names_both_shapes():
+    with pytest.raises(ValueError, match=r"target shape \(4,\) does not match logits \(3, 7\)"):
+        kiln.ops.cross_entropy(torch.randn(3, 7), torch.zeros(4, dtype=torch.long))
+
+
+def test_weight_shape_and_target_dtype():
+    with pytest.raises(ValueError, match=r"weight must have shape \(7,\).*got \(6,\)"):
+        kiln.ops.cross_entropy(torch.randn(3, 7), torch.zeros(3, dtype=torch.long), weight=torch.ones(6))
+    with pytest.raises(TypeError, match=r"target must hold class indices as int64, got dtype float32"):
+        kiln.ops.cross_entropy(torch.randn(3, 7), torch.zeros(3))
+
+
+def test_softmax_dim_out_of_range():
+    with pytest.raises(IndexError, match=r"dim 2 is out of range for x of shape \(3, 4\)"):
+        kiln.ops.softmax(torch.randn(3, 4), dim=2)
+
+
+# --- torch.compile ---------------------------------------------------------------------
+
+
+def test_compile_fullgraph_cpu_backend():
+    torch._dynamo.reset()
+
+    def loss_fn(x, t):
+        return kiln.ops.cross_entropy(kiln.ops.log_softmax(x, -1) * 2, t, label_smoothing=0.1)
+
+    x = _randn(6, 10).requires_grad_()
+    t = _targets(6, 10)
+    out = torch.compile(loss_fn, fullgraph=True)(x, t)
+    (grad,) = torch.autograd.grad(out, x)
+    eager = loss_fn(x, t)
+    (eager_grad,) = torch.autograd.grad(eager, x)
+    assert rel_err(out, eager) < 1e-12 and rel_err(grad, eager_grad) < 1e-12
+
+
+# --- GPU -------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", ROW_SHAPES + [(4096, 128256)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_forms_match_torch(backend, dtype, shape):
+    n, c = shape
+    logits = _randn(n, c, scale=3, dtype=dtype, device="cuda")
+    weight = (_randn(c, seed=3).abs() + 0.1).to(device="cuda", dtype=dtype)
+    _check_ce(backend, logits, _targets(n, c, ignore_every=5, device="cuda"), dtype,
+              weight=weight, label_smoothing=0.1)
+    _check_softmax(backend, kiln.ops.softmax, torch.softmax, logits, -1, dtype)
+    _check_softmax(backend, kiln.ops.log_softmax, torch.log_softmax, logits, -1, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_forms_large_logits(backend, dtype):
+    logits = _randn(64, 32003, scale=1e4, dtype=dtype, device="cuda")
+    _check_ce(backend, logits, _targets(64, 32003, device="cuda"), dtype)
