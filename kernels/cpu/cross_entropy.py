@@ -4,8 +4,8 @@ Each row's statistics (max and log-sum-exp) come from one pass over the row, onl
 at chunk granularity: a chunk of CHUNK values gives its max (a vectorized loop), the
 running sum is rescaled by exp(m_old - m_new), then the chunk adds exp(x - m). A
 per-element online update would be a serial dependency chain that does not vectorize.
-A second pass writes the outputs. float32 and float64; statistics (lse, loss per row)
-are float32 for float32 input and float64 for float64 input.
+A second pass writes the outputs. float32 and float64; the statistics (row max, row
+log-sum, loss per row) are float32 for float32 input and float64 for float64 input.
 """
 
 import numpy as np
@@ -18,8 +18,12 @@ CHUNK = 512
 
 
 @njit(inline="always")
-def _row_lse(x):
-    """log(sum(exp(x))) of one row, one pass, stable for any finite x."""
+def _row_stats(x):
+    """(m, l): the row's max and log(sum(exp(x - m))), one pass, stable for any finite x.
+
+    Kept apart rather than as lse = m + l: rounding m + l near |x| ~ 1e4 would cost
+    ~ulp(1e4) in every probability exp(x - lse).
+    """
     m = like(x[0], -np.inf)
     s = like(x[0], 0.0)
     for c0 in range(0, x.size, CHUNK):
@@ -32,20 +36,20 @@ def _row_lse(x):
         for j in range(chunk.size):
             acc += exp(chunk[j] - m)
         s += acc
-    return m + np.log(s)
+    return m, np.log(s)
 
 
 @njit(parallel=True, cache=True)
 def _softmax_forward(x, y, log):
     for i in prange(x.shape[0]):
-        lse = _row_lse(x[i])
+        m, logsum = _row_stats(x[i])
         row, out = x[i], y[i]
         if log:
             for j in range(row.size):
-                out[j] = row[j] - lse
+                out[j] = (row[j] - m) - logsum
         else:
             for j in range(row.size):
-                out[j] = exp(row[j] - lse)
+                out[j] = exp((row[j] - m) - logsum)
 
 
 @njit(parallel=True, cache=True)
@@ -65,29 +69,30 @@ def _softmax_backward(g, y, dx, log):
 
 
 @njit(parallel=True, cache=True)
-def _ce_forward(x, target, weight, has_weight, ignore_index, smoothing, loss, lse_out):
+def _ce_forward(x, target, weight, has_weight, ignore_index, smoothing, loss, row_max, row_logsum):
     n, c = x.shape
     w_sum = weight.sum() if has_weight else c
     for i in prange(n):
         row = x[i]
         t = target[i]
-        lse = _row_lse(row)
-        lse_out[i] = lse
         if t == ignore_index:
-            loss[i] = 0
+            loss[i] = row_max[i] = row_logsum[i] = 0
             continue
+        m, logsum = _row_stats(row)
+        row_max[i], row_logsum[i] = m, logsum
         w_t = weight[t] if has_weight else 1.0
-        value = (1.0 - smoothing) * w_t * (lse - row[t])
+        # -log p_t = (m - x_t) + l: both terms small and exact-ish, no lse - x_t cancellation.
+        value = (1.0 - smoothing) * w_t * ((m - row[t]) + logsum)
         if smoothing > 0:
-            weighted = 0.0
+            spread = 0.0  # sum_c w_c (m - x_c)
             for j in range(c):
-                weighted += (weight[j] if has_weight else 1.0) * row[j]
-            value += smoothing / c * (w_sum * lse - weighted)
+                spread += (weight[j] if has_weight else 1.0) * (m - row[j])
+            value += smoothing / c * (spread + w_sum * logsum)
         loss[i] = value
 
 
 @njit(parallel=True, cache=True)
-def _ce_backward(grad_loss, x, target, weight, has_weight, lse, ignore_index, smoothing, dx):
+def _ce_backward(grad_loss, x, target, weight, has_weight, row_max, row_logsum, ignore_index, smoothing, dx):
     n, c = x.shape
     w_sum = weight.sum() if has_weight else c
     for i in prange(n):
@@ -98,18 +103,18 @@ def _ce_backward(grad_loss, x, target, weight, has_weight, lse, ignore_index, sm
             continue
         row = x[i]
         g = grad_loss[i]
-        lse_i = lse[i]
+        m, logsum = row_max[i], row_logsum[i]
         hard = g * (1.0 - smoothing) * (weight[t] if has_weight else 1.0)
         soft = g * smoothing / c
         # dL/dx_c = hard (p_c - [c = t]) + soft (S_w p_c - w_c)
         p_scale = like(row[0], hard + soft * w_sum)
         if has_weight:
             for j in range(c):
-                out[j] = p_scale * exp(row[j] - lse_i) - like(row[0], soft) * weight[j]
+                out[j] = p_scale * exp((row[j] - m) - logsum) - like(row[0], soft) * weight[j]
         else:
             soft_c = like(row[0], soft)
             for j in range(c):
-                out[j] = p_scale * exp(row[j] - lse_i) - soft_c
+                out[j] = p_scale * exp((row[j] - m) - logsum) - soft_c
         out[t] -= hard
 
 
@@ -137,15 +142,16 @@ def _weight_np(weight, like_tensor):
 def cross_entropy_forward(logits, target, weight, ignore_index: int, label_smoothing: float):
     n = logits.shape[0]
     loss = torch.empty(n, dtype=_stats_dtype(logits.dtype))
-    lse = torch.empty(n, dtype=loss.dtype)
+    row_max, row_logsum = torch.empty_like(loss), torch.empty_like(loss)
     _ce_forward(logits.numpy(), target.numpy(), _weight_np(weight, logits), weight is not None,
-                ignore_index, label_smoothing, loss.numpy(), lse.numpy())
-    return loss, lse
+                ignore_index, label_smoothing, loss.numpy(), row_max.numpy(), row_logsum.numpy())
+    return loss, row_max, row_logsum
 
 
-def cross_entropy_backward(grad_loss, logits, target, weight, lse, ignore_index: int, label_smoothing: float):
+def cross_entropy_backward(grad_loss, logits, target, weight, row_max, row_logsum, ignore_index: int,
+                           label_smoothing: float):
     dx = torch.empty_like(logits)
-    _ce_backward(grad_loss.to(lse.dtype).numpy(), logits.numpy(), target.numpy(),
-                 _weight_np(weight, logits), weight is not None, lse.numpy(), ignore_index,
-                 label_smoothing, dx.numpy())
+    _ce_backward(grad_loss.to(row_max.dtype).numpy(), logits.numpy(), target.numpy(),
+                 _weight_np(weight, logits), weight is not None, row_max.numpy(), row_logsum.numpy(),
+                 ignore_index, label_smoothing, dx.numpy())
     return dx

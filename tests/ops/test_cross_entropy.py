@@ -46,6 +46,14 @@ def test_softmax_family_matches_torch(backend, log, dtype, shape):
     _check_softmax(backend, fn, torch_fn, _randn(*shape, scale=3, dtype=dtype), -1, dtype)
 
 
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("shape", ROW_SHAPES, ids=str)
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_softmax_family_triton_interpreted(log, shape):
+    fn, torch_fn = (kiln.ops.log_softmax, torch.log_softmax) if log else (kiln.ops.softmax, torch.softmax)
+    _check_softmax("triton", fn, torch_fn, _randn(*shape, scale=3, dtype=torch.float32), -1, torch.float32)
+
+
 @pytest.mark.parametrize("dim", [0, 1, -1])
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 def test_softmax_over_any_dim_of_a_3d_tensor(backend, dim):
@@ -120,6 +128,18 @@ def test_cross_entropy_matches_torch(backend, dtype, reduction, shape):
     _check_ce(backend, logits, _targets(n, c), dtype, reduction=reduction)
 
 
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("shape", ROW_SHAPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy_triton_interpreted(reduction, shape):
+    n, c = shape
+    weight = _randn(c, seed=3).abs().float() + 0.1
+    # One class: loss and gradient are 0 up to rounding, which no relative error can
+    # measure; there smoothing is off and the (exactly 0) gradient is compared as is.
+    _check_ce("triton", _randn(n, c, scale=3, dtype=torch.float32), _targets(n, c, ignore_every=2 if n > 2 else 0),
+              torch.float32, weight=weight, label_smoothing=0.1 if c > 1 else 0.0, reduction=reduction)
+
+
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 1.0])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -158,6 +178,16 @@ def test_cross_entropy_every_target_ignored_gives_what_torch_gives(backend, redu
     if reduction != "mean":
         out.sum().backward()
         assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("backend", HOST_BACKENDS + ["triton"])
+def test_cross_entropy_near_tied_large_logits_float32(backend, smoothing):
+    # Many logits within a few units of 1e4: a float32 lse = m + log(s) would be off by
+    # ulp(1e4) ~ 1e-3 and so would every probability; the kernels keep m and log(s) apart.
+    logits = 1e4 + _randn(8, 1000, scale=3, dtype=torch.float32)
+    logits[1] = -1e4 + _randn(1000, scale=3, seed=7, dtype=torch.float32)
+    _check_ce(backend, logits, _targets(8, 1000), torch.float32, label_smoothing=smoothing)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -4,8 +4,10 @@ Every kernel gets a row's max and log-sum-exp in one online pass, so |x| ~ 1e4 i
 
 * softmax / log_softmax save their output y only: softmax' needs y, and log_softmax'
   needs exp(y) = softmax.
-* cross_entropy saves the logits, the targets and one float32 log-sum-exp per row
-  (float64 for float64 logits); backward rebuilds p = exp(x - lse) and writes
+* cross_entropy saves the logits, the targets and two float32 statistics per row
+  (float64 for float64 logits): the max m and l = log(sum(exp(x - m))). Not their sum
+  lse = m + l: rounded to float32 near |x| ~ 1e4 it would be off by ~ulp(1e4) = 1e-3, and
+  so would every probability. Backward rebuilds p = exp((x - m) - l) and writes
   dlogits = g (p - onehot) (with class weights and label smoothing) in one pass, never
   storing the (N, C) probabilities. The custom op returns the loss per row; the
   reduction (sum, or the weighted mean) is plain torch on N values, so its gradient
@@ -52,26 +54,30 @@ def reference_cross_entropy_forward(logits, target, weight, ignore_index: int, l
     x = logits.to(_stats_dtype(logits.dtype))
     C = x.shape[1]
     w = _class_weights(weight, x)
-    lse = torch.logsumexp(x, -1)
     valid = target != ignore_index
     t = torch.where(valid, target, 0)
-    nll = lse - x.gather(1, t[:, None])[:, 0]
-    smooth = w.sum() * lse - x @ w  # sum_c w_c (lse - x_c)
+    row_max = x.max(-1).values
+    shifted = x - row_max[:, None]  # x - m <= 0
+    row_logsum = torch.log(torch.exp(shifted).sum(-1))
+    nll = row_logsum - shifted.gather(1, t[:, None])[:, 0]
+    smooth = w.sum() * row_logsum - shifted @ w  # sum_c w_c (lse - x_c)
     loss = (1 - label_smoothing) * w[t] * nll + label_smoothing / C * smooth
-    return torch.where(valid, loss, 0), lse
+    zero = torch.zeros_like(row_max)
+    return (torch.where(valid, loss, zero), torch.where(valid, row_max, zero),
+            torch.where(valid, row_logsum, zero))
 
 
-def reference_cross_entropy_backward(grad_loss, logits, target, weight, lse, ignore_index: int,
-                                     label_smoothing: float):
-    x = logits.to(lse.dtype)
+def reference_cross_entropy_backward(grad_loss, logits, target, weight, row_max, row_logsum,
+                                     ignore_index: int, label_smoothing: float):
+    x = logits.to(row_max.dtype)
     C = x.shape[1]
     w = _class_weights(weight, x)
     valid = target != ignore_index
     t = torch.where(valid, target, 0)
-    g = torch.where(valid, grad_loss.to(lse.dtype), 0)
+    g = torch.where(valid, grad_loss.to(row_max.dtype), 0)
     hard = g * (1 - label_smoothing) * w[t]
     soft = g * label_smoothing / C
-    p = torch.exp(x - lse[:, None])
+    p = torch.exp((x - row_max[:, None]) - row_logsum[:, None])
     dx = (hard + soft * w.sum())[:, None] * p - soft[:, None] * w[None, :]
     dx[torch.arange(len(t), device=x.device), t] -= hard
     return dx.to(logits.dtype)
@@ -106,24 +112,25 @@ def cuda_cross_entropy_forward(logits, target, weight, ignore_index: int, label_
     ext = backend.cuda_extension()
     N, C = logits.shape
     loss = torch.empty(N, dtype=torch.float32, device=logits.device)
-    lse = torch.empty_like(loss)
+    row_max, row_logsum = torch.empty_like(loss), torch.empty_like(loss)
     weight = _cuda_weight(weight)
     with torch.cuda.device(logits.device):
-        ext.cross_entropy_forward(ptr(logits), ptr(target), ptr(weight), ptr(loss), ptr(lse), N, C,
-                                  ignore_index, label_smoothing, DTYPE_CODE[logits.dtype], stream(logits))
-    return loss, lse
+        ext.cross_entropy_forward(ptr(logits), ptr(target), ptr(weight), ptr(loss), ptr(row_max),
+                                  ptr(row_logsum), N, C, ignore_index, label_smoothing,
+                                  DTYPE_CODE[logits.dtype], stream(logits))
+    return loss, row_max, row_logsum
 
 
-def cuda_cross_entropy_backward(grad_loss, logits, target, weight, lse, ignore_index: int,
-                                label_smoothing: float):
+def cuda_cross_entropy_backward(grad_loss, logits, target, weight, row_max, row_logsum,
+                                ignore_index: int, label_smoothing: float):
     ext = backend.cuda_extension()
     N, C = logits.shape
     dx = torch.empty_like(logits)
     weight = _cuda_weight(weight)
     grad_loss = grad_loss.float().contiguous()
     with torch.cuda.device(logits.device):
-        ext.cross_entropy_backward(ptr(grad_loss), ptr(logits), ptr(target), ptr(weight), ptr(lse),
-                                   ptr(dx), N, C, ignore_index, label_smoothing,
+        ext.cross_entropy_backward(ptr(grad_loss), ptr(logits), ptr(target), ptr(weight), ptr(row_max),
+                                   ptr(row_logsum), ptr(dx), N, C, ignore_index, label_smoothing,
                                    DTYPE_CODE[logits.dtype], stream(logits))
     return dx
 
@@ -198,8 +205,8 @@ torch.library.register_autograd("kiln::softmax", _softmax_grad, setup_context=_s
 
 @torch.library.custom_op("kiln::cross_entropy", mutates_args=())
 def _cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
-                   label_smoothing: float) -> tuple[Tensor, Tensor]:
-    """Returns (loss per row, log-sum-exp per row)."""
+                   label_smoothing: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (loss per row, row max, row log-sum)."""
     return _implementation("cross_entropy", logits).cross_entropy_forward(
         logits, target, weight, ignore_index, label_smoothing)
 
@@ -207,31 +214,32 @@ def _cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tensor], ign
 @_cross_entropy.register_fake
 def _(logits, target, weight, ignore_index, label_smoothing):
     stats = logits.new_empty(logits.shape[0], dtype=_stats_dtype(logits.dtype))
-    return stats, torch.empty_like(stats)
+    return stats, torch.empty_like(stats), torch.empty_like(stats)
 
 
 @torch.library.custom_op("kiln::cross_entropy_backward", mutates_args=())
 def _cross_entropy_backward(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
-                            lse: Tensor, ignore_index: int, label_smoothing: float) -> Tensor:
+                            row_max: Tensor, row_logsum: Tensor, ignore_index: int,
+                            label_smoothing: float) -> Tensor:
     return _implementation("cross_entropy", logits).cross_entropy_backward(
-        grad_loss, logits, target, weight, lse, ignore_index, label_smoothing)
+        grad_loss, logits, target, weight, row_max, row_logsum, ignore_index, label_smoothing)
 
 
 @_cross_entropy_backward.register_fake
-def _(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing):
+def _(grad_loss, logits, target, weight, row_max, row_logsum, ignore_index, label_smoothing):
     return torch.empty_like(logits)
 
 
 def _cross_entropy_setup(ctx, inputs, output):
     logits, target, weight, ignore_index, label_smoothing = inputs
-    ctx.save_for_backward(logits, target, weight, output[1])
+    ctx.save_for_backward(logits, target, weight, output[1], output[2])
     ctx.ignore_index, ctx.label_smoothing = ignore_index, label_smoothing
 
 
-def _cross_entropy_grad(ctx, grad_loss, grad_lse):
-    logits, target, weight, lse = ctx.saved_tensors
-    dlogits = _cross_entropy_backward(grad_loss.contiguous(), logits, target, weight, lse,
-                                      ctx.ignore_index, ctx.label_smoothing)
+def _cross_entropy_grad(ctx, grad_loss, grad_row_max, grad_row_logsum):
+    logits, target, weight, row_max, row_logsum = ctx.saved_tensors
+    dlogits = _cross_entropy_backward(grad_loss.contiguous(), logits, target, weight, row_max,
+                                      row_logsum, ctx.ignore_index, ctx.label_smoothing)
     return dlogits, None, None, None, None
 
 
@@ -313,7 +321,7 @@ def cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tensor] = Non
             value = flat_target[bad][0].item()
             raise ValueError(f"cross_entropy: target value {value} is out of range for {C} classes "
                              f"(and is not ignore_index={ignore_index})")
-    loss, _ = _cross_entropy(rows, flat_target, weight, ignore_index, float(label_smoothing))
+    loss, _, _ = _cross_entropy(rows, flat_target, weight, ignore_index, float(label_smoothing))
     if reduction == "none":
         return loss.reshape(target.shape).to(logits.dtype)
     total = loss.sum()
