@@ -315,21 +315,33 @@ def cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tensor] = Non
         raise ValueError(f"cross_entropy: logits {tuple(logits.shape)} has no classes")
     rows, _ = _rows_last(logits, class_dim)
     flat_target = target.reshape(-1).contiguous()
+    check_target_range("cross_entropy", flat_target, C, ignore_index)
+    loss, _, _ = _cross_entropy(rows, flat_target, weight, ignore_index, float(label_smoothing))
+    return reduce_loss(loss, flat_target, weight, ignore_index, reduction, target.shape, logits.dtype)
+
+
+def check_target_range(op: str, flat_target: Tensor, C: int, ignore_index: int) -> None:
+    """On CPU, a target outside [0, C) that is not ignore_index is an error (on GPU the
+    check would cost a sync; the kernels write NaN for such rows instead)."""
     if flat_target.device.type == "cpu" and not torch.compiler.is_compiling():
         bad = ((flat_target < 0) | (flat_target >= C)) & (flat_target != ignore_index)
         if bad.any():
             value = flat_target[bad][0].item()
-            raise ValueError(f"cross_entropy: target value {value} is out of range for {C} classes "
+            raise ValueError(f"{op}: target value {value} is out of range for {C} classes "
                              f"(and is not ignore_index={ignore_index})")
-    loss, _, _ = _cross_entropy(rows, flat_target, weight, ignore_index, float(label_smoothing))
+
+
+def reduce_loss(loss: Tensor, flat_target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                reduction: str, shape, dtype: torch.dtype) -> Tensor:
+    """torch's reductions of per-row losses: none, sum, or the (weighted) mean over kept rows."""
     if reduction == "none":
-        return loss.reshape(target.shape).to(logits.dtype)
+        return loss.reshape(shape).to(dtype)
     total = loss.sum()
     if reduction == "sum":
-        return total.to(logits.dtype)
+        return total.to(dtype)
     valid = flat_target != ignore_index
     if weight is None:
         denominator = valid.sum().to(total.dtype)
     else:
         denominator = torch.where(valid, weight.to(total.dtype)[torch.where(valid, flat_target, 0)], 0).sum()
-    return (total / denominator).to(logits.dtype)
+    return (total / denominator).to(dtype)
