@@ -22,12 +22,17 @@ def main() -> None:
     groups = defaultdict(dict)
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
-        groups[bench["group"]][info["impl"]] = (bench["stats"]["median"], info.get("flop"))
+        groups[bench["group"]][info["impl"]] = (bench["stats"]["median"], info)
     rows = []
     for group, impls in groups.items():
-        kiln_median, flop = impls["kiln"]
-        row = [group, f"{kiln_median * 1e3:.1f}",
-               f"{flop / kiln_median / 1e9:.0f}" if flop else "-"]
+        kiln_median, info = impls["kiln"]
+        if "flop" in info:
+            rate = f"{info['flop'] / kiln_median / 1e9:.0f} GFLOP/s"
+        elif "bytes" in info:
+            rate = f"{info['bytes'] / kiln_median / 1e9:.1f} GB/s"
+        else:
+            rate = "-"
+        row = [group, f"{kiln_median * 1e3:.1f}", rate]
         for impl in ("torch", "torch.compile"):
             median = impls.get(impl, (None,))[0]
             row += ["-", "-"] if median is None else [f"{median * 1e3:.1f}", f"{median / kiln_median:.2f}"]
@@ -35,7 +40,7 @@ def main() -> None:
     machine = data.get("machine_info", {})
     title = (f"{machine.get('cpu', {}).get('brand_raw', platform.processor())}, "
              f"{data.get('datetime', '')[:10]}, medians of pytest-benchmark rounds")
-    table = markdown_table(["case", "kiln ms", "kiln GFLOP/s", "torch ms", "torch/kiln",
+    table = markdown_table(["case", "kiln ms", "kiln rate", "torch ms", "torch/kiln",
                             "compile ms", "compile/kiln"], rows)
     text = f"{title}\n\n{table}\n"
     print(text)
