@@ -17,32 +17,63 @@ from .fastmath import exp, like
 CHUNK = 512
 
 
+_LANES = 16
+
+
 @njit(inline="always")
-def _row_stats(x):
+def _lane_max(x):
+    # 16 independent running maxima vectorize; one running max is a serial chain.
+    lanes = np.full(_LANES, -np.inf, x.dtype)
+    n_full = x.size - x.size % _LANES
+    for j0 in range(0, n_full, _LANES):
+        for k in range(_LANES):
+            lanes[k] = max(lanes[k], x[j0 + k])
+    m = lanes.max()
+    for j in range(n_full, x.size):
+        m = max(m, x[j])
+    return m
+
+
+@njit(inline="always")
+def _lane_sum(x, n):
+    lanes = np.zeros(_LANES, x.dtype)
+    n_full = n - n % _LANES
+    for j0 in range(0, n_full, _LANES):
+        for k in range(_LANES):
+            lanes[k] += x[j0 + k]
+    total = lanes.sum()
+    for j in range(n_full, n):
+        total += x[j]
+    return total
+
+
+@njit(inline="always")
+def _row_stats(x, scratch):
     """(m, l): the row's max and log(sum(exp(x - m))), one pass, stable for any finite x.
 
     Kept apart rather than as lse = m + l: rounding m + l near |x| ~ 1e4 would cost
-    ~ulp(1e4) in every probability exp(x - lse).
+    ~ulp(1e4) in every probability exp(x - lse). Per chunk, exp(x - m) goes to
+    ``scratch`` (CHUNK values) in a plain map loop and is summed after: exp inside a
+    floating-point reduction loop runs scalar (3.8x slower on 8192 x 32000).
     """
     m = like(x[0], -np.inf)
     s = like(x[0], 0.0)
     for c0 in range(0, x.size, CHUNK):
         chunk = x[c0:c0 + CHUNK]
-        m_chunk = chunk.max()
+        m_chunk = _lane_max(chunk)
         if m_chunk > m:
             s = s * exp(m - m_chunk)
             m = m_chunk
-        acc = like(x[0], 0.0)
         for j in range(chunk.size):
-            acc += exp(chunk[j] - m)
-        s += acc
+            scratch[j] = exp(chunk[j] - m)
+        s += _lane_sum(scratch, chunk.size)
     return m, np.log(s)
 
 
 @njit(parallel=True, cache=True)
 def _softmax_forward(x, y, log):
     for i in prange(x.shape[0]):
-        m, logsum = _row_stats(x[i])
+        m, logsum = _row_stats(x[i], np.empty(CHUNK, x.dtype))
         row, out = x[i], y[i]
         if log:
             for j in range(row.size):
@@ -78,7 +109,7 @@ def _ce_forward(x, target, weight, has_weight, ignore_index, smoothing, loss, ro
         if t == ignore_index:
             loss[i] = row_max[i] = row_logsum[i] = 0
             continue
-        m, logsum = _row_stats(row)
+        m, logsum = _row_stats(row, np.empty(CHUNK, x.dtype))
         row_max[i], row_logsum[i] = m, logsum
         w_t = weight[t] if has_weight else 1.0
         # -log p_t = (m - x_t) + l: both terms small and exact-ish, no lse - x_t cancellation.
