@@ -29,6 +29,16 @@ import torch
 
 BACKENDS = ("triton", "cuda", "cpu", "reference")
 
+# The dtypes each backend covers for an op that has nothing special: the GPU forms store
+# float32 / float16 / bfloat16, the numba forms float32 / float64, the reference anything.
+_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+STANDARD_DTYPES = {
+    "triton": _GPU_DTYPES,
+    "cuda": _GPU_DTYPES,
+    "cpu": (torch.float32, torch.float64),
+    "reference": (torch.float64, torch.float32, torch.float16, torch.bfloat16),
+}
+
 log = logging.getLogger("kiln")
 
 _global_choice: str | None = None

@@ -138,13 +138,7 @@ def cuda_cross_entropy_backward(grad_loss, logits, target, weight, row_max, row_
 # ---------------------------------------------------------------------------------------
 # The table of implementations.
 
-_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-DTYPES = {
-    "triton": _GPU_DTYPES,
-    "cuda": _GPU_DTYPES,
-    "cpu": (torch.float32, torch.float64),
-    "reference": (torch.float64, torch.float32, torch.float16, torch.bfloat16),
-}
+DTYPES = backend.STANDARD_DTYPES
 _KERNEL_MODULES = {"triton": "kiln.kernels.triton.cross_entropy", "cpu": "kiln.kernels.cpu.cross_entropy"}
 _REFERENCE = SimpleNamespace(
     softmax_forward=reference_softmax_forward, softmax_backward=reference_softmax_backward,

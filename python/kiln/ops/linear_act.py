@@ -107,13 +107,7 @@ def cuda_backward(grad_out, x, weight, saved, activation: int, need_dx, need_dw,
 # ---------------------------------------------------------------------------------------
 # The table of implementations: module (or this file) and the dtypes each covers.
 
-_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-DTYPES = {
-    "triton": _GPU_DTYPES,
-    "cuda": _GPU_DTYPES,
-    "cpu": (torch.float32, torch.float64),
-    "reference": (torch.float64, torch.float32, torch.float16, torch.bfloat16),
-}
+DTYPES = backend.STANDARD_DTYPES
 _KERNEL_MODULES = {"triton": "kiln.kernels.triton.linear_act", "cpu": "kiln.kernels.cpu.linear_act"}
 
 
