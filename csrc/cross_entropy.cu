@@ -472,15 +472,6 @@ unsigned row_blocks(const char* where, std::int64_t rows) {
   return static_cast<unsigned>(blocks);
 }
 
-template <typename T>
-const T* as_const(std::uintptr_t p) {
-  return reinterpret_cast<const T*>(p);
-}
-template <typename T>
-T* as_mutable(std::uintptr_t p) {
-  return reinterpret_cast<T*>(p);
-}
-
 }  // namespace
 
 void softmax_forward(std::uintptr_t x, std::uintptr_t y, std::int64_t R, std::int64_t C, int log, int dtype,

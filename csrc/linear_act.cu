@@ -271,15 +271,6 @@ unsigned gemm_blocks(const char* where, std::int64_t P, std::int64_t Q) {
   return static_cast<unsigned>(blocks);
 }
 
-template <typename T>
-const T* as_const(std::uintptr_t p) {
-  return reinterpret_cast<const T*>(p);
-}
-template <typename T>
-T* as_mutable(std::uintptr_t p) {
-  return reinterpret_cast<T*>(p);
-}
-
 }  // namespace
 
 void linear_act_forward(std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, std::uintptr_t out,

@@ -92,7 +92,7 @@ def _act_row(row, code):
 
 @njit(inline="always")
 def _gelu_grad(z):
-    one, half = like(z, 1.0), like(z, 0.5)
+    half = like(z, 0.5)
     return half * one_plus_erf(z * like(z, INV_SQRT_2)) + z * like(z, INV_SQRT_2PI) * exp(-half * z * z)
 
 

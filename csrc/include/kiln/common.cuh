@@ -133,4 +133,14 @@ inline void check_arg(bool ok, const char* where, const std::string& what) {
   if (!ok) throw std::invalid_argument(std::string(where) + ": " + what);
 }
 
+// Device pointers arrive from Python as integers.
+template <typename T>
+const T* as_const(std::uintptr_t p) {
+  return reinterpret_cast<const T*>(p);
+}
+template <typename T>
+T* as_mutable(std::uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
 }  // namespace kiln
