@@ -180,8 +180,10 @@ def cross_entropy_forward(logits, target, weight, ignore_index: int, label_smoot
 
 
 def cross_entropy_backward(grad_loss, logits, target, weight, row_max, row_logsum, ignore_index: int,
-                           label_smoothing: float):
-    dx = torch.empty_like(logits)
+                           label_smoothing: float, out=None):
+    """dlogits into a new tensor, or into ``out`` (which may be ``logits`` itself: each
+    element is read before it is written, by the same thread)."""
+    dx = torch.empty_like(logits) if out is None else out
     _ce_backward(grad_loss.to(row_max.dtype).numpy(), logits.numpy(), target.numpy(),
                  _weight_np(weight, logits), weight is not None, row_max.numpy(), row_logsum.numpy(),
                  ignore_index, label_smoothing, dx.numpy())

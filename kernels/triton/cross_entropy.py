@@ -371,15 +371,16 @@ def cross_entropy_forward(logits, target, weight, ignore_index: int, label_smoot
 
 
 def cross_entropy_backward(grad_loss, logits, target, weight, row_max, row_logsum,
-                           ignore_index: int, label_smoothing: float):
+                           ignore_index: int, label_smoothing: float, out=None):
     """dlogits (N, C), logits.dtype, from dL/dloss_i = grad_loss (N,) and forward's row stats.
 
     dx[i,c] = g_i ((1-eps) w[t_i] (p_ic - [c == t_i]) + eps/C (S_w p_ic - w_c)),
     p_ic = exp((x_ic - m_i) - l_i);
-    ignored rows are 0.
+    ignored rows are 0. Written into ``out`` when given, which may be ``logits`` itself
+    (each tile is loaded before the same program stores it).
     """
     N, C = logits.shape
-    dx = torch.empty_like(logits)
+    dx = torch.empty_like(logits) if out is None else out
     if N == 0 or C == 0:
         return dx
     tl_acc, torch_acc = _acc(logits.dtype)

@@ -275,3 +275,24 @@ def test_gpu_forms_match_torch(backend, dtype, shape):
 def test_gpu_forms_large_logits(backend, dtype):
     logits = _randn(64, 32003, scale=1e4, dtype=dtype, device="cuda")
     _check_ce(backend, logits, _targets(64, 32003, device="cuda"), dtype)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+def test_backward_may_overwrite_the_logits_in_place(backend):
+    """linear_cross_entropy hands its own chunk of logits as ``out``: aliasing must be exact."""
+    from kiln.ops.cross_entropy import _implementation
+
+    dtype = torch.float32
+    logits = _randn(6, 45, scale=4, dtype=dtype)
+    target = torch.tensor([3, -100, 0, 44, 7, 7])
+    weight = torch.rand(45, generator=torch.Generator().manual_seed(2), dtype=dtype) + 0.5
+    grad = _randn(6, seed=3, dtype=torch.float32)
+    with kiln.backend.use(backend):
+        kernels = _implementation("cross_entropy", logits)
+        _, row_max, row_logsum = kernels.cross_entropy_forward(logits, target, weight, -100, 0.1)
+        fresh = kernels.cross_entropy_backward(grad, logits, target, weight, row_max, row_logsum, -100, 0.1)
+        aliased = logits.clone()
+        returned = kernels.cross_entropy_backward(grad, aliased, target, weight, row_max, row_logsum,
+                                                  -100, 0.1, out=aliased)
+    assert returned.data_ptr() == aliased.data_ptr()
+    assert torch.equal(aliased, fresh)

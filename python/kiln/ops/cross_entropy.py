@@ -68,7 +68,7 @@ def reference_cross_entropy_forward(logits, target, weight, ignore_index: int, l
 
 
 def reference_cross_entropy_backward(grad_loss, logits, target, weight, row_max, row_logsum,
-                                     ignore_index: int, label_smoothing: float):
+                                     ignore_index: int, label_smoothing: float, out=None):
     x = logits.to(row_max.dtype)
     C = x.shape[1]
     w = _class_weights(weight, x)
@@ -80,7 +80,7 @@ def reference_cross_entropy_backward(grad_loss, logits, target, weight, row_max,
     p = torch.exp((x - row_max[:, None]) - row_logsum[:, None])
     dx = (hard + soft * w.sum())[:, None] * p - soft[:, None] * w[None, :]
     dx[torch.arange(len(t), device=x.device), t] -= hard
-    return dx.to(logits.dtype)
+    return dx.to(logits.dtype) if out is None else out.copy_(dx)
 
 
 # ---------------------------------------------------------------------------------------
@@ -122,10 +122,10 @@ def cuda_cross_entropy_forward(logits, target, weight, ignore_index: int, label_
 
 
 def cuda_cross_entropy_backward(grad_loss, logits, target, weight, row_max, row_logsum,
-                                ignore_index: int, label_smoothing: float):
+                                ignore_index: int, label_smoothing: float, out=None):
     ext = backend.cuda_extension()
     N, C = logits.shape
-    dx = torch.empty_like(logits)
+    dx = torch.empty_like(logits) if out is None else out
     weight = _cuda_weight(weight)
     grad_loss = grad_loss.float().contiguous()
     with torch.cuda.device(logits.device):

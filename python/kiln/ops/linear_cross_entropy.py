@@ -8,10 +8,18 @@ Peak extra memory is O(chunk_rows x V), never O(N x V).
 Saved for backward: hidden, W, b, the targets and two statistics per row (max, log-sum;
 see cross_entropy.py). Backward recomputes each chunk's logits (one more GEMM per chunk,
 the price of not storing them), turns them into dlogits with the cross-entropy backward
-kernel, and uses them at once: dh_chunk = dlogits W, dW += dlogits^T h_chunk,
+kernel (in place, over the chunk's logits), and uses them at once: dh_chunk = dlogits W, dW += dlogits^T h_chunk,
 db += column sums. Computing the gradients during forward instead (as Liger-Kernel does)
 saves that GEMM but only works when the loss is reduced to a scalar; recomputing keeps
 every reduction (none included) correct.
+
+No form fuses the GEMM with the cross-entropy: each chunk's GEMM is the vendor's (cuBLAS
+through torch on GPU, MKL on CPU) and the selected backend's cross-entropy kernel runs on
+its output. The chunk's logits make one round trip through memory (write, read, and in
+backward one overwrite with dlogits), 3 * 4 bytes per logit against 2H FLOPs per logit of
+GEMM: for H >= 1024 the GEMM dominates by far, and a hand-written GEMM would lose more to
+cuBLAS/MKL than the fusion saves. Measured on CPU: forward 0.93x, forward+backward 1.08x
+torch eager (bench/results/cross_entropy_cpu.md), at 1/25 of torch's peak memory.
 """
 
 from __future__ import annotations
@@ -73,9 +81,10 @@ def _linear_cross_entropy_backward(
     for r0 in range(0, N, chunk_rows):
         r1 = min(N, r0 + chunk_rows)
         logits = _chunk_logits(hidden, weight, bias, r0, r1)
+        # The chunk's logits are ours alone: dlogits overwrite them in place.
         dlogits = kernels.cross_entropy_backward(grad_loss[r0:r1], logits, target[r0:r1], None,
                                                  row_max[r0:r1], row_logsum[r0:r1], ignore_index,
-                                                 label_smoothing)
+                                                 label_smoothing, out=logits)
         if need_dh:
             torch.mm(dlogits, weight, out=dh[r0:r1])
         if need_dw:
