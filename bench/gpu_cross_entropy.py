@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import markdown_table  # noqa: E402
+from common import copy_bandwidth, markdown_table  # noqa: E402
 
 import kiln  # noqa: E402
 
@@ -29,15 +29,6 @@ def _kiln(name, fn):
         with kiln.backend.use(name):
             return fn(*args)
     return run
-
-
-def copy_bandwidth() -> float:
-    from triton.testing import do_bench
-
-    src = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), return_mode="median")
-    return 2 * src.numel() / (ms * 1e-3) / 1e9
 
 
 def main() -> None:

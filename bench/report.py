@@ -1,4 +1,4 @@
-"""Ratio table from a pytest-benchmark JSON file: each torch variant's median over kiln's.
+"""Ratio table from a pytest-benchmark JSON file: each baseline's median over kiln's.
 
     python bench/report.py bench/results/linear_act_cpu.json [--out bench/results/linear_act_cpu.md]
 """
@@ -23,6 +23,9 @@ def main() -> None:
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
         groups[bench["group"]][info["impl"]] = (bench["stats"]["median"], info)
+    # every implementation but kiln's, in the order the benchmarks ran them
+    baselines = list(dict.fromkeys(b["extra_info"]["impl"] for b in data["benchmarks"]
+                                   if b["extra_info"]["impl"] != "kiln"))
     rows = []
     for group, impls in groups.items():
         kiln_median, info = impls["kiln"]
@@ -33,15 +36,17 @@ def main() -> None:
         else:
             rate = "-"
         row = [group, f"{kiln_median * 1e3:.1f}", rate]
-        for impl in ("torch", "torch.compile"):
+        for impl in baselines:
             median = impls.get(impl, (None,))[0]
             row += ["-", "-"] if median is None else [f"{median * 1e3:.1f}", f"{median / kiln_median:.2f}"]
         rows.append(row)
     machine = data.get("machine_info", {})
     title = (f"{machine.get('cpu', {}).get('brand_raw', platform.processor())}, "
              f"{data.get('datetime', '')[:10]}, medians of pytest-benchmark rounds")
-    table = markdown_table(["case", "kiln ms", "kiln rate", "torch ms", "torch/kiln",
-                            "compile ms", "compile/kiln"], rows)
+    header = ["case", "kiln ms", "kiln rate"]
+    for impl in baselines:
+        header += [f"{impl} ms", f"{impl}/kiln"]
+    table = markdown_table(header, rows)
     text = f"{title}\n\n{table}\n"
     print(text)
     if args.out:

@@ -13,38 +13,9 @@ import torch
 from numba import njit, prange
 
 from .fastmath import exp, like
+from .lanes import lane_max, lane_sum
 
 CHUNK = 512
-
-
-_LANES = 16
-
-
-@njit(inline="always")
-def _lane_max(x):
-    # 16 independent running maxima vectorize; one running max is a serial chain.
-    lanes = np.full(_LANES, -np.inf, x.dtype)
-    n_full = x.size - x.size % _LANES
-    for j0 in range(0, n_full, _LANES):
-        for k in range(_LANES):
-            lanes[k] = max(lanes[k], x[j0 + k])
-    m = lanes.max()
-    for j in range(n_full, x.size):
-        m = max(m, x[j])
-    return m
-
-
-@njit(inline="always")
-def _lane_sum(x, n):
-    lanes = np.zeros(_LANES, x.dtype)
-    n_full = n - n % _LANES
-    for j0 in range(0, n_full, _LANES):
-        for k in range(_LANES):
-            lanes[k] += x[j0 + k]
-    total = lanes.sum()
-    for j in range(n_full, n):
-        total += x[j]
-    return total
 
 
 @njit(inline="always")
@@ -60,13 +31,13 @@ def _row_stats(x, scratch):
     s = like(x[0], 0.0)
     for c0 in range(0, x.size, CHUNK):
         chunk = x[c0:c0 + CHUNK]
-        m_chunk = _lane_max(chunk)
+        m_chunk = lane_max(chunk)
         if m_chunk > m:
             s = s * exp(m - m_chunk)
             m = m_chunk
         for j in range(chunk.size):
             scratch[j] = exp(chunk[j] - m)
-        s += _lane_sum(scratch, chunk.size)
+        s += lane_sum(scratch, chunk.size)
     return m, np.log(s)
 
 

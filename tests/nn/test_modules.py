@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -67,3 +69,128 @@ def test_linear_cross_entropy_loss_is_a_linear_head():
                                              label_smoothing=0.1)
     assert rel_err(ours(hidden, target), want) < 1e-12
     assert rel_err(ours.logits(hidden), head(hidden)) < 1e-12
+
+
+# --- normalization ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,normalized", [((4, 6, 10), (10,)), ((3, 5, 4), (5, 4))], ids=str)
+def test_layer_norm_loads_a_torch_state_dict_and_matches(shape, normalized):
+    theirs = torch.nn.LayerNorm(normalized, dtype=torch.float64)
+    with torch.no_grad():
+        theirs.weight.normal_()
+        theirs.bias.normal_()
+    ours = kiln.nn.LayerNorm(normalized, dtype=torch.float64)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(shape, dtype=torch.float64)
+    assert rel_err(ours(x), theirs(x)) < 1e-12
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("module,shape", [("BatchNorm1d", (8, 5)), ("BatchNorm1d", (4, 5, 7)),
+                                          ("BatchNorm2d", (3, 5, 6, 4))], ids=str)
+def test_batch_norm_tracks_torch_through_train_and_eval(module, shape, momentum):
+    theirs = getattr(torch.nn, module)(5, momentum=momentum, dtype=torch.float64)
+    with torch.no_grad():
+        theirs.weight.normal_()
+        theirs.bias.normal_()
+    ours = getattr(kiln.nn, module)(5, momentum=momentum, dtype=torch.float64)
+    ours.load_state_dict(theirs.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1
+        assert rel_err(ours(x), theirs(x)) < 1e-12
+    for name, buf in theirs.state_dict().items():
+        assert rel_err(ours.state_dict()[name], buf) < 1e-12, name
+    ours.eval(), theirs.eval()
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    assert rel_err(ours(x), theirs(x)) < 1e-12
+
+
+def test_batch_norm_without_running_stats_uses_batch_stats_in_eval():
+    theirs = torch.nn.BatchNorm2d(3, track_running_stats=False, dtype=torch.float64).eval()
+    ours = kiln.nn.BatchNorm2d(3, track_running_stats=False, dtype=torch.float64).eval()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    assert rel_err(ours(x), theirs(x)) < 1e-12
+
+
+def test_batch_norm_module_rejects_a_wrong_rank():
+    with pytest.raises(ValueError, match="expected 4D input"):
+        kiln.nn.BatchNorm2d(3)(torch.randn(2, 3, 4))
+
+
+# --- attention -------------------------------------------------------------------------
+
+
+def _torch_mha_twin(E, H, **kwargs):
+    theirs = torch.nn.MultiheadAttention(E, H, dtype=torch.float64, **kwargs)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(std=0.3)
+    ours = kiln.nn.MultiheadAttention(E, H, dtype=torch.float64, **kwargs)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_mha_self_attention_causal_and_padding_matches_torch(batch_first):
+    ours, theirs = _torch_mha_twin(16, 4, batch_first=batch_first)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((3, 11, 16) if batch_first else (11, 3, 16), generator=g, dtype=torch.float64)
+    pad = torch.zeros(3, 11, dtype=torch.bool)
+    pad[0, 8:] = True
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(11, dtype=torch.float64)
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, _ = ours(x_ours, x_ours, x_ours, key_padding_mask=pad, attn_mask=causal)
+    ref, _ = theirs(x_theirs, x_theirs, x_theirs, key_padding_mask=pad, attn_mask=causal.isneginf(),
+                    need_weights=False)
+    assert rel_err(out, ref) < 1e-12
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    assert rel_err(x_ours.grad, x_theirs.grad) < 1e-12
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        assert rel_err(a.grad, b.grad) < 1e-12, name
+
+
+def test_mha_cross_attention_with_other_kv_dims():
+    ours, theirs = _torch_mha_twin(16, 2, kdim=6, vdim=5, batch_first=True)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 7, 16, generator=g, dtype=torch.float64)
+    k, v = torch.randn(2, 12, 6, generator=g, dtype=torch.float64), torch.randn(2, 12, 5, generator=g, dtype=torch.float64)
+    out, _ = ours(q, k, v)
+    ref, _ = theirs(q, k, v, need_weights=False)
+    assert rel_err(out, ref) < 1e-12
+
+
+def test_mha_refuses_what_it_does_not_implement():
+    mha = kiln.nn.MultiheadAttention(8, 2)
+    x = torch.randn(1, 4, 8)
+    with pytest.raises(ValueError, match="need_weights=False"):
+        mha(x, x, x, need_weights=True)
+    with pytest.raises(NotImplementedError, match="causal attn_mask"):
+        mha(x, x, x, attn_mask=torch.zeros(4, 4, dtype=torch.bool).fill_diagonal_(True))
+    with pytest.raises(NotImplementedError, match="dropout"):
+        kiln.nn.MultiheadAttention(8, 2, dropout=0.1)(x, x, x)
+
+
+def test_sinusoidal_encoding_is_the_notes_formula():
+    pe = kiln.nn.SinusoidalPositionalEncoding(6, max_len=20)
+    x = torch.zeros(2, 5, 6)
+    out = pe(x, offset=3)
+    for t in range(5):
+        for i in range(3):
+            angle = (t + 3) / 10000 ** (2 * i / 6)
+            assert abs(out[1, t, 2 * i].item() - math.sin(angle)) < 1e-6
+            assert abs(out[1, t, 2 * i + 1].item() - math.cos(angle)) < 1e-6
+    assert list(pe.state_dict()) == []
+    with pytest.raises(ValueError, match="exceed max_len 20"):
+        pe(torch.zeros(1, 30, 6))
+
+
+def test_learned_positional_embedding_adds_its_rows():
+    pe = kiln.nn.LearnedPositionalEmbedding(10, 4)
+    x = torch.randn(2, 3, 4)
+    assert torch.equal(pe(x, offset=2), x + pe.weight[2:5])

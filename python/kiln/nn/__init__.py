@@ -1,6 +1,10 @@
 """Drop-in nn.Modules built only on kiln.ops."""
 
+from .attention import LearnedPositionalEmbedding, MultiheadAttention, SinusoidalPositionalEncoding
 from .linear import MLP, Linear
 from .loss import CrossEntropyLoss, LinearCrossEntropyLoss
+from .norm import BatchNorm1d, BatchNorm2d, LayerNorm
 
-__all__ = ["Linear", "MLP", "CrossEntropyLoss", "LinearCrossEntropyLoss"]
+__all__ = ["Linear", "MLP", "CrossEntropyLoss", "LinearCrossEntropyLoss", "LayerNorm",
+           "BatchNorm1d", "BatchNorm2d", "MultiheadAttention",
+           "SinusoidalPositionalEncoding", "LearnedPositionalEmbedding"]

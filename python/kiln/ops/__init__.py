@@ -1,8 +1,14 @@
 """kiln's fused ops: autograd-aware, registered with torch.library, one file per family."""
 
+from . import attention as _attention_family
+from . import batch_norm as _batch_norm_family
 from . import cross_entropy as _cross_entropy_family
+from . import layer_norm as _layer_norm_family
 from . import linear_act as _linear_act_family
+from .attention import attention
+from .batch_norm import batch_norm
 from .cross_entropy import cross_entropy, log_softmax, softmax
+from .layer_norm import layer_norm
 from .linear_act import linear_act
 from .linear_cross_entropy import linear_cross_entropy
 
@@ -13,7 +19,11 @@ BACKEND_DTYPES = {
     "linear_act": _linear_act_family.DTYPES,
     "softmax": _cross_entropy_family.DTYPES,
     "cross_entropy": _cross_entropy_family.DTYPES,
+    "layer_norm": _layer_norm_family.DTYPES,
+    "batch_norm": _batch_norm_family.DTYPES,
+    "attention": _attention_family.DTYPES,
 }
 
 __all__ = ["linear_act", "softmax", "log_softmax", "cross_entropy", "linear_cross_entropy",
+           "layer_norm", "batch_norm", "attention",
            "BACKEND_DTYPES"]

@@ -1,0 +1,96 @@
+"""CPU form of layer_norm, numba, rows in parallel.
+
+Forward, per row while it sits in cache: the mean and the variance about it as two
+float64 lane sums (float32 sums of 5120 values near 1e4 lose the digits a row with
+std 1e-2 needs), then one pass writing y. The mean is kept in float64 (see
+kiln/ops/layer_norm.py for why): y uses it as hi + lo, two float32 parts, so that
+(x - hi) - lo stays float32 arithmetic (vectorized) yet exact near the mean.
+
+Backward: fixed row parts (_PARTS, whatever the thread count: deterministic), each
+part writes dx for its rows and adds dy * xhat and dy into its own float64 column
+partials for dweight and dbias; the partials are summed in a fixed order at the end.
+"""
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from .fastmath import like
+from .lanes import lane_dot_f64, lane_sum_f64, lane_sum_sq_dev_f64
+
+_PARTS = 16
+
+
+@njit(inline="always")
+def _split(mean, like_x):
+    hi = like(like_x, mean)
+    return hi, like(like_x, mean - hi)
+
+
+@njit(parallel=True, cache=True)
+def _forward(x, w, b, eps, y, mean, rstd):
+    M, N = x.shape
+    for i in prange(M):
+        row = x[i]
+        mu = lane_sum_f64(row) / N
+        r = 1.0 / np.sqrt(lane_sum_sq_dev_f64(row, mu) / N + eps)
+        mean[i], rstd[i] = mu, r
+        hi, lo = _split(mu, row[0])
+        r_x = like(row[0], r)
+        out = y[i]
+        for j in range(N):
+            out[j] = ((row[j] - hi) - lo) * r_x * w[j] + b[j]
+
+
+@njit(parallel=True, cache=True)
+def _backward(dy, x, w, mean, rstd, need_dx, dx, dw_parts, db_parts):
+    M, N = x.shape
+    per_part = (M + _PARTS - 1) // _PARTS
+    for p in prange(_PARTS):
+        xhat = np.empty(N, x.dtype)
+        wdy = np.empty(N, x.dtype)
+        dw_acc, db_acc = dw_parts[p], db_parts[p]
+        for i in range(p * per_part, min(M, (p + 1) * per_part)):
+            row, g = x[i], dy[i]
+            hi, lo = _split(mean[i], row[0])
+            r_x = like(row[0], rstd[i])
+            for j in range(N):
+                xhat[j] = ((row[j] - hi) - lo) * r_x
+                wdy[j] = g[j] * w[j]
+            for j in range(N):
+                dw_acc[j] += np.float64(g[j]) * xhat[j]
+                db_acc[j] += g[j]
+            if need_dx:
+                c_xhat = like(row[0], lane_dot_f64(wdy, xhat) / N)
+                c_one = like(row[0], lane_sum_f64(wdy) / N)
+                out = dx[i]
+                for j in range(N):
+                    out[j] = r_x * ((wdy[j] - xhat[j] * c_xhat) - c_one)
+
+
+def _stats_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def forward(x, weight, bias, eps: float):
+    M, N = x.shape
+    y = torch.empty_like(x)
+    mean = torch.empty(M, dtype=torch.float64)
+    rstd = torch.empty(M, dtype=_stats_dtype(x.dtype))
+    w = weight if weight is not None else x.new_ones(N)
+    b = bias if bias is not None else x.new_zeros(N)
+    _forward(x.numpy(), w.numpy(), b.numpy(), float(eps), y.numpy(), mean.numpy(), rstd.numpy())
+    return y, mean, rstd
+
+
+def backward(dy, x, weight, mean, rstd, need_dx: bool, need_dw: bool, need_db: bool):
+    M, N = x.shape
+    dx = torch.empty_like(x) if need_dx else x.new_empty((1, 1))
+    w = weight if weight is not None else x.new_ones(N)
+    dw_parts = np.zeros((_PARTS, N), np.float64)
+    db_parts = np.zeros((_PARTS, N), np.float64)
+    _backward(dy.numpy(), x.numpy(), w.numpy(), mean.numpy(), rstd.numpy(), need_dx, dx.numpy(),
+              dw_parts, db_parts)
+    dw = torch.from_numpy(dw_parts.sum(0)).to(x.dtype) if need_dw else None
+    db = torch.from_numpy(db_parts.sum(0)).to(x.dtype) if need_db else None
+    return dx if need_dx else None, dw, db

@@ -1,0 +1,201 @@
+"""layer_norm: y = (x - mean) / sqrt(var + eps) * weight + bias over the trailing dims
+(the notes, section 14.5), as torch.nn.functional.layer_norm.
+
+Forward reads each row once for its statistics (the mean, then the biased variance
+about it: never E[x^2] - E[x]^2) and once more, still on chip or in cache, to write y.
+Backward writes dx in one pass per row,
+    dx = rstd * (w dy - xhat mean(w dy xhat) - mean(w dy)),   xhat = (x - mean) rstd,
+and dweight = sum_rows dy xhat, dbias = sum_rows dy from per-block partial sums that a
+second step adds up in a fixed order (deterministic, no atomics).
+
+Saved for backward: x, weight, and per row the mean and rstd. The mean is float64 for
+every input dtype: a row near 1e4 with std 1e-2 has its mean rounded by ulp(1e4)/2 =
+5e-4 in float32, 5% of the std, and every xhat with it (torch's float32 layer_norm is off
+by 5e-2 there). The kernels use it as two float32 parts hi + lo, (x - hi) - lo, so the
+per-element arithmetic stays in the storage precision. rstd is float32 (float64 for
+float64 input).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from kiln import backend
+
+from ._checks import check_floating, check_same_device_dtype
+from ._cuda_launch import DTYPE_CODE, ptr, stream
+
+OP = "layer_norm"
+
+
+def _stats_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------
+# The pure-PyTorch reference, in float64.
+
+
+def reference_forward(x, weight, bias, eps: float):
+    xd = x.double()
+    mean = xd.mean(-1)
+    rstd = torch.rsqrt(xd.var(-1, correction=0) + eps)
+    y = (xd - mean[:, None]) * rstd[:, None]
+    if weight is not None:
+        y = y * weight.double()
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(x.dtype), mean, rstd.to(_stats_dtype(x.dtype))
+
+
+def reference_backward(dy, x, weight, mean, rstd, need_dx: bool, need_dw: bool, need_db: bool):
+    dyd, rstd = dy.double(), rstd.double()[:, None]
+    xhat = (x.double() - mean.double()[:, None]) * rstd
+    wdy = dyd * weight.double() if weight is not None else dyd
+    dx = rstd * (wdy - xhat * (wdy * xhat).mean(-1, keepdim=True) - wdy.mean(-1, keepdim=True))
+    return (dx.to(x.dtype) if need_dx else None,
+            (dyd * xhat).sum(0).to(x.dtype) if need_dw else None,
+            dyd.sum(0).to(x.dtype) if need_db else None)
+
+
+# ---------------------------------------------------------------------------------------
+# The cuda backend.
+
+
+def cuda_forward(x, weight, bias, eps: float):
+    ext = backend.cuda_extension()
+    M, N = x.shape
+    y = torch.empty_like(x)
+    mean = torch.empty(M, dtype=torch.float64, device=x.device)
+    rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+    with torch.cuda.device(x.device):
+        ext.layer_norm_forward(ptr(x), ptr(weight), ptr(bias), ptr(y), ptr(mean), ptr(rstd), M, N,
+                               float(eps), DTYPE_CODE[x.dtype], stream(x))
+    return y, mean, rstd
+
+
+def cuda_backward(dy, x, weight, mean, rstd, need_dx: bool, need_dw: bool, need_db: bool):
+    ext = backend.cuda_extension()
+    M, N = x.shape
+    dx = torch.empty_like(x) if need_dx else None
+    dw = torch.empty(N, dtype=x.dtype, device=x.device) if need_dw else None
+    db = torch.empty(N, dtype=x.dtype, device=x.device) if need_db else None
+    workspace = torch.empty(ext.layer_norm_backward_workspace(M, N), dtype=torch.float32, device=x.device)
+    with torch.cuda.device(x.device):
+        ext.layer_norm_backward(ptr(dy), ptr(x), ptr(weight), ptr(mean), ptr(rstd), ptr(dx), ptr(dw),
+                                ptr(db), ptr(workspace), M, N, DTYPE_CODE[x.dtype], stream(x))
+    return dx, dw, db
+
+
+# ---------------------------------------------------------------------------------------
+# The table of implementations.
+
+DTYPES = backend.STANDARD_DTYPES
+_KERNEL_MODULES = {"triton": "kiln.kernels.triton.layer_norm", "cpu": "kiln.kernels.cpu.layer_norm"}
+
+
+def _implementation(t: Tensor):
+    """(forward, backward) of the backend that runs layer_norm on t."""
+    name = backend.select(OP, t.device, t.dtype, DTYPES)
+    if name == "reference":
+        return reference_forward, reference_backward
+    if name == "cuda":
+        return cuda_forward, cuda_backward
+    module = importlib.import_module(_KERNEL_MODULES[name])
+    return module.forward, module.backward
+
+
+# ---------------------------------------------------------------------------------------
+# The custom ops: x is (M, N) contiguous; the public function flattens.
+
+
+@torch.library.custom_op("kiln::layer_norm", mutates_args=())
+def _layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (y, mean (float64), rstd)."""
+    forward, _ = _implementation(x)
+    return forward(x, weight, bias, eps)
+
+
+@_layer_norm.register_fake
+def _(x, weight, bias, eps):
+    M = x.shape[0]
+    return (torch.empty_like(x), x.new_empty(M, dtype=torch.float64),
+            x.new_empty(M, dtype=_stats_dtype(x.dtype)))
+
+
+@torch.library.custom_op("kiln::layer_norm_backward", mutates_args=())
+def _layer_norm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                         need_dx: bool, need_dw: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dx, dweight, dbias), each empty when not needed."""
+    _, backward = _implementation(x)
+    grads = backward(dy, x, weight, mean, rstd, need_dx, need_dw, need_db)
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+@_layer_norm_backward.register_fake
+def _(dy, x, weight, mean, rstd, need_dx, need_dw, need_db):
+    N = x.shape[1]
+    return (torch.empty_like(x) if need_dx else x.new_empty(0),
+            x.new_empty(N) if need_dw else x.new_empty(0),
+            x.new_empty(N) if need_db else x.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, _ = inputs
+    ctx.save_for_backward(x, weight, output[1], output[2])
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy, grad_mean, grad_rstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    need_dw = need_dw and weight is not None
+    need_db = need_db and ctx.has_bias
+    dx, dw, db = _layer_norm_backward(dy.contiguous(), x, weight, mean, rstd, need_dx, need_dw, need_db)
+    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None, None)
+
+
+torch.library.register_autograd("kiln::layer_norm", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------
+# The public op.
+
+
+def _shape_tuple(normalized_shape) -> tuple[int, ...]:
+    if isinstance(normalized_shape, int):
+        return (normalized_shape,)
+    return tuple(int(d) for d in normalized_shape)
+
+
+def layer_norm(x: Tensor, normalized_shape: Union[int, Sequence[int]], weight: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+    """Layer normalization over the trailing ``normalized_shape`` dims of x, as
+    ``torch.nn.functional.layer_norm``; weight and bias have shape ``normalized_shape``."""
+    check_floating(OP, x=x)
+    check_same_device_dtype(OP, x=x, weight=weight, bias=bias)
+    shape = _shape_tuple(normalized_shape)
+    if not shape or any(d < 1 for d in shape):
+        raise ValueError(f"{OP}: normalized_shape must be one or more positive sizes, got {normalized_shape}")
+    if x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
+        raise ValueError(f"{OP}: x's trailing dims must equal normalized_shape: x {tuple(x.shape)} "
+                         f"vs normalized_shape {shape}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{OP}: {name} must have shape normalized_shape {shape}, got "
+                             f"{tuple(t.shape)}")
+    if not eps >= 0:
+        raise ValueError(f"{OP}: eps must be >= 0, got {eps}")
+    N = math.prod(shape)
+    rows = x.reshape(-1, N).contiguous()
+    if rows.shape[0] == 0:
+        return x.clone()
+    y, _, _ = _layer_norm(rows, None if weight is None else weight.reshape(N).contiguous(),
+                          None if bias is None else bias.reshape(N).contiguous(), float(eps))
+    return y.reshape(x.shape)

@@ -1,0 +1,178 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kiln
+from tests.numerics import BOUND, rel_err
+
+HOST_BACKENDS = ["cpu", "reference"]
+# (N, C), (N, C, L), (N, C, H, W); channel and spatial sizes no block multiple, batch 1 with L > 1.
+SHAPES = [(2, 3), (7, 5), (4, 5, 7), (1, 3, 50), (3, 4, 5, 6), (2, 3, 17, 9)]
+
+
+def _randn(*shape, scale=1.0, offset=0.0, dtype=torch.float64, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (offset + torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def _running(C, dtype, device="cpu"):
+    return _randn(C, seed=5, dtype=dtype, device=device), (_randn(C, seed=6).abs() + 0.5).to(device=device, dtype=dtype)
+
+
+def _check(backend, shape, dtype, training=True, affine=True, device="cpu", offset=0.0, scale=1.0,
+           channels_last=False, steps=1, momentum=0.1):
+    C = shape[1]
+    w = _randn(C, seed=1, dtype=dtype, device=device) if affine else None
+    b = _randn(C, seed=2, dtype=dtype, device=device) if affine else None
+    rm, rv = _running(C, dtype, device)
+    rm64, rv64 = rm.cpu().double(), rv.cpu().double()
+    for step in range(steps):
+        x = _randn(*shape, offset=offset, scale=scale, dtype=dtype, device=device, seed=10 + step)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        dy = _randn(*shape, seed=20 + step, dtype=dtype, device=device)
+        ours = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+        theirs = [t.detach().cpu().double().clone().requires_grad_() if t is not None else None
+                  for t in (x, w, b)]
+        with kiln.backend.use(backend):
+            y = kiln.ops.batch_norm(ours[0], rm, rv, ours[1], ours[2], training, momentum)
+            y.backward(dy)
+        ref = F.batch_norm(theirs[0], rm64, rv64, theirs[1], theirs[2], training, momentum)
+        ref.backward(dy.cpu().double())
+        assert rel_err(y, ref) < BOUND[dtype], f"forward, step {step}"
+        for name, a, r in zip(("dx", "dweight", "dbias"), ours, theirs):
+            if a is not None:
+                assert rel_err(a.grad, r.grad) < BOUND[dtype], f"{name}, step {step}"
+    assert rel_err(rm, rm64) < BOUND[dtype], "running_mean"
+    assert rel_err(rv, rv64) < BOUND[dtype], "running_var"
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_matches_torch(backend, dtype, training, shape):
+    _check(backend, shape, dtype, training)
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_matches_torch_triton_interpreted(training, shape):
+    _check("triton", shape, torch.float32, training)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS + ["triton"])
+def test_running_statistics_after_several_steps(backend):
+    _check(backend, (6, 4, 9), torch.float32, steps=4, momentum=0.3)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS + ["triton"])
+def test_affine_off(backend):
+    _check(backend, (4, 3, 11), torch.float32, affine=False)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS + ["triton"])
+def test_channels_last_input(backend):
+    _check(backend, (3, 5, 4, 7), torch.float32, channels_last=True)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS + ["triton"])
+def test_large_offset_small_spread_float32(backend):
+    """Channels with mean 1e4 and std 1e-2 (torch's float32 batch_norm is off by ~2e-2)."""
+    _check(backend, (8, 3, 300), torch.float32, offset=1e4, scale=1e-2)
+
+
+def test_large_channel_cpu():
+    _check("cpu", (64, 3, 28, 28), torch.float32)
+
+
+def test_constant_channel():
+    x = torch.full((4, 2, 5), -3.5).requires_grad_()
+    with kiln.backend.use("cpu"):
+        y = kiln.ops.batch_norm(x, None, None, torch.ones(2), torch.full((2,), 0.25), training=True)
+        y.sum().backward()
+    assert torch.equal(y, torch.full_like(y, 0.25))
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_no_running_stats_in_training():
+    x = _randn(5, 3, 4)
+    with kiln.backend.use("cpu"):
+        y = kiln.ops.batch_norm(x, None, None, training=True)
+    assert rel_err(y, F.batch_norm(x, None, None, training=True)) < 1e-12
+
+
+def test_gradcheck_cpu_backend():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 2, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(2, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, generator=g, requires_grad=True)
+    with kiln.backend.use("cpu"):
+        for training in (True, False):
+            rm, rv = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+            fn = lambda *a: kiln.ops.batch_norm(a[0], rm.clone(), rv.clone(), a[1], a[2], training)
+            assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+# --- bad input ------------------------------------------------------------------------
+
+
+def test_training_with_one_value_per_channel_raises():
+    with pytest.raises(ValueError, match=r"more than 1 value per channel.*\(1, 4\)"):
+        kiln.ops.batch_norm(torch.randn(1, 4), None, None, training=True)
+
+
+def test_weight_of_the_wrong_shape_names_both():
+    with pytest.raises(ValueError, match=r"weight must have shape \(4,\) for x \(2, 4, 3\).*got \(3,\)"):
+        kiln.ops.batch_norm(torch.randn(2, 4, 3), None, None, torch.ones(3), training=True)
+
+
+def test_eval_needs_running_statistics():
+    with pytest.raises(ValueError, match="eval mode"):
+        kiln.ops.batch_norm(torch.randn(2, 4), None, None, training=False)
+
+
+def test_one_dimensional_input_is_rejected():
+    with pytest.raises(ValueError, match=r"at least 2 dims, got \(5,\)"):
+        kiln.ops.batch_norm(torch.randn(5), None, None, training=True)
+
+
+# --- torch.compile ---------------------------------------------------------------------
+
+
+def test_compile_fullgraph_cpu_backend():
+    torch._dynamo.reset()
+    x, w, b = (_randn(5, 3, 4).requires_grad_(), _randn(3, seed=1).requires_grad_(),
+               _randn(3, seed=2).requires_grad_())
+    rm, rv = _running(3, torch.float64)
+    rm_e, rv_e = rm.clone(), rv.clone()
+    fn = lambda x, w, b, rm, rv: kiln.ops.batch_norm(x, rm, rv, w, b, True).square().sum()
+    with kiln.backend.use("cpu"):
+        torch.compile(fn, fullgraph=True)(x, w, b, rm, rv).backward()
+        grads = [t.grad.clone() for t in (x, w, b)]
+        for t in (x, w, b):
+            t.grad = None
+        fn(x, w, b, rm_e, rv_e).backward()
+    for got, t in zip(grads, (x, w, b)):
+        assert rel_err(got, t.grad) < 1e-12
+    assert rel_err(rm, rm_e) < 1e-12 and rel_err(rv, rv_e) < 1e-12
+
+
+# --- GPU -------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SHAPES + [(64, 256, 28, 28)], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_matches_torch_gpu(backend, dtype, training, shape):
+    _check(backend, shape, dtype, training, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_large_offset_small_spread_gpu(backend):
+    _check(backend, (64, 8, 1000), torch.float32, device="cuda", offset=1e4, scale=1e-2)
