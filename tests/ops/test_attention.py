@@ -1,0 +1,253 @@
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kiln
+from tests.numerics import BOUND, rel_err
+
+HOST_BACKENDS = ["cpu", "reference"]
+HEAD_DIMS = [16, 32, 64, 80, 96, 128]
+
+
+def _randn(*shape, dtype=torch.float64, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def _explicit(q, k, v, causal, mask, scale):
+    """softmax(q k^T scale + mask) v written out, bottom-right causal, for masks SDPA lacks."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = q @ k.transpose(-1, -2) * scale
+    Tq, Tk = q.shape[2], k.shape[2]
+    seen = torch.ones(Tq, Tk, dtype=torch.bool).tril(Tk - Tq) if causal else torch.ones(Tq, Tk, dtype=torch.bool)
+    seen = seen[None, None] & (~mask[:, None, None, :] if mask is not None else True)
+    p = torch.softmax(s.masked_fill(~seen, -math.inf), -1).nan_to_num(0.0)
+    return p @ v
+
+
+def _err(out, ref, floor):
+    """rel_err, except that a gradient that is 0 in exact arithmetic (T = 1: dq = 0) is
+    measured against ``floor`` (the size of the upstream gradient) instead of its own noise."""
+    if not torch.isfinite(out).all():
+        return float("inf")
+    diff = (out.detach().double().cpu() - ref.detach().double().cpu()).norm().item()
+    return diff / max(ref.norm().item(), floor)
+
+
+def _check(backend, B, Hq, Hkv, Tq, Tk, D, dtype, causal=False, mask=None, device="cpu", oracle="sdpa",
+           bound=None):
+    bound = BOUND[dtype] if bound is None else bound
+    q = _randn(B, Hq, Tq, D, dtype=dtype, device=device, seed=1)
+    k = _randn(B, Hkv, Tk, D, dtype=dtype, device=device, seed=2)
+    v = _randn(B, Hkv, Tk, D, dtype=dtype, device=device, seed=3)
+    do = _randn(B, Hq, Tq, D, dtype=dtype, device=device, seed=4)
+    ours = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    theirs = [t.detach().cpu().double().clone().requires_grad_() for t in (q, k, v)]
+    with kiln.backend.use(backend):
+        out = kiln.ops.attention(*ours, causal=causal, key_padding_mask=None if mask is None else mask.to(device))
+        out.backward(do)
+    scale = 1 / math.sqrt(D)
+    if oracle == "sdpa":
+        ref = F.scaled_dot_product_attention(*theirs, is_causal=causal, enable_gqa=Hq != Hkv)
+    else:
+        ref = _explicit(*theirs, causal, mask, scale)
+    ref.backward(do.cpu().double())
+    assert rel_err(out, ref) < bound, "forward"
+    # With one key, p = 1 and dq = p (dp - delta) k = 0 exactly: measure its noise against do.
+    floor = do.double().norm().item() if Tk == 1 else 0.0
+    for name, a, r in zip(("dq", "dk", "dv"), ours, theirs):
+        assert _err(a.grad, r.grad, floor) < bound, name
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("T", [1, 17, 129, 1000], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_self_attention_matches_sdpa(backend, dtype, causal, T):
+    _check(backend, 2, 2, 2, T, T, 32, dtype, causal)
+
+
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_every_head_dim(backend, D):
+    _check(backend, 1, 2, 2, 37, 37, D, torch.float32, causal=True)
+
+
+@pytest.mark.parametrize("Tq,Tk", [(5, 33), (33, 5), (129, 300)], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_cross_attention_causal_bottom_right(backend, causal, Tq, Tk):
+    _check(backend, 2, 2, 2, Tq, Tk, 16, torch.float64, causal, oracle="explicit")
+
+
+@pytest.mark.parametrize("Hkv", [1, 2])
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_grouped_query_attention(backend, Hkv):
+    _check(backend, 2, 4, Hkv, 40, 40, 16, torch.float64, causal=True)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_key_padding_mask_with_a_fully_masked_row(backend, causal):
+    mask = torch.rand(3, 45, generator=torch.Generator().manual_seed(7)) < 0.4
+    mask[1] = True  # batch 1 sees nothing: zeros, never NaN
+    _check(backend, 3, 2, 1, 45, 45, 16, torch.float64, causal, mask=mask, oracle="explicit")
+
+
+def test_fully_masked_rows_are_zero_with_zero_grads():
+    q, k, v = (_randn(1, 1, 4, 16, seed=s).requires_grad_() for s in (1, 2, 3))
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    with kiln.backend.use("cpu"):
+        out = kiln.ops.attention(q, k, v, key_padding_mask=mask)
+        out.sum().backward()
+    assert torch.equal(out, torch.zeros_like(out))
+    for t in (q, k, v):
+        assert torch.equal(t.grad, torch.zeros_like(t))
+
+
+def test_cpu_blocks_smaller_than_the_sequence(monkeypatch):
+    """Several query and key blocks, causal blocks skipped, with the online rescaling."""
+    from kiln.kernels.cpu import attention as cpu_attention
+
+    monkeypatch.setattr(cpu_attention, "BLOCK_Q", 16)
+    monkeypatch.setattr(cpu_attention, "BLOCK_K", 24)
+    for causal in (False, True):
+        _check("cpu", 1, 2, 1, 70, 101, 16, torch.float64, causal, oracle="explicit")
+
+
+def test_large_scores_stay_finite():
+    q = _randn(1, 2, 50, 32) * 30
+    k = _randn(1, 2, 50, 32, seed=2) * 30  # scores up to ~1e3 / sqrt(32)
+    v = _randn(1, 2, 50, 32, seed=3)
+    with kiln.backend.use("cpu"):
+        out = kiln.ops.attention(q.float(), k.float(), v.float())
+    ref = F.scaled_dot_product_attention(q, k, v)
+    assert rel_err(out, ref) < 1e-4  # scores of 1e3 in float32 carry ~6e-5 relative rounding
+
+
+def test_gradcheck_cpu_backend():
+    q, k, v = (_randn(1, 2, 6, 4, seed=s).requires_grad_() for s in (1, 2, 3))
+    mask = torch.tensor([[False, True, False, False, False, True]])
+    with kiln.backend.use("cpu"):
+        assert torch.autograd.gradcheck(lambda *a: kiln.ops.attention(*a, causal=True, key_padding_mask=mask),
+                                        (q, k, v))
+
+
+def test_non_contiguous_inputs():
+    q = _randn(2, 9, 3, 16).transpose(1, 2)  # (B, T, H, D) viewed as (B, H, T, D)
+    k, v = _randn(2, 9, 3, 16, seed=2).transpose(1, 2), _randn(2, 9, 3, 16, seed=3).transpose(1, 2)
+    with kiln.backend.use("cpu"):
+        out = kiln.ops.attention(q, k, v, causal=True)
+    assert rel_err(out, F.scaled_dot_product_attention(q, k, v, is_causal=True)) < 1e-12
+
+
+_PEAK_SCRIPT = textwrap.dedent("""
+    import resource, sys, torch
+    import kiln
+    T = int(sys.argv[1])
+    q, k, v = (torch.randn(1, 1, T, 16, requires_grad=True) for _ in range(3))
+    with kiln.backend.use("cpu"):
+        kiln.ops.attention(q[:, :, :8], k[:, :, :8], v[:, :, :8]).sum().backward()  # compile numba first
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        kiln.ops.attention(q, k, v, causal=True).sum().backward()
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+""")
+
+
+def test_no_t_by_t_buffer_at_t_8192():
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, "8192"], capture_output=True, text=True,
+                         check=True, env=env)
+    peak = int(out.stdout.strip().splitlines()[-1])
+    t_by_t = 8192 * 8192 * 4  # 256 MiB for one float32 score matrix
+    assert peak < t_by_t / 8, f"peak extra memory {peak / 2**20:.1f} MiB"
+
+
+# --- bad input ------------------------------------------------------------------------
+
+
+def test_heads_must_divide():
+    with pytest.raises(ValueError, match=r"heads must divide q heads.*\(1, 3, 4, 8\) has 3, k \(1, 2, 4, 8\) has 2"):
+        kiln.ops.attention(torch.randn(1, 3, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8))
+
+
+def test_head_dims_must_match():
+    with pytest.raises(ValueError, match=r"q \(1, 2, 4, 8\) vs k \(1, 2, 4, 16\)"):
+        kiln.ops.attention(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16))
+
+
+def test_padding_mask_shape_and_dtype():
+    q = torch.randn(2, 1, 4, 8)
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(batch, Tk\) = \(2, 4\), got \(2, 5\)"):
+        kiln.ops.attention(q, q, q, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="key_padding_mask must be bool"):
+        kiln.ops.attention(q, q, q, key_padding_mask=torch.zeros(2, 4))
+
+
+def test_dropout_is_refused_not_ignored():
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        kiln.ops.attention(q, q, q, dropout_p=0.1)
+
+
+# --- torch.compile ---------------------------------------------------------------------
+
+
+def test_compile_fullgraph_cpu_backend():
+    torch._dynamo.reset()
+    q, k, v = (_randn(1, 2, 9, 16, seed=s).requires_grad_() for s in (1, 2, 3))
+    fn = lambda q, k, v: kiln.ops.attention(q, k, v, causal=True).square().sum()
+    with kiln.backend.use("cpu"):
+        torch.compile(fn, fullgraph=True)(q, k, v).backward()
+        grads = [t.grad.clone() for t in (q, k, v)]
+        for t in (q, k, v):
+            t.grad = None
+        fn(q, k, v).backward()
+    for got, t in zip(grads, (q, k, v)):
+        assert rel_err(got, t.grad) < 1e-12
+
+
+# --- Triton (interpreted on CPU) and GPU -------------------------------------------------
+
+
+@pytest.mark.parametrize("case", [(1, 2, 2, 17, 17, 16, False), (1, 2, 1, 33, 5, 16, True),
+                                  (1, 2, 2, 5, 33, 80, True), (1, 2, 2, 70, 70, 64, True)], ids=str)
+def test_triton_interpreted(case):
+    *shape, causal = case
+    _check("triton", *shape, torch.float32, causal, oracle="explicit")
+
+
+def test_triton_interpreted_padding_mask():
+    mask = torch.rand(2, 20, generator=torch.Generator().manual_seed(7)) < 0.4
+    mask[1] = True
+    _check("triton", 2, 2, 1, 20, 20, 16, torch.float32, True, mask=mask, oracle="explicit")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("T", [1, 17, 129, 1000], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_matches_sdpa_gpu(backend, dtype, causal, T, D):
+    # float32 dots may run in tf32 (DESIGN.md: 1e-3 there)
+    bound = 1e-3 if dtype == torch.float32 else None
+    _check(backend, 2, 4, 2, T, T, D, dtype, causal, device="cuda", bound=bound)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cross_attention_and_padding_gpu(backend, dtype):
+    bound = 1e-3 if dtype == torch.float32 else None
+    mask = torch.rand(3, 300, generator=torch.Generator().manual_seed(7)) < 0.4
+    mask[1] = True
+    _check(backend, 3, 4, 1, 129, 300, 64, dtype, True, mask=mask, device="cuda", oracle="explicit", bound=bound)
