@@ -4,7 +4,9 @@ from .attention import LearnedPositionalEmbedding, MultiheadAttention, Sinusoida
 from .linear import MLP, Linear
 from .loss import CrossEntropyLoss, LinearCrossEntropyLoss
 from .norm import BatchNorm1d, BatchNorm2d, LayerNorm
+from .rnn import GRU, LSTM, GRUCell, LSTMCell
 
 __all__ = ["Linear", "MLP", "CrossEntropyLoss", "LinearCrossEntropyLoss", "LayerNorm",
            "BatchNorm1d", "BatchNorm2d", "MultiheadAttention",
-           "SinusoidalPositionalEncoding", "LearnedPositionalEmbedding"]
+           "SinusoidalPositionalEncoding", "LearnedPositionalEmbedding", "LSTM", "GRU",
+           "LSTMCell", "GRUCell"]

@@ -5,12 +5,14 @@ from . import batch_norm as _batch_norm_family
 from . import cross_entropy as _cross_entropy_family
 from . import layer_norm as _layer_norm_family
 from . import linear_act as _linear_act_family
+from . import rnn as _rnn_family
 from .attention import attention
 from .batch_norm import batch_norm
 from .cross_entropy import cross_entropy, log_softmax, softmax
 from .layer_norm import layer_norm
 from .linear_act import linear_act
 from .linear_cross_entropy import linear_cross_entropy
+from .rnn import gru, gru_cell, lstm, lstm_cell
 
 # op name (as kiln.backend.use(..., ops=[...]) takes it) -> {backend: dtypes it covers};
 # what `kiln info` and the dispatcher consult. linear_cross_entropy runs on the kernels
@@ -22,8 +24,10 @@ BACKEND_DTYPES = {
     "layer_norm": _layer_norm_family.DTYPES,
     "batch_norm": _batch_norm_family.DTYPES,
     "attention": _attention_family.DTYPES,
+    "lstm": _rnn_family.DTYPES,
+    "gru": _rnn_family.DTYPES,
 }
 
 __all__ = ["linear_act", "softmax", "log_softmax", "cross_entropy", "linear_cross_entropy",
            "layer_norm", "batch_norm", "attention",
-           "BACKEND_DTYPES"]
+           "lstm", "gru", "lstm_cell", "gru_cell", "BACKEND_DTYPES"]

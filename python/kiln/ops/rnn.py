@@ -1,0 +1,314 @@
+"""LSTM and GRU (the notes, section 16): fused cells and whole-sequence layers, torch's
+gate order and weight layout (LSTM [i|f|g|o], GRU [r|z|n]).
+
+A layer runs in two parts. The input projection of every time step is one large GEMM
+up front, gx = x W_ih^T + b (kiln.ops.linear_act, autograd through it gives dx, dW_ih and
+the biases). The recurrence then runs step by step with a fused step kernel: the
+recurrent GEMM h_{t-1} W_hh^T plus the gate nonlinearities and the state update in one
+pass (Triton: in the GEMM's epilogue; cpu: MKL GEMM + one numba pass). Backward walks the
+steps in reverse with the fused step backward (pointwise gate gradients + the GEMM
+through W_hh) and forms dW_hh = sum_t dpre_t^T h_{t-1} as one GEMM over all steps at
+the end. A persistent GPU kernel that keeps W_hh on chip across steps is not written
+yet: each step is one launch.
+
+Saved for backward, per step: LSTM the activated gates (4H) and the cell state; GRU
+r, z, n and the n-part of h W_hh^T + b_hh (4H); plus the hidden states, which are
+outputs anyway. The state is float32 (float64 for float64) whatever the weights' dtype.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from kiln import backend
+
+from ._checks import check_floating, check_same_device_dtype
+from .linear_act import linear_act
+
+# ---------------------------------------------------------------------------------------
+# The pure-PyTorch reference of one step (same signatures as the kernel modules).
+
+
+def lstm_step_forward(gx, h, c, w_hh):
+    pre = gx + h @ w_hh.t().to(h.dtype)
+    i, f, g, o = pre.chunk(4, 1)
+    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    c_next = f * c + i * g
+    return o * torch.tanh(c_next), c_next, torch.cat([i, f, g, o], 1)
+
+
+def lstm_step_backward(dh_next, dc_next, gates, c, c_next, w_hh):
+    i, f, g, o = gates.chunk(4, 1)
+    tc = torch.tanh(c_next)
+    dc_tot = dc_next + dh_next * o * (1 - tc * tc)
+    dpre = torch.cat([dc_tot * g * i * (1 - i), dc_tot * c * f * (1 - f), dc_tot * i * (1 - g * g),
+                      dh_next * tc * o * (1 - o)], 1)
+    return dpre, dpre @ w_hh.to(dpre.dtype), dc_tot * f
+
+
+def gru_step_forward(gx, h, w_hh, b_hh):
+    gh = h @ w_hh.t().to(h.dtype)
+    if b_hh is not None:
+        gh = gh + b_hh.to(h.dtype)
+    (xr, xz, xn), (hr, hz, hn) = gx.chunk(3, 1), gh.chunk(3, 1)
+    r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+    n = torch.tanh(xn + r * hn)
+    return (1 - z) * n + z * h, torch.cat([r, z, n, hn], 1)
+
+
+def gru_step_backward(dh_next, saved, h, w_hh):
+    r, z, n, hn = saved.chunk(4, 1)
+    dn = dh_next * (1 - z) * (1 - n * n)
+    dz = dh_next * (h - n) * z * (1 - z)
+    dr = dn * hn * r * (1 - r)
+    dgh = torch.cat([dr, dz, dn * r], 1)
+    return torch.cat([dr, dz, dn], 1), dgh, dh_next * z + dgh @ w_hh.to(dgh.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# The table of implementations (no CUDA C++ form yet).
+
+DTYPES = {name: dtypes for name, dtypes in backend.STANDARD_DTYPES.items() if name != "cuda"}
+_KERNEL_MODULES = {"triton": "kiln.kernels.triton.rnn", "cpu": "kiln.kernels.cpu.rnn"}
+
+
+def _implementation(op: str, t: Tensor):
+    name = backend.select(op, t.device, t.dtype, DTYPES)
+    if name == "reference":
+        return importlib.import_module(__name__)
+    return importlib.import_module(_KERNEL_MODULES[name])
+
+
+def _state_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------
+# The custom ops: one direction of one layer over T steps, (T, B, .) contiguous.
+
+
+@torch.library.custom_op("kiln::lstm_sequence", mutates_args=())
+def _lstm_sequence(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """gx (T, B, 4H), h0, c0 (B, H) state dtype -> (h_all, c_all (T, B, H), gates (T, B, 4H))."""
+    kernels = _implementation("lstm", w_hh)
+    T = gx.shape[0]
+    h_all, c_all = h0.new_empty((T, *h0.shape)), c0.new_empty((T, *c0.shape))
+    gates = torch.empty_like(gx)
+    h, c = h0, c0
+    for t in range(T):
+        h, c, gates[t] = kernels.lstm_step_forward(gx[t], h, c, w_hh)
+        h_all[t], c_all[t] = h, c
+    return h_all, c_all, gates
+
+
+@_lstm_sequence.register_fake
+def _(gx, h0, c0, w_hh):
+    T = gx.shape[0]
+    return h0.new_empty((T, *h0.shape)), c0.new_empty((T, *c0.shape)), torch.empty_like(gx)
+
+
+@torch.library.custom_op("kiln::lstm_sequence_backward", mutates_args=())
+def _lstm_sequence_backward(dh_all: Tensor, dc_all: Tensor, gates: Tensor, h0: Tensor, c0: Tensor,
+                            h_all: Tensor, c_all: Tensor, w_hh: Tensor
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (dgx (T, B, 4H), dh0, dc0, dw_hh)."""
+    kernels = _implementation("lstm", w_hh)
+    T = gates.shape[0]
+    dpre_all = torch.empty_like(gates)
+    dh, dc = torch.zeros_like(h0), torch.zeros_like(c0)
+    for t in reversed(range(T)):
+        c_prev = c0 if t == 0 else c_all[t - 1]
+        dpre_all[t], dh, dc = kernels.lstm_step_backward(dh_all[t] + dh, dc_all[t] + dc, gates[t], c_prev,
+                                                         c_all[t], w_hh)
+    h_prev = torch.cat([h0[None], h_all[:-1]]).reshape(-1, h0.shape[1])
+    dw_hh = dpre_all.reshape(-1, gates.shape[2]).t() @ h_prev
+    return dpre_all, dh, dc, dw_hh.to(w_hh.dtype)
+
+
+@_lstm_sequence_backward.register_fake
+def _(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh):
+    return torch.empty_like(gates), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(w_hh)
+
+
+def _lstm_setup(ctx, inputs, output):
+    _, h0, c0, w_hh = inputs
+    h_all, c_all, gates = output
+    ctx.save_for_backward(gates, h0, c0, h_all, c_all, w_hh)
+
+
+def _lstm_grad(ctx, dh_all, dc_all, dgates):
+    gates, h0, c0, h_all, c_all, w_hh = ctx.saved_tensors
+    dh_all = torch.zeros_like(h_all) if dh_all is None else dh_all.contiguous()
+    dc_all = torch.zeros_like(c_all) if dc_all is None else dc_all.contiguous()
+    return _lstm_sequence_backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh)
+
+
+torch.library.register_autograd("kiln::lstm_sequence", _lstm_grad, setup_context=_lstm_setup)
+
+
+@torch.library.custom_op("kiln::gru_sequence", mutates_args=())
+def _gru_sequence(gx: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """gx (T, B, 3H), h0 (B, H) -> (h_all (T, B, H), saved (T, B, 4H))."""
+    kernels = _implementation("gru", w_hh)
+    T, B, H = gx.shape[0], h0.shape[0], h0.shape[1]
+    h_all, saved = h0.new_empty((T, B, H)), h0.new_empty((T, B, 4 * H))
+    h = h0
+    for t in range(T):
+        h, saved[t] = kernels.gru_step_forward(gx[t], h, w_hh, b_hh)
+        h_all[t] = h
+    return h_all, saved
+
+
+@_gru_sequence.register_fake
+def _(gx, h0, w_hh, b_hh):
+    T, B, H = gx.shape[0], h0.shape[0], h0.shape[1]
+    return h0.new_empty((T, B, H)), h0.new_empty((T, B, 4 * H))
+
+
+@torch.library.custom_op("kiln::gru_sequence_backward", mutates_args=())
+def _gru_sequence_backward(dh_all: Tensor, saved: Tensor, h0: Tensor, h_all: Tensor, w_hh: Tensor,
+                           need_db: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (dgx (T, B, 3H), dh0, dw_hh, db_hh (empty unless need_db))."""
+    kernels = _implementation("gru", w_hh)
+    T, H = saved.shape[0], h0.shape[1]
+    dgx_all = saved.new_empty((T, h0.shape[0], 3 * H))
+    dgh_all = torch.empty_like(dgx_all)
+    dh = torch.zeros_like(h0)
+    for t in reversed(range(T)):
+        h_prev = h0 if t == 0 else h_all[t - 1]
+        dgx_all[t], dgh_all[t], dh = kernels.gru_step_backward(dh_all[t] + dh, saved[t], h_prev, w_hh)
+    h_prev = torch.cat([h0[None], h_all[:-1]]).reshape(-1, H)
+    dgh = dgh_all.reshape(-1, 3 * H)
+    db = dgh.sum(0).to(w_hh.dtype) if need_db else h0.new_empty(0)
+    return dgx_all, dh, (dgh.t() @ h_prev).to(w_hh.dtype), db
+
+
+@_gru_sequence_backward.register_fake
+def _(dh_all, saved, h0, h_all, w_hh, need_db):
+    T, B, H = saved.shape[0], h0.shape[0], h0.shape[1]
+    return (h0.new_empty((T, B, 3 * H)), torch.empty_like(h0), torch.empty_like(w_hh),
+            w_hh.new_empty(3 * H) if need_db else h0.new_empty(0))
+
+
+def _gru_setup(ctx, inputs, output):
+    _, h0, w_hh, b_hh = inputs
+    h_all, saved = output
+    ctx.save_for_backward(saved, h0, h_all, w_hh)
+    ctx.has_bias = b_hh is not None
+
+
+def _gru_grad(ctx, dh_all, dsaved):
+    saved, h0, h_all, w_hh = ctx.saved_tensors
+    dh_all = torch.zeros_like(h_all) if dh_all is None else dh_all.contiguous()
+    need_db = ctx.has_bias and ctx.needs_input_grad[3]
+    dgx, dh0, dw_hh, db = _gru_sequence_backward(dh_all, saved, h0, h_all, w_hh, need_db)
+    return dgx, dh0, dw_hh, db if need_db else None
+
+
+torch.library.register_autograd("kiln::gru_sequence", _gru_grad, setup_context=_gru_setup)
+
+
+# ---------------------------------------------------------------------------------------
+# The public ops.
+
+
+def _check_weights(op, x, w_ih, w_hh, b_ih, b_hh, gates):
+    check_floating(op, x=x, w_ih=w_ih, w_hh=w_hh)
+    check_same_device_dtype(op, x=x, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
+    if w_hh.dim() != 2 or w_hh.shape[0] != gates * w_hh.shape[1]:
+        raise ValueError(f"{op}: w_hh must be ({gates} * hidden, hidden), got {tuple(w_hh.shape)}")
+    H = w_hh.shape[1]
+    if w_ih.dim() != 2 or w_ih.shape[0] != gates * H or w_ih.shape[1] != x.shape[-1]:
+        raise ValueError(f"{op}: w_ih must be ({gates} * hidden, input) = ({gates * H}, {x.shape[-1]}) "
+                         f"for x {tuple(x.shape)} and w_hh {tuple(w_hh.shape)}, got {tuple(w_ih.shape)}")
+    for name, b in (("b_ih", b_ih), ("b_hh", b_hh)):
+        if b is not None and tuple(b.shape) != (gates * H,):
+            raise ValueError(f"{op}: {name} must have shape ({gates * H},), got {tuple(b.shape)}")
+    return H
+
+
+def _check_state(op, name, s, B, H, x):
+    if tuple(s.shape) != (B, H):
+        raise ValueError(f"{op}: {name} must have shape (batch, hidden) = {(B, H)}, got {tuple(s.shape)}")
+    if s.device != x.device:
+        raise ValueError(f"{op}: {name} is on {s.device} but x is on {x.device}")
+
+
+def _input_projection(x, w_ih, bias):
+    """gx = x W_ih^T + bias for every step at once: (T, B, in) -> (T, B, G*H), state dtype."""
+    return linear_act(x, w_ih, bias, "identity").to(_state_dtype(x.dtype)).contiguous()
+
+
+def _sum_biases(b_ih, b_hh):
+    if b_ih is None:
+        return b_hh
+    return b_ih if b_hh is None else b_ih + b_hh
+
+
+def lstm(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
+         b_hh: Optional[Tensor] = None, reverse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer, one direction, over x (T, B, input): returns (out (T, B, H), h_n, c_n).
+    ``reverse`` runs the steps from T-1 down to 0 (the backward direction of a
+    bidirectional layer); out stays in time order."""
+    op = "lstm"
+    if x.dim() != 3:
+        raise ValueError(f"{op}: x must be (T, batch, input), got {tuple(x.shape)}")
+    H = _check_weights(op, x, w_ih, w_hh, b_ih, b_hh, 4)
+    B = x.shape[1]
+    _check_state(op, "h0", h0, B, H, x)
+    _check_state(op, "c0", c0, B, H, x)
+    if reverse:
+        x = x.flip(0)
+    gx = _input_projection(x, w_ih, _sum_biases(b_ih, b_hh))
+    sd = _state_dtype(x.dtype)
+    h_all, c_all, _ = _lstm_sequence(gx, h0.to(sd).contiguous(), c0.to(sd).contiguous(), w_hh.contiguous())
+    out = h_all.flip(0) if reverse else h_all
+    return out.to(x.dtype), h_all[-1].to(x.dtype), c_all[-1].to(x.dtype)
+
+
+def gru(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
+        b_hh: Optional[Tensor] = None, reverse: bool = False) -> tuple[Tensor, Tensor]:
+    """One GRU layer, one direction, over x (T, B, input): returns (out (T, B, H), h_n)."""
+    op = "gru"
+    if x.dim() != 3:
+        raise ValueError(f"{op}: x must be (T, batch, input), got {tuple(x.shape)}")
+    H = _check_weights(op, x, w_ih, w_hh, b_ih, b_hh, 3)
+    _check_state(op, "h0", h0, x.shape[1], H, x)
+    if reverse:
+        x = x.flip(0)
+    gx = _input_projection(x, w_ih, b_ih)
+    sd = _state_dtype(x.dtype)
+    h_all, _ = _gru_sequence(gx, h0.to(sd).contiguous(), w_hh.contiguous(),
+                             None if b_hh is None else b_hh.contiguous())
+    out = h_all.flip(0) if reverse else h_all
+    return out.to(x.dtype), h_all[-1].to(x.dtype)
+
+
+def _cell_batch(op, x):
+    if x.dim() not in (1, 2):
+        raise ValueError(f"{op}: x must be (batch, input) or (input,), got {tuple(x.shape)}")
+    return x.dim() == 1
+
+
+def lstm_cell(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
+              b_hh: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """One LSTM step as torch.nn.LSTMCell: x (B, input), h, c (B, H) -> (h_next, c_next)."""
+    unbatched = _cell_batch("lstm_cell", x)
+    if unbatched:
+        x, h, c = x[None], h[None], c[None]
+    _, h_n, c_n = lstm(x[None], h, c, w_ih, w_hh, b_ih, b_hh)
+    return (h_n[0], c_n[0]) if unbatched else (h_n, c_n)
+
+
+def gru_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
+             b_hh: Optional[Tensor] = None) -> Tensor:
+    """One GRU step as torch.nn.GRUCell: x (B, input), h (B, H) -> h_next."""
+    unbatched = _cell_batch("gru_cell", x)
+    if unbatched:
+        x, h = x[None], h[None]
+    _, h_n = gru(x[None], h, w_ih, w_hh, b_ih, b_hh)
+    return h_n[0] if unbatched else h_n

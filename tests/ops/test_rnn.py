@@ -1,0 +1,185 @@
+import pytest
+import torch
+
+import kiln
+from tests.numerics import BOUND, rel_err
+
+HOST_BACKENDS = ["cpu", "reference"]
+
+
+def _twins(kind, dtype, device="cpu", **kwargs):
+    """A torch module in float64 and kiln's twin holding the same weights in ``dtype``."""
+    theirs = getattr(torch.nn, kind)(dtype=torch.float64, **kwargs)
+    ours = getattr(kiln.nn, kind)(dtype=torch.float64, **kwargs)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    return ours.to(device=device, dtype=dtype), theirs
+
+
+def _grads_match(ours, theirs, dtype):
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        assert rel_err(a.grad, b.grad) < BOUND[dtype], name
+
+
+def _check_layer(backend, kind, T, B, I, H, layers, bidirectional, batch_first, dtype, device="cpu", bound=None):
+    bound = BOUND[dtype] if bound is None else bound
+    ours, theirs = _twins(kind, dtype, device, input_size=I, hidden_size=H, num_layers=layers,
+                          bidirectional=bidirectional, batch_first=batch_first)
+    g = torch.Generator().manual_seed(0)
+    D = 2 if bidirectional else 1
+    x = torch.randn((B, T, I) if batch_first else (T, B, I), generator=g, dtype=torch.float64)
+    states = [torch.randn(layers * D, B, H, generator=g, dtype=torch.float64) for _ in range(2 if kind == "LSTM" else 1)]
+    x_o, x_t = x.to(device, dtype, copy=True).requires_grad_(), x.clone().requires_grad_()
+    s_o = [s.to(device, dtype, copy=True).requires_grad_() for s in states]
+    s_t = [s.clone().requires_grad_() for s in states]
+    with kiln.backend.use(backend):
+        out, fin = ours(x_o, tuple(s_o) if kind == "LSTM" else s_o[0])
+    ref, fin_ref = theirs(x_t, tuple(s_t) if kind == "LSTM" else s_t[0])
+    fin, fin_ref = (list(fin), list(fin_ref)) if kind == "LSTM" else ([fin], [fin_ref])
+    assert rel_err(out, ref) < bound, "output"
+    for a, b in zip(fin, fin_ref):
+        assert rel_err(a, b) < bound, "final state"
+    # a loss touching the output and every final state
+    w = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    loss = lambda o, f: (o * w.to(o.device, o.dtype)).sum() + sum(s.square().sum() for s in f)
+    with kiln.backend.use(backend):
+        loss(out, fin).backward()
+    loss(ref, fin_ref).backward()
+    assert rel_err(x_o.grad, x_t.grad) < bound, "dx"
+    for a, b in zip(s_o, s_t):
+        assert rel_err(a.grad, b.grad) < bound, "d initial state"
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        assert rel_err(a.grad, b.grad) < bound, name
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("T", [1, 37])
+@pytest.mark.parametrize("layers,bidirectional,batch_first", [(1, False, False), (2, True, True), (3, True, False)],
+                         ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_layers_match_torch(backend, kind, dtype, layers, bidirectional, batch_first, T):
+    _check_layer(backend, kind, T, 3, 5, 7, layers, bidirectional, batch_first, dtype)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_wide_hidden_cpu(kind):
+    _check_layer("cpu", kind, 9, 4, 33, 129, 1, True, True, torch.float32)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell"])
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_cells_match_torch(backend, kind, bias):
+    ours, theirs = _twins(kind, torch.float64, input_size=6, hidden_size=11, bias=bias)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    states = [torch.randn(4, 11, generator=g, dtype=torch.float64) for _ in range(2 if kind == "LSTMCell" else 1)]
+    xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+    so, st = [s.clone().requires_grad_() for s in states], [s.clone().requires_grad_() for s in states]
+    with kiln.backend.use(backend):
+        out = ours(xo, tuple(so) if kind == "LSTMCell" else so[0])
+    ref = theirs(xt, tuple(st) if kind == "LSTMCell" else st[0])
+    out, ref = (list(out), list(ref)) if kind == "LSTMCell" else ([out], [ref])
+    for a, b in zip(out, ref):
+        assert rel_err(a, b) < 1e-12
+    sum(o.square().sum() for o in out).backward()
+    sum(r.square().sum() for r in ref).backward()
+    for a, b in zip([xo, *so], [xt, *st]):
+        assert rel_err(a.grad, b.grad) < 1e-12
+    _grads_match(ours, theirs, torch.float64)
+
+
+def test_unbatched_and_default_states():
+    ours, theirs = _twins("GRU", torch.float64, input_size=3, hidden_size=4, num_layers=2)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    out, h = ours(x)
+    ref, h_ref = theirs(x)
+    assert out.shape == ref.shape and rel_err(out, ref) < 1e-12 and rel_err(h, h_ref) < 1e-12
+
+
+def test_dropout_between_layers_is_applied_in_training():
+    lstm = kiln.nn.LSTM(4, 5, num_layers=2, dropout=0.5).double()
+    x = torch.randn(7, 2, 4, dtype=torch.float64)
+    torch.manual_seed(0)
+    a, _ = lstm(x)
+    torch.manual_seed(1)
+    b, _ = lstm(x)
+    assert not torch.equal(a, b)  # different dropout masks
+    lstm.eval()
+    assert torch.equal(lstm(x)[0], lstm(x)[0])
+
+
+def test_gradcheck_cpu_backend():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 2, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    h0, c0 = (torch.randn(2, 5, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    w_ih = torch.randn(20, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    w_hh = torch.randn(20, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(20, dtype=torch.float64, generator=g, requires_grad=True)
+    with kiln.backend.use("cpu"):
+        assert torch.autograd.gradcheck(lambda *a: kiln.ops.lstm(*a, reverse=True)[0], (x, h0, c0, w_ih, w_hh, b))
+        assert torch.autograd.gradcheck(lambda x, h, wi, wh, b: kiln.ops.gru(x, h, wi, wh[:15], b[:15], b[5:])[0],
+                                        (x, h0, w_ih[:15], w_hh, b))
+
+
+# --- bad input ------------------------------------------------------------------------
+
+
+def test_weight_shapes_are_named():
+    x, h = torch.randn(3, 2, 4), torch.zeros(2, 5)
+    with pytest.raises(ValueError, match=r"w_ih must be \(4 \* hidden, input\) = \(20, 4\).*got \(20, 3\)"):
+        kiln.ops.lstm(x, h, h, torch.randn(20, 3), torch.randn(20, 5))
+    with pytest.raises(ValueError, match=r"w_hh must be \(3 \* hidden, hidden\), got \(20, 5\)"):
+        kiln.ops.gru(x, h, torch.randn(15, 4), torch.randn(20, 5))
+    with pytest.raises(ValueError, match=r"h0 must have shape \(batch, hidden\) = \(2, 5\), got \(3, 5\)"):
+        kiln.ops.gru(x, torch.zeros(3, 5), torch.randn(15, 4), torch.randn(15, 5))
+
+
+def test_module_refuses_proj_size_and_packed_sequences():
+    with pytest.raises(NotImplementedError, match="proj_size"):
+        kiln.nn.LSTM(3, 4, proj_size=2)(torch.randn(5, 1, 3))
+    packed = torch.nn.utils.rnn.pack_sequence([torch.randn(3, 3), torch.randn(2, 3)])
+    with pytest.raises(NotImplementedError, match="PackedSequence"):
+        kiln.nn.GRU(3, 4)(packed)
+
+
+# --- torch.compile ---------------------------------------------------------------------
+
+
+def test_compile_fullgraph_cpu_backend():
+    """The ops trace without a graph break. (Dynamo refuses nn.RNNBase subclasses, kiln's
+    LSTM/GRU modules included, unless torch._dynamo.config.allow_rnn is set.)"""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, generator=g)
+    h0 = torch.randn(2, 4, dtype=torch.float64, generator=g)
+    params = [torch.randn(shape, dtype=torch.float64, generator=g).requires_grad_()
+              for shape in ((16, 3), (16, 4), (16,), (12, 4), (12, 4), (12,))]
+
+    def fn(x, h0, wi, wh, b, gwi, gwh, gb):
+        out, h, c = kiln.ops.lstm(x, h0, h0, wi, wh, b, reverse=True)
+        out2, _ = kiln.ops.gru(out, h, gwi, gwh, gb, gb)
+        return out2.square().sum() + c.sum()
+
+    with kiln.backend.use("cpu"):
+        torch.compile(fn, fullgraph=True)(x, h0, *params).backward()
+        grads = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        fn(x, h0, *params).backward()
+    for a, p in zip(grads, params):
+        assert rel_err(a, p.grad) < 1e-12
+
+
+# --- GPU -------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_layers_match_torch_triton_gpu(kind, dtype, T):
+    bound = 1e-3 if dtype == torch.float32 else None  # tf32 dots
+    _check_layer("triton", kind, T, 5, 33, 129, 2, True, True, dtype, device="cuda", bound=bound)
