@@ -9,7 +9,6 @@ gradients, one GEMM carries them back through W_hh. State and gates are in the d
 of h (float32 or float64).
 """
 
-import numpy as np
 import torch
 from numba import njit, prange
 

@@ -183,3 +183,55 @@ def test_compile_fullgraph_cpu_backend():
 def test_layers_match_torch_triton_gpu(kind, dtype, T):
     bound = 1e-3 if dtype == torch.float32 else None  # tf32 dots
     _check_layer("triton", kind, T, 5, 33, 129, 2, True, True, dtype, device="cuda", bound=bound)
+
+
+# --- the notes' cells -------------------------------------------------------------------
+
+
+def _notes_step(kind, cell, x, h):
+    """The notes' formulas written out in plain torch."""
+    phi = torch.tanh if cell.nonlinearity == "tanh" else torch.relu
+    if kind == "RNNCell":
+        return phi(x @ cell.weight_ih.T + cell.bias_ih + h @ cell.weight_hh.T + cell.bias_hh)
+    if kind == "ResidualRNNCell":
+        return h @ cell.weight_skip.T + phi(x @ cell.weight_ih.T + h @ cell.weight_hh.T + cell.bias)
+    H = cell.hidden_size
+    h_tilde = phi(x @ cell.weight_ih[:H].T + cell.bias[:H] + h @ cell.weight_hh[:H].T)
+    a = torch.sigmoid(x @ cell.weight_ih[H:].T + cell.bias[H:] + h @ cell.weight_hh[H:].T)
+    return h_tilde * a + x * (1 - a)
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("kind", ["RNNCell", "ResidualRNNCell", "HighwayRNNCell"])
+def test_notes_cells_in_a_bidirectional_rnn(kind, nonlinearity):
+    torch.manual_seed(0)
+    cell = getattr(kiln.nn, kind)(6, 6, nonlinearity=nonlinearity, dtype=torch.float64)
+    rnn = kiln.nn.RNN(cell, bidirectional=True, batch_first=True)
+    x = torch.randn(3, 9, 6, dtype=torch.float64, requires_grad=True)
+    out, h_n = rnn(x)
+    # the same recurrence, written out
+    xs = x.detach().clone().requires_grad_()
+    fwd, h = [], torch.zeros(3, 6, dtype=torch.float64)
+    for t in range(9):
+        h = _notes_step(kind, rnn.cell, xs[:, t], h)
+        fwd.append(h)
+    bwd, g = [None] * 9, torch.zeros(3, 6, dtype=torch.float64)
+    for t in reversed(range(9)):
+        g = _notes_step(kind, rnn.reverse_cell, xs[:, t], g)
+        bwd[t] = g
+    ref = torch.cat([torch.stack(fwd, 1), torch.stack(bwd, 1)], -1)
+    assert rel_err(out, ref) < 1e-12 and rel_err(h_n, torch.stack([h, g])) < 1e-12
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    assert rel_err(x.grad, xs.grad) < 1e-12
+
+
+def test_rnn_cell_is_torch_rnn_cell():
+    ours, theirs = _twins("RNNCell", torch.float64, input_size=4, hidden_size=5, nonlinearity="relu")
+    x, h = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    assert rel_err(ours(x, h), theirs(x, h)) < 1e-12
+
+
+def test_highway_cell_needs_matching_sizes():
+    with pytest.raises(ValueError, match="input_size must equal hidden_size; got 4 and 5"):
+        kiln.nn.HighwayRNNCell(4, 5)
