@@ -7,6 +7,7 @@
 #include <string>
 
 #include "kiln/api.h"
+#include "kiln/attention.h"
 
 #ifndef KILN_CUDA_ARCHS
 #error "KILN_CUDA_ARCHS must name the compiled CUDA architectures (set by CMakeLists.txt)"
@@ -62,4 +63,81 @@ PYBIND11_MODULE(_cuda, m) {
         "grad_logits (N, C) of dtype (may alias logits) from grad_loss (N,) float32 and the saved row_max\n"
         "and row_logsum (N,) float32 (both required), p = exp((x - m) - l).\n"
         "Ignored rows: 0; a target outside [0, C): NaN.");
+
+  m.def("layer_norm_forward", &kiln::layer_norm_forward, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("y"),
+        py::arg("mean"), py::arg("rstd"), py::arg("M"), py::arg("N"), py::arg("eps"), py::arg("dtype"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "y = (x - mean) * rstd * w + b per row, rstd = 1 / sqrt(biased var + eps), float32 math.\n"
+        "Reads x (M, N), w (N,) or 0, b (N,) or 0, all of dtype; writes y (M, N) of dtype (may be x)\n"
+        "and mean (M,) float64 (exact), rstd (M,) float32 (each may be 0: not saved).\n"
+        "dtype: 0 float32, 1 float16, 2 bfloat16.");
+
+  m.def("layer_norm_backward_workspace", &kiln::layer_norm_backward_workspace, py::arg("M"), py::arg("N"),
+        "Number of float32 elements of the workspace layer_norm_backward needs for (M, N).");
+
+  m.def("layer_norm_backward", &kiln::layer_norm_backward, py::arg("dy"), py::arg("x"), py::arg("w"),
+        py::arg("mean"), py::arg("rstd"), py::arg("dx"), py::arg("dw"), py::arg("db"), py::arg("workspace"),
+        py::arg("M"), py::arg("N"), py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "xhat = (x - mean) * rstd, g = dy * w (dy when w is 0): dx = rstd * (g - xhat * mean(g * xhat) - mean(g)),\n"
+        "dw = sum over rows of dy * xhat, db = sum over rows of dy. Reads dy, x (M, N) and w (N,) or 0 of dtype,\n"
+        "mean (M,) float64 (used as float32 hi + lo: (x - hi) - lo), rstd (M,) float32; writes dx (M, N),\n"
+        "dw, db (N,) of dtype, each 0 to skip (dw needs w).\n"
+        "workspace: layer_norm_backward_workspace(M, N) float32 elements, needed for dw or db. Deterministic.\n"
+        "dx must not overlap dy or x.");
+
+  m.def("batch_norm_stats_workspace", &kiln::batch_norm_stats_workspace, py::arg("N"), py::arg("C"), py::arg("L"),
+        "Number of float32 elements of the workspace batch_norm_stats needs for x (N, C, L).");
+
+  m.def("batch_norm_stats", &kiln::batch_norm_stats, py::arg("x"), py::arg("mean"), py::arg("var"),
+        py::arg("workspace"), py::arg("N"), py::arg("C"), py::arg("L"), py::arg("dtype"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Per channel over N * L values: mean (C,) float64 (exact) and biased var (C,) float32, from x (N, C, L)\n"
+        "of dtype, contiguous.\n"
+        "workspace: batch_norm_stats_workspace(N, C, L) float32 elements. Deterministic; no E[x^2] - E[x]^2.");
+
+  m.def("batch_norm_apply", &kiln::batch_norm_apply, py::arg("x"), py::arg("mean"), py::arg("invstd"), py::arg("w"),
+        py::arg("b"), py::arg("y"), py::arg("N"), py::arg("C"), py::arg("L"), py::arg("dtype"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "y = (x - mean[c]) * invstd[c] * w[c] + b[c]. Reads x (N, C, L) of dtype, mean (C,) float64 (used as\n"
+        "float32 hi + lo: (x - hi) - lo), invstd (C,) float32, w, b (C,) of dtype or 0; writes y (N, C, L) of\n"
+        "dtype (may be x).");
+
+  m.def("batch_norm_backward_workspace", &kiln::batch_norm_backward_workspace, py::arg("N"), py::arg("C"),
+        py::arg("L"), "Number of float32 elements of the workspace batch_norm_backward needs for (N, C, L).");
+
+  m.def("batch_norm_backward", &kiln::batch_norm_backward, py::arg("dy"), py::arg("x"), py::arg("mean"),
+        py::arg("invstd"), py::arg("w"), py::arg("dx"), py::arg("dw"), py::arg("db"), py::arg("workspace"),
+        py::arg("N"), py::arg("C"), py::arg("L"), py::arg("training"), py::arg("dtype"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Per channel over n = N * L: sum_dy, sum_dy_xhat (xhat = (x - mean) * invstd); dw = sum_dy_xhat, db = sum_dy\n"
+        "(C,) of dtype; dx (N, C, L) of dtype: training=1: w * invstd * (dy - sum_dy / n - xhat * sum_dy_xhat / n),\n"
+        "training=0: dy * w * invstd. Reads dy, x (N, C, L) and w (C,) or 0 (taken as 1) of dtype, mean (C,)\n"
+        "float64 (used as float32 hi + lo: (x - hi) - lo), invstd (C,) float32. dx, dw, db: 0 to skip (dw needs w).\n"
+        "workspace: batch_norm_backward_workspace(N, C, L) float32 elements, needed for dw, db or the training dx.\n"
+        "Deterministic.");
+
+  m.def("attention_forward", &kiln::attention_forward, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("key_padding_mask"), py::arg("o"), py::arg("lse"), py::arg("B"), py::arg("Hq"), py::arg("Hkv"),
+        py::arg("Tq"), py::arg("Tk"), py::arg("D"), py::arg("causal"), py::arg("scale"), py::arg("dtype"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "o = softmax(q k^T * scale + masks) v and lse = logsumexp of the scaled visible scores (natural log).\n"
+        "q, o (B, Hq, Tq, D); k, v (B, Hkv, Tk, D), contiguous, one dtype (0 float32, 1 float16, 2 bfloat16);\n"
+        "Hkv divides Hq (query head h reads kv head h // (Hq // Hkv)); D in 16, 32, 64, 80, 96, 128.\n"
+        "key_padding_mask (B, Tk) bool (True = hidden) or 0; causal=1 aligns bottom-right (query i sees keys\n"
+        "j <= i + Tk - Tq). lse (B, Hq, Tq) float32. A row that sees no key: o = 0, lse = +inf.");
+
+  m.def("attention_backward_workspace", &kiln::attention_backward_workspace, py::arg("B"), py::arg("Hq"),
+        py::arg("Hkv"), py::arg("Tq"), py::arg("Tk"), py::arg("D"),
+        "Number of float32 elements of the workspace attention_backward needs (delta = rowsum(do * o): B * Hq * Tq).");
+
+  m.def("attention_backward", &kiln::attention_backward, py::arg("grad_out"), py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("key_padding_mask"), py::arg("dq"), py::arg("dk"),
+        py::arg("dv"), py::arg("workspace"), py::arg("B"), py::arg("Hq"), py::arg("Hkv"), py::arg("Tq"),
+        py::arg("Tk"), py::arg("D"), py::arg("causal"), py::arg("scale"), py::arg("dtype"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "dq, dk, dv of attention_forward from its saved o and lse (float32), recomputing p = exp(scale q k^T - lse):\n"
+        "dv = p^T do, ds = p * (do v^T - rowsum(do * o)), dq = scale ds k, dk = scale ds^T q; dk, dv sum over the\n"
+        "Hq // Hkv query heads of each kv head. Shapes, dtype and masks as attention_forward; grad_out like q;\n"
+        "dq like q, dk and dv like k, overwritten. workspace: attention_backward_workspace(...) float32 elements.\n"
+        "Deterministic (no atomics).");
 }

@@ -17,11 +17,10 @@ from .fastmath import exp, like, tanh
 
 @njit(inline="always")
 def _sigmoid(z):
+    # Branch-free so the gate loops vectorize; exp(-z) saturates to a finite value (float32
+    # fastmath clamps) or inf (float64), and 1 / (1 + inf) is the right limit, 0.
     one = like(z, 1.0)
-    if z >= 0:
-        return one / (one + exp(-z))
-    e = exp(z)
-    return e / (one + e)
+    return one / (one + exp(-z))
 
 
 @njit(parallel=True, cache=True)

@@ -173,6 +173,11 @@ def test_compile_fullgraph_cpu_backend():
         assert rel_err(a, p.grad) < 1e-12
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_layers_match_torch_triton_interpreted(kind):
+    _check_layer("triton", kind, 3, 3, 5, 7, 1, True, False, torch.float32)
+
+
 # --- GPU -------------------------------------------------------------------------------
 
 

@@ -57,4 +57,65 @@ void cross_entropy_backward(std::uintptr_t grad_loss, std::uintptr_t logits, std
                             std::uintptr_t grad_logits, std::int64_t N, std::int64_t C, std::int64_t ignore_index,
                             double label_smoothing, int dtype, std::uintptr_t stream);
 
+// Layer normalization over the last dimension of x (M, N), float32 math.
+// y = (x - mean) * rstd * w + b with mean and the biased variance var of each row, rstd =
+// 1 / sqrt(var + eps). x, y (M, N) of dtype, contiguous (y may be x); w, b (N) of dtype
+// or 0 (each independently). Outputs, each may be 0 (not saved): mean (M) float64 (double),
+// x[row, 0] + the shifted mean, exact (a float32 mean near 1e4 would be off by up to 5e-4),
+// and rstd (M) float32. Statistics are taken on x - x[row, 0] (exact for nearby values),
+// never as E[x^2] - E[x]^2. M == 0 or N == 0: nothing is done.
+void layer_norm_forward(std::uintptr_t x, std::uintptr_t w, std::uintptr_t b, std::uintptr_t y, std::uintptr_t mean,
+                        std::uintptr_t rstd, std::int64_t M, std::int64_t N, double eps, int dtype,
+                        std::uintptr_t stream);
+
+// Float32 elements of the workspace that layer_norm_backward needs for (M, N).
+std::int64_t layer_norm_backward_workspace(std::int64_t M, std::int64_t N);
+
+// With xhat = (x - mean) rstd and g = dy * w (dy when w is 0):
+// dx = rstd (g - xhat mean_N(g xhat) - mean_N(g)), dw = sum_rows dy xhat, db = sum_rows dy.
+// dy, x, dx (M, N) of dtype; w, dw, db (N) of dtype; mean (M) float64 (double) and rstd
+// (M) float32 from the forward; the mean is used as float32 hi + lo, x - mean = (x - hi)
+// - lo, so the per-element math stays float32. A 0 output skips it; dw needs w.
+// workspace: layer_norm_backward_workspace(M, N) float32 elements, required when dw or db
+// is wanted (and M, N > 0). dw and db are
+// deterministic (fixed-order partial sums, no atomics). M == 0: dw, db are zeroed.
+// dx must not overlap dy or x (the dw / db pass reads them after dx is written).
+void layer_norm_backward(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t w, std::uintptr_t mean,
+                         std::uintptr_t rstd, std::uintptr_t dx, std::uintptr_t dw, std::uintptr_t db,
+                         std::uintptr_t workspace, std::int64_t M, std::int64_t N, int dtype, std::uintptr_t stream);
+
+// Float32 elements of the workspace that batch_norm_stats needs for x (N, C, L).
+std::int64_t batch_norm_stats_workspace(std::int64_t N, std::int64_t C, std::int64_t L);
+
+// Per channel c of x (N, C, L) contiguous of dtype, over its N * L values: mean[c] (C)
+// float64 (double; x[0, c, 0] + the shifted mean, exact) and the biased var[c] (C) float32.
+// Deterministic (fixed-order Chan merges), never E[x^2] - E[x]^2. workspace:
+// batch_norm_stats_workspace(N, C, L) float32 elements. N * L == 0 or C == 0: nothing is
+// written.
+void batch_norm_stats(std::uintptr_t x, std::uintptr_t mean, std::uintptr_t var, std::uintptr_t workspace,
+                      std::int64_t N, std::int64_t C, std::int64_t L, int dtype, std::uintptr_t stream);
+
+// y = (x - mean[c]) * invstd[c] * w[c] + b[c]. x, y (N, C, L) of dtype, contiguous (y may
+// be x); mean (C) float64 (double), used as float32 hi + lo, x - mean = (x - hi) - lo (no
+// loss at large means); invstd (C) float32; w, b (C) of dtype or 0 (each independently).
+void batch_norm_apply(std::uintptr_t x, std::uintptr_t mean, std::uintptr_t invstd, std::uintptr_t w,
+                      std::uintptr_t b, std::uintptr_t y, std::int64_t N, std::int64_t C, std::int64_t L, int dtype,
+                      std::uintptr_t stream);
+
+// Float32 elements of the workspace that batch_norm_backward needs for (N, C, L).
+std::int64_t batch_norm_backward_workspace(std::int64_t N, std::int64_t C, std::int64_t L);
+
+// Per channel, over n = N * L: sum_dy and sum_dy_xhat, xhat = (x - mean) invstd;
+// dw = sum_dy_xhat, db = sum_dy (C) of dtype; dx (N, C, L) of dtype:
+// training == 1: w invstd (dy - sum_dy / n - xhat sum_dy_xhat / n) (mean, invstd: the
+// batch statistics); training == 0: dy w invstd. mean (C) float64 (double), used as
+// float32 hi + lo, x - mean = (x - hi) - lo; invstd (C) float32. w (C) of dtype or 0
+// (taken as 1); a 0 output skips it; dw needs w. workspace:
+// batch_norm_backward_workspace(N, C, L) float32 elements, required when dw, db or the
+// training dx is wanted. Deterministic. N * L == 0: dw, db are zeroed.
+void batch_norm_backward(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t mean, std::uintptr_t invstd,
+                         std::uintptr_t w, std::uintptr_t dx, std::uintptr_t dw, std::uintptr_t db,
+                         std::uintptr_t workspace, std::int64_t N, std::int64_t C, std::int64_t L, int training,
+                         int dtype, std::uintptr_t stream);
+
 }  // namespace kiln

@@ -1,0 +1,68 @@
+"""GPU benchmark of kiln.nn.LSTM / GRU (triton) vs torch.nn.LSTM / GRU (cuDNN), fp32 and bf16.
+
+    python bench/gpu_rnn.py [--out bench/results/rnn_gpu_<gpu>.md]
+
+Shapes of issue 6 and a batch sweep 1..256 at T 128, in 256, hidden 512, where a
+persistent kernel (not written yet: one launch per step) should win at small batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import markdown_table  # noqa: E402
+
+import kiln  # noqa: E402
+
+SHAPES = [(128, 32, 256, 512), (512, 8, 128, 256)] + [(128, b, 256, 512) for b in (1, 4, 16, 64, 256)]
+
+
+def main() -> None:
+    from triton.testing import do_bench
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_rnn.py needs a CUDA GPU")
+    rows = []
+    for kind in ("LSTM", "GRU"):
+        for dtype in (torch.float32, torch.bfloat16):
+            for T, B, I, H in SHAPES:
+                theirs = getattr(torch.nn, kind)(I, H).cuda().to(dtype)
+                ours = getattr(kiln.nn, kind)(I, H).cuda().to(dtype)
+                ours.load_state_dict(theirs.state_dict())
+                x = torch.randn(T, B, I, device="cuda", dtype=dtype, requires_grad=True)
+                for mode in ("forward", "forward+backward"):
+                    cells = []
+                    for name, module in (("kiln triton", ours), ("cuDNN", theirs)):
+                        def run():
+                            with kiln.backend.use("triton"):
+                                return module(x)[0]
+                        try:
+                            if mode == "forward":
+                                with torch.no_grad():
+                                    ms = do_bench(run, return_mode="median")
+                            else:
+                                ms = do_bench(lambda: run().sum().backward(), grad_to_none=[x],
+                                              return_mode="median")
+                            cells.append(f"{ms:.2f} ms")
+                        except Exception as e:  # one failing form must not hide the other
+                            print(f"{kind} {name} failed: {e}", file=sys.stderr)
+                            cells.append("-")
+                    rows.append([f"{kind} {mode}", str(dtype).removeprefix("torch."), f"T{T} B{B} in{I} h{H}", *cells])
+                    print(rows[-1], flush=True)
+    text = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, medians of do_bench\n\n"
+            f"{markdown_table(['case', 'dtype', 'shape', 'kiln triton', 'cuDNN'], rows)}\n")
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
