@@ -60,10 +60,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .linear_act import _dot  # tl.dot with the interpreter's bf16 workaround
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# The interpreter (triton 3.9) stores bfloat16 as uint16 and its tl.dot multiplies those raw
-# bits as integers; there the operands are widened to float32 first (exact).
-_UPCAST_BF16_DOT = tl.constexpr(_INTERPRET)
 
 # Constants read inside @triton.jit code are constexpr; products put them on the RIGHT
 # (`x * _LN2`): under TRITON_INTERPRET=1 a constexpr on the left breaks (triton 3.9).
@@ -141,15 +140,6 @@ _TUNE_KEY = ["TUNE_TQ", "TUNE_TK", "HEAD_DIM", "CAUSAL", "HAS_KPM"]
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-@triton.jit
-def _dot(a, b, acc, ACC_DT: tl.constexpr, PREC: tl.constexpr):
-    if _UPCAST_BF16_DOT:
-        if a.dtype == tl.bfloat16:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PREC, out_dtype=ACC_DT)
 
 
 @triton.jit
