@@ -17,9 +17,10 @@ p_ij = exp(s_ij - lse_i) is 0 there with no special case. It returns (o, lse): t
 q, k, v, o and lse (float32; float64 for float64 inputs) for backward and nothing of size
 Tq x Tk, which is never materialised.
 
-Kernels (each program owns one block; `bh` = batch * heads):
+Kernels (each program owns one block of one head of one batch; grids are (blocks, heads, B),
+so B and the head counts must stay within CUDA's 65535 for grid axes y and z):
 
-* ``_fwd_kernel``     grid (cdiv(Tq, BLOCK_M), B * Hq). Keeps its q tile on chip and
+* ``_fwd_kernel``     grid (cdiv(Tq, BLOCK_M), Hq, B). Keeps its q tile on chip and
   streams key/value blocks with the online softmax (running row max m, running sum l,
   accumulator rescaled by exp(m_old - m_new)). Scores are kept in log2 units (log2(e) folded
   into the scale, exp2 on the hot path) except for float64, which uses exp / log. Key blocks
@@ -27,8 +28,8 @@ Kernels (each program owns one block; `bh` = batch * heads):
   the key padding mask, when given), then the blocks that cut the causal diagonal or the
   Tk tail run masked. Causal key blocks wholly above the diagonal are never visited (loop
   bound), and under causal the q blocks run last-first (the longest rows start first).
-* ``_bwd_delta_kernel`` grid (cdiv(Tq, BLOCK_M), B * Hq): delta_i = sum_d do_id o_id.
-* ``_bwd_dkdv_kernel`` grid (cdiv(Tk, BLOCK_N), B * Hkv). Keeps its k, v tiles on chip,
+* ``_bwd_delta_kernel`` grid (cdiv(Tq, BLOCK_M), Hq, B): delta_i = sum_d do_id o_id.
+* ``_bwd_dkdv_kernel`` grid (cdiv(Tk, BLOCK_N), Hkv, B). Keeps its k, v tiles on chip,
   loops over the Hq // Hkv query heads of its kv group and, for each, over the query blocks
   that see the key block (causal: from the first query whose diagonal reaches it; the
   diagonal blocks masked, the rest not), recomputing p^T = exp(k q^T scale - lse) tile by
@@ -36,7 +37,7 @@ Kernels (each program owns one block; `bh` = batch * heads):
   is a plain loop: deterministic, no atomics. Keys hidden by the padding mask get dk = dv = 0
   (their column of p is 0 for every row), written once at the end; a key block hidden
   entirely skips its loops.
-* ``_bwd_dq_kernel``   grid (cdiv(Tq, BLOCK_M), B * Hq), the forward's loop bounds and masks:
+* ``_bwd_dq_kernel``   grid (cdiv(Tq, BLOCK_M), Hq, B), the forward's loop bounds and masks:
   dq += scale * (p * (do v^T - delta)) k. Separate from dkdv, so no atomics anywhere and
   every gradient is deterministic.
 
@@ -75,36 +76,43 @@ INTERPRET_BLOCKS = (32, 16)
 
 # GPU tiles: fwd / dq (BLOCK_M queries, BLOCK_N keys per step, num_warps, num_stages); dkdv
 # (BLOCK_N keys held, BLOCK_M queries per step, num_warps, num_stages). One list per kernel,
-# operand class and head-dim block (64: BLOCK_D <= 64; 128: BLOCK_D = 128). Every tile listed
-# compiles spill-free within the H100's 227 KiB of shared memory: ptxas -v, sm_90a, triton 3.9,
-# causal + key padding mask (the most live values), D = 64 for the 64 lists and D = 80 and 128
-# for the 128 lists; fp16 and bf16 alike. "half" = fp16 / bf16; "tf32" = float32 with
-# allow_tf32; "fp32" = float32 without, whose ieee tl.dot runs on FMA units and needs small tiles.
+# operand class and head-dim block (64: BLOCK_D <= 64; 128: BLOCK_D = 128). "half" = fp16 /
+# bf16; "tf32" = float32 with allow_tf32; "fp32" = float32 without, whose ieee tl.dot runs on
+# FMA units and needs small tiles. Checked with ptxas -v under triton's own flags (13.4,
+# sm_90a, -lineinfo --regAllocOptLevel=2), triton 3.9, causal + key padding mask (the most live
+# values), D = 64 for the 64 lists and D = 80, 96, 128 for the 128 lists, fp16 and bf16 alike:
+# every tile fits the H100's 227 KiB of shared memory and none spills, except tf32 dkdv at
+# BLOCK_D = 128, where no tile with BLOCK_N > 16 is spill-free: its two 32-wide tiles spill
+# 8-12 bytes at D = 80 (none at D = 128).
 _TILES = {
     "fwd": {
-        ("half", 64): [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 4),
-                       (64, 64, 4, 4), (64, 32, 4, 4)],
-        ("half", 128): [(128, 64, 8, 3), (128, 32, 4, 4), (64, 32, 4, 4)],
-        ("tf32", 64): [(128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4), (64, 32, 4, 4)],
-        ("tf32", 128): [(128, 32, 8, 3), (64, 32, 8, 3), (64, 32, 4, 4), (64, 16, 4, 3)],
-        ("fp32", 64): [(64, 32, 8, 2), (64, 16, 4, 2), (32, 32, 8, 2), (32, 32, 4, 2), (32, 16, 4, 2)],
-        ("fp32", 128): [(32, 32, 8, 2), (16, 16, 4, 2)],
+        ("half", 64): [(128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4),
+                       (64, 64, 4, 3), (64, 32, 4, 4), (64, 32, 4, 3)],
+        ("half", 128): [(128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 4), (64, 32, 4, 3)],
+        ("tf32", 64): [(128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4),
+                       (64, 32, 8, 3), (64, 32, 4, 4)],
+        ("tf32", 128): [(128, 32, 8, 3), (64, 32, 8, 3), (64, 16, 4, 3)],
+        ("fp32", 64): [(64, 32, 8, 2), (64, 16, 4, 2), (32, 32, 8, 2), (32, 32, 4, 2), (32, 16, 4, 2),
+                       (16, 16, 4, 2)],
+        ("fp32", 128): [(32, 16, 8, 2), (16, 16, 4, 2)],
     },
     "dkdv": {
         ("half", 64): [(128, 32, 8, 3), (128, 32, 8, 2), (128, 16, 8, 3), (64, 64, 8, 3),
-                       (64, 32, 8, 3), (64, 32, 4, 4), (64, 32, 4, 2)],
+                       (64, 32, 8, 3), (64, 32, 4, 2), (32, 32, 4, 3)],
         ("half", 128): [(128, 16, 8, 3), (128, 16, 8, 2), (64, 32, 8, 2), (64, 16, 8, 3),
                         (32, 32, 8, 3), (32, 16, 4, 3)],
         ("tf32", 64): [(128, 32, 8, 3), (128, 32, 8, 2), (128, 16, 8, 3), (64, 32, 8, 3),
                        (64, 32, 4, 4), (64, 16, 4, 3), (32, 32, 4, 3)],
-        ("tf32", 128): [(128, 16, 8, 3), (128, 16, 8, 2)],
-        ("fp32", 64): [(64, 16, 4, 2), (32, 32, 8, 2)],
-        ("fp32", 128): [(16, 16, 4, 2)],
+        ("tf32", 128): [(32, 16, 8, 2), (32, 16, 8, 3), (16, 16, 4, 3)],
+        ("fp32", 64): [(32, 32, 8, 2), (32, 16, 8, 2), (16, 32, 4, 2)],
+        ("fp32", 128): [(32, 16, 8, 2)],
     },
     "dq": {
-        ("half", 64): [(128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4)],
-        ("half", 128): [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
-        ("tf32", 64): [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
+        ("half", 64): [(128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3),
+                       (64, 32, 8, 3), (64, 32, 4, 4)],
+        ("half", 128): [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 8, 3), (64, 32, 4, 4)],
+        ("tf32", 64): [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 8, 3), (64, 32, 4, 4),
+                       (32, 32, 4, 3)],
         ("tf32", 128): [(128, 32, 8, 3), (128, 16, 8, 3), (64, 32, 8, 3), (64, 16, 4, 3), (32, 32, 4, 3)],
         ("fp32", 64): [(64, 32, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2), (32, 16, 4, 2), (16, 16, 4, 2)],
         ("fp32", 128): [(32, 16, 4, 2), (16, 16, 4, 2)],
@@ -249,11 +257,11 @@ def _fwd_kernel(
     if CAUSAL:  # the longest rows first
         pid_m = tl.num_programs(0) - 1 - pid_m
     start_m = pid_m * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // Hq).to(tl.int64)
-    h = bh % Hq
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     hk = (h // GROUP).to(tl.int64)
     h = h.to(tl.int64)
+    bh = b * Hq + h
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -289,7 +297,7 @@ def _fwd_kernel(
     lse = tl.where(seen, lse, float("inf"))
     o_ptrs = o_ptr + b * stride_ob + h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_ot + offs_d[None, :]
     _store(o_ptrs, o, offs_m, Tq, offs_d, HEAD_DIM)
-    tl.store(lse_ptr + bh.to(tl.int64) * Tq + offs_m, lse.to(lse_ptr.dtype.element_ty), mask=offs_m < Tq)
+    tl.store(lse_ptr + bh * Tq + offs_m, lse.to(lse_ptr.dtype.element_ty), mask=offs_m < Tq)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -302,16 +310,16 @@ def _bwd_delta_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DT: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    bh = tl.program_id(1)
-    b = (bh // Hq).to(tl.int64)
-    h = (bh % Hq).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * Hq + h
     offs_d = tl.arange(0, BLOCK_D)
     rows = offs_m.to(tl.int64)[:, None]
     o = _load(o_ptr + b * stride_ob + h * stride_oh + rows * stride_ot + offs_d[None, :],
               offs_m, Tq, offs_d, HEAD_DIM, BLOCK_D, True).to(ACC_DT)
     do = _load(do_ptr + b * stride_dob + h * stride_doh + rows * stride_dot + offs_d[None, :],
                offs_m, Tq, offs_d, HEAD_DIM, BLOCK_D, True).to(ACC_DT)
-    tl.store(delta_ptr + bh.to(tl.int64) * Tq + offs_m, tl.sum(o * do, axis=1), mask=offs_m < Tq)
+    tl.store(delta_ptr + bh * Tq + offs_m, tl.sum(o * do, axis=1), mask=offs_m < Tq)
 
 
 @triton.jit
@@ -351,7 +359,7 @@ def _dkdv_inner(
 def _bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, kpm_ptr,
     qk_hi, qk_lo, sm_hi, sm_lo,
-    Hq, Hkv, Tq, Tk, GROUP,
+    Hq, Tq, Tk, GROUP,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
     stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt, stride_kpm,
@@ -361,9 +369,8 @@ def _bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)
-    b = (bhk // Hkv).to(tl.int64)
-    hk = (bhk % Hkv).to(tl.int64)
+    hk = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -392,7 +399,7 @@ def _bwd_dkdv_kernel(
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), ACC_DT)
     dv = tl.zeros((BLOCK_N, BLOCK_D), ACC_DT)
-    for g in range(0, GROUP):
+    for g in range(GROUP):
         h = hk * GROUP + g
         q_base = q_ptr + b * stride_qb + h * stride_qh
         do_base = do_ptr + b * stride_dob + h * stride_doh
@@ -467,11 +474,11 @@ def _bwd_dq_kernel(
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m
     start_m = pid_m * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // Hq).to(tl.int64)
-    h = bh % Hq
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     hk = (h // GROUP).to(tl.int64)
     h = h.to(tl.int64)
+    bh = b * Hq + h
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -480,7 +487,7 @@ def _bwd_dq_kernel(
               offs_m, Tq, offs_d, HEAD_DIM, BLOCK_D, True)
     do = _load(do_ptr + b * stride_dob + h * stride_doh + rows * stride_dot + offs_d[None, :],
                offs_m, Tq, offs_d, HEAD_DIM, BLOCK_D, True)
-    stat = bh.to(tl.int64) * Tq + offs_m
+    stat = bh * Tq + offs_m
     lse = tl.load(lse_ptr + stat, mask=offs_m < Tq, other=float("inf"))
     if EXP2:
         lse = lse * _LOG2E
@@ -530,17 +537,17 @@ def _common(q, k, causal, key_padding_mask, scale):
     qk = float(scale) * (_LOG2E_F if exp2 else 1.0)
     has_kpm = key_padding_mask is not None
     kpm = key_padding_mask.view(torch.uint8) if has_kpm else q
-    meta = dict(
-        TUNE_TQ=triton.next_power_of_2(Tq), TUNE_TK=triton.next_power_of_2(Tk),
-        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=bool(causal),
-        HAS_KPM=has_kpm, EXP2=exp2, ACC_DT=acc, PREC=prec,
-    )
+    meta = {
+        "TUNE_TQ": triton.next_power_of_2(Tq), "TUNE_TK": triton.next_power_of_2(Tk),
+        "HEAD_DIM": D, "BLOCK_D": max(16, triton.next_power_of_2(D)), "CAUSAL": bool(causal),
+        "HAS_KPM": has_kpm, "EXP2": exp2, "ACC_DT": acc, "PREC": prec,
+    }
     return B, Hq, Hkv, Tq, Tk, kpm, (kpm.stride(0) if has_kpm else 0), _split(qk), _split(float(scale)), meta
 
 
 def _blocks():
     if _INTERPRET:
-        return dict(BLOCK_M=INTERPRET_BLOCKS[0], BLOCK_N=INTERPRET_BLOCKS[1])
+        return {"BLOCK_M": INTERPRET_BLOCKS[0], "BLOCK_N": INTERPRET_BLOCKS[1]}
     return {}
 
 
@@ -561,7 +568,7 @@ def forward(q, k, v, causal: bool, key_padding_mask, scale: float):
                       dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     if o.numel() == 0 or Tk == 0:
         return o.zero_(), lse.fill_(float("inf"))
-    grid = lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * Hq)
+    grid = lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), Hq, B)
     _fwd_kernel[grid](
         q, k, v, o, lse, kpm, *qk, Hq, Tq, Tk, Hq // Hkv,
         *_s3(q), *_s3(k), *_s3(v), *_s3(o), s_kpm,
@@ -580,18 +587,18 @@ def backward(do, q, k, v, o, lse, causal: bool, key_padding_mask, scale: float):
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty_like(lse)
     block_m = INTERPRET_BLOCKS[0] if _INTERPRET else (64 if meta["BLOCK_D"] <= 64 else 32)
-    _bwd_delta_kernel[(triton.cdiv(Tq, block_m), B * Hq)](
+    _bwd_delta_kernel[(triton.cdiv(Tq, block_m), Hq, B)](
         o, do, delta, Hq, Tq, *_s3(o), *_s3(do),
         HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"], ACC_DT=meta["ACC_DT"], BLOCK_M=block_m,
         num_warps=4,
     )
-    grid = lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), B * Hkv)
+    grid = lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), Hkv, B)
     _bwd_dkdv_kernel[grid](
-        q, k, v, do, lse, delta, dk, dv, kpm, *qk, *sm, Hq, Hkv, Tq, Tk, Hq // Hkv,
+        q, k, v, do, lse, delta, dk, dv, kpm, *qk, *sm, Hq, Tq, Tk, Hq // Hkv,
         *_s3(q), *_s3(k), *_s3(v), *_s3(do), *_s3(dk), *_s3(dv), s_kpm,
         **meta, **_blocks(),
     )
-    grid = lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * Hq)
+    grid = lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), Hq, B)
     _bwd_dq_kernel[grid](
         q, k, v, do, lse, delta, dq, kpm, *qk, *sm, Hq, Tq, Tk, Hq // Hkv,
         *_s3(q), *_s3(k), *_s3(v), *_s3(do), *_s3(dq), s_kpm,
