@@ -23,21 +23,31 @@ def _sigmoid(z):
     return one / (one + exp(-z))
 
 
+@njit(inline="always")
+def _sigmoid_inplace(v):
+    for j in range(v.size):
+        v[j] = _sigmoid(v[j])
+
+
 @njit(parallel=True, cache=True)
 def _lstm_forward(pre, c, h_next, c_next):
-    """pre (B, 4H) [i|f|g|o] -> activated in place; c_next = f c + i g; h_next = o tanh(c_next)."""
+    """pre (B, 4H) [i|f|g|o] -> activated in place; c_next = f c + i g; h_next = o tanh(c_next).
+    One loop per gate over its contiguous H values: a loop touching all four streams did
+    not vectorize."""
     B, H = c.shape
     for b in prange(B):
         p = pre[b]
+        i, f, g, o = p[:H], p[H:2 * H], p[2 * H:3 * H], p[3 * H:]
+        _sigmoid_inplace(i)
+        _sigmoid_inplace(f)
+        _sigmoid_inplace(o)
         for j in range(H):
-            i = _sigmoid(p[j])
-            f = _sigmoid(p[H + j])
-            g = tanh(p[2 * H + j])
-            o = _sigmoid(p[3 * H + j])
-            p[j], p[H + j], p[2 * H + j], p[3 * H + j] = i, f, g, o
-            cn = f * c[b, j] + i * g
-            c_next[b, j] = cn
-            h_next[b, j] = o * tanh(cn)
+            g[j] = tanh(g[j])
+        cb, cn, hn = c[b], c_next[b], h_next[b]
+        for j in range(H):
+            cn[j] = f[j] * cb[j] + i[j] * g[j]
+        for j in range(H):
+            hn[j] = o[j] * tanh(cn[j])
 
 
 @njit(parallel=True, cache=True)
@@ -46,16 +56,23 @@ def _lstm_backward(dh_next, dc_next, gates, c, c_next, dpre, dc):
     one = like(c[0, 0], 1.0)
     for b in prange(B):
         a, d = gates[b], dpre[b]
+        i, f, g, o = a[:H], a[H:2 * H], a[2 * H:3 * H], a[3 * H:]
+        di, df, dg, do = d[:H], d[H:2 * H], d[2 * H:3 * H], d[3 * H:]
+        dh, cb, cn, dcb = dh_next[b], c[b], c_next[b], dc[b]
+        for j in range(H):  # do holds tanh(c_next) until its own loop
+            do[j] = tanh(cn[j])
+        for j in range(H):  # dcb holds dc_tot = dc_next + dh o (1 - tanh^2) until the end
+            dcb[j] = dc_next[b, j] + dh[j] * o[j] * (one - do[j] * do[j])
         for j in range(H):
-            i, f, g, o = a[j], a[H + j], a[2 * H + j], a[3 * H + j]
-            tc = tanh(c_next[b, j])
-            dh = dh_next[b, j]
-            dc_tot = dc_next[b, j] + dh * o * (one - tc * tc)
-            d[j] = dc_tot * g * i * (one - i)
-            d[H + j] = dc_tot * c[b, j] * f * (one - f)
-            d[2 * H + j] = dc_tot * i * (one - g * g)
-            d[3 * H + j] = dh * tc * o * (one - o)
-            dc[b, j] = dc_tot * f
+            di[j] = dcb[j] * g[j] * i[j] * (one - i[j])
+        for j in range(H):
+            df[j] = dcb[j] * cb[j] * f[j] * (one - f[j])
+        for j in range(H):
+            dg[j] = dcb[j] * i[j] * (one - g[j] * g[j])
+        for j in range(H):
+            do[j] = dh[j] * do[j] * o[j] * (one - o[j])
+        for j in range(H):
+            dcb[j] = dcb[j] * f[j]
 
 
 @njit(parallel=True, cache=True)
@@ -65,12 +82,18 @@ def _gru_forward(gx, gh, h, h_next, saved):
     one = like(h[0, 0], 1.0)
     for b in prange(B):
         x, y, s = gx[b], gh[b], saved[b]
+        r, z, n, hn = s[:H], s[H:2 * H], s[2 * H:3 * H], s[3 * H:]
         for j in range(H):
-            r = _sigmoid(x[j] + y[j])
-            z = _sigmoid(x[H + j] + y[H + j])
-            n = tanh(x[2 * H + j] + r * y[2 * H + j])
-            s[j], s[H + j], s[2 * H + j], s[3 * H + j] = r, z, n, y[2 * H + j]
-            h_next[b, j] = (one - z) * n + z * h[b, j]
+            r[j] = _sigmoid(x[j] + y[j])
+        for j in range(H):
+            z[j] = _sigmoid(x[H + j] + y[H + j])
+        for j in range(H):
+            hn[j] = y[2 * H + j]
+        for j in range(H):
+            n[j] = tanh(x[2 * H + j] + r[j] * hn[j])
+        hb, out = h[b], h_next[b]
+        for j in range(H):
+            out[j] = (one - z[j]) * n[j] + z[j] * hb[j]
 
 
 @njit(parallel=True, cache=True)
@@ -79,15 +102,21 @@ def _gru_backward(dh_next, saved, h, dgx, dgh, dh):
     one = like(h[0, 0], 1.0)
     for b in prange(B):
         s, dx_, dy_ = saved[b], dgx[b], dgh[b]
+        r, z, n, hn = s[:H], s[H:2 * H], s[2 * H:3 * H], s[3 * H:]
+        g, hb, dhb = dh_next[b], h[b], dh[b]
+        dr, dz, dn = dx_[:H], dx_[H:2 * H], dx_[2 * H:]
         for j in range(H):
-            r, z, n, gh_n = s[j], s[H + j], s[2 * H + j], s[3 * H + j]
-            g = dh_next[b, j]
-            dn = g * (one - z) * (one - n * n)
-            dz = g * (h[b, j] - n) * z * (one - z)
-            dr = dn * gh_n * r * (one - r)
-            dx_[j], dx_[H + j], dx_[2 * H + j] = dr, dz, dn
-            dy_[j], dy_[H + j], dy_[2 * H + j] = dr, dz, dn * r
-            dh[b, j] = g * z
+            dn[j] = g[j] * (one - z[j]) * (one - n[j] * n[j])
+        for j in range(H):
+            dz[j] = g[j] * (hb[j] - n[j]) * z[j] * (one - z[j])
+        for j in range(H):
+            dr[j] = dn[j] * hn[j] * r[j] * (one - r[j])
+        for j in range(2 * H):
+            dy_[j] = dx_[j]
+        for j in range(H):
+            dy_[2 * H + j] = dn[j] * r[j]
+        for j in range(H):
+            dhb[j] = g[j] * z[j]
 
 
 def lstm_step_forward(gx, h, c, w_hh):
