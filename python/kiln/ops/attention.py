@@ -44,7 +44,7 @@ def visible_keys(Tq: int, Tk: int, causal: bool, key_padding_mask: Optional[Tens
     """(B or 1, 1, Tq, Tk) bool: True where query i may attend key j."""
     seen = torch.ones(Tq, Tk, dtype=torch.bool, device=device)
     if causal:
-        seen = torch.ones(Tq, Tk, dtype=torch.bool, device=device).tril(Tk - Tq)
+        seen = seen.tril(Tk - Tq)
     seen = seen[None, None]
     if key_padding_mask is not None:
         seen = seen & ~key_padding_mask[:, None, None, :].to(device)
