@@ -25,20 +25,19 @@
 
 #include "kiln/api.h"
 #include "kiln/common.cuh"
+#include "kiln/reduce.cuh"
 
 namespace kiln {
 namespace {
 
 constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kRowsPerWarpBlock = 8;  // G = 32: blocks of 8 warps, a row each
+using reduce::block_threads;
+using reduce::kRowsPerWarpBlock;
+using reduce::row_of_thread;
 constexpr int kWarpMaxCols = 1024;    // C up to this: a warp per row
 constexpr int kMediumMaxCols = 8192;  // C up to this: 256 threads per row; beyond: 512
 
-template <int G>
-constexpr int block_threads() {
-  return G == kWarp ? kWarp * kRowsPerWarpBlock : G;
-}
 
 // ---------------------------------------------------------------------------
 // Online max / sum of exponentials.
@@ -174,14 +173,6 @@ __device__ __forceinline__ void for_each_col(int cols, int head, int lane, Scala
   for (int c = head + nvec * K + lane; c < cols; c += G) scalar(c);
 }
 
-// The row this thread's group owns, and the thread's lane in it; false past the end.
-template <int G>
-__device__ __forceinline__ bool row_of_thread(std::int64_t rows, std::int64_t& row, int& lane) {
-  constexpr int kRowsPerBlock = block_threads<G>() / G;
-  row = static_cast<std::int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / G;
-  lane = static_cast<int>(threadIdx.x % G);
-  return row < rows;  // uniform per group: a warp or the whole block leaves together
-}
 
 // The (max, sum) of one row, merged over its group.
 template <typename T, int G>

@@ -35,22 +35,20 @@
 namespace kiln {
 namespace {
 
+using reduce::block_threads;
+using reduce::kRowsPerWarpBlock;
 using reduce::kWarp;
 using reduce::load_unit;
 using reduce::load_unit_ro;
+using reduce::row_of_thread;
 using reduce::store_unit;
 
 template <int V>
 using IntC = std::integral_constant<int, V>;
 
-constexpr int kRowsPerWarpBlock = 8;  // G = 32: blocks of 8 warps, a row each
 constexpr int kStreamThreads = 512;   // one block per row beyond the register path
 constexpr int kValuesPerThread = 16;  // register path: row values held per thread (x and dy each)
 
-template <int G>
-constexpr int block_threads() {
-  return G == kWarp ? kWarp * kRowsPerWarpBlock : G;
-}
 
 // Calls f(IntC<G>, IntC<VPT>) for rows of `cols` elements moved in units of K: VPT units
 // per thread held in registers, or VPT == 0 for the streaming kernel. G * VPT * K >= cols.
@@ -73,14 +71,6 @@ void by_row_length(std::int64_t cols, F&& f) {
   }
 }
 
-// The row this thread's group owns, and the thread's lane in it; false past the end.
-template <int G>
-__device__ __forceinline__ bool row_of_thread(std::int64_t rows, std::int64_t& row, int& lane) {
-  constexpr int kRowsPerBlock = block_threads<G>() / G;
-  row = static_cast<std::int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / G;
-  lane = static_cast<int>(threadIdx.x % G);
-  return row < rows;  // uniform per group: a warp or the whole block leaves together
-}
 
 // v = v * w + b over the unit at col; w, b may be null.
 template <typename T, int K>

@@ -18,6 +18,23 @@ namespace reduce {
 constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// Row kernels: a group of G threads per row; G = 32 packs 8 rows (warps) per block.
+constexpr int kRowsPerWarpBlock = 8;  // G = 32: blocks of 8 warps, a row each
+
+template <int G>
+constexpr int block_threads() {
+  return G == kWarp ? kWarp * kRowsPerWarpBlock : G;
+}
+
+// The row this thread's group owns, and the thread's lane in it; false past the end.
+template <int G>
+__device__ __forceinline__ bool row_of_thread(std::int64_t rows, std::int64_t& row, int& lane) {
+  constexpr int kRowsPerBlock = block_threads<G>() / G;
+  row = static_cast<std::int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / G;
+  lane = static_cast<int>(threadIdx.x % G);
+  return row < rows;  // uniform per group: a warp or the whole block leaves together
+}
+
 // ---------------------------------------------------------------------------
 // Units: K consecutive elements, one 16-byte access when K > 1 (the caller
 // guarantees the alignment), a plain scalar access when K == 1. Plain loads by
