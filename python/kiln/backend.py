@@ -203,6 +203,22 @@ def select(op: str, device: torch.device, dtype: torch.dtype, supported: dict) -
     return "reference"
 
 
+def kernels(name: str, modules: dict[str, str], reference, cuda=None):
+    """The kernels of backend ``name`` for one op: the op's ``reference`` or ``cuda``
+    namespace, or its kernel module (``modules[name]``), imported on first use. Every
+    form of an op offers the same function names."""
+    if name == "reference":
+        return reference
+    if name == "cuda":
+        return cuda
+    return importlib.import_module(modules[name])
+
+
+def implementation(op: str, t: torch.Tensor, supported: dict, modules: dict[str, str], reference, cuda=None):
+    """The kernels that run ``op`` on tensors like ``t``: ``select`` then ``kernels``."""
+    return kernels(select(op, t.device, t.dtype, supported), modules, reference, cuda)
+
+
 def report(op: str, supported: dict, dtype: torch.dtype = torch.float32) -> dict[str, str]:
     """For ``kiln info``: which backend ``op`` would use on each device kind present."""
     devices = [torch.device("cpu")]

@@ -19,8 +19,8 @@ Dropout on the probabilities is not implemented: dropout_p > 0 raises.
 
 from __future__ import annotations
 
-import importlib
 import math
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -126,17 +126,16 @@ DTYPES = backend.STANDARD_DTYPES
 _KERNEL_MODULES = {"triton": "kiln.kernels.triton.attention", "cpu": "kiln.kernels.cpu.attention"}
 
 
+_REFERENCE = SimpleNamespace(forward=reference_forward, backward=reference_backward)
+_CUDA = SimpleNamespace(forward=cuda_forward, backward=cuda_backward)
+
+
 def _implementation(q: Tensor):
     name = backend.select(OP, q.device, q.dtype, DTYPES)
     if name in ("triton", "cuda") and q.shape[-1] not in GPU_HEAD_DIMS:
         raise ValueError(f"{OP}: the {name} backend takes head dims {GPU_HEAD_DIMS}, got "
                          f"{q.shape[-1]} (q {tuple(q.shape)})")
-    if name == "reference":
-        return reference_forward, reference_backward
-    if name == "cuda":
-        return cuda_forward, cuda_backward
-    module = importlib.import_module(_KERNEL_MODULES[name])
-    return module.forward, module.backward
+    return backend.kernels(name, _KERNEL_MODULES, _REFERENCE, _CUDA)
 
 
 # ---------------------------------------------------------------------------------------
@@ -147,7 +146,7 @@ def _implementation(q: Tensor):
 def _attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool,
                scale: float) -> tuple[Tensor, Tensor]:
     """Returns (o, lse)."""
-    forward, _ = _implementation(q)
+    forward = _implementation(q).forward
     return forward(q, k, v, causal, key_padding_mask, scale)
 
 
@@ -160,7 +159,7 @@ def _(q, k, v, key_padding_mask, causal, scale):
 def _attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                         key_padding_mask: Optional[Tensor], causal: bool, scale: float
                         ) -> tuple[Tensor, Tensor, Tensor]:
-    _, backward = _implementation(q)
+    backward = _implementation(q).backward
     return backward(do, q, k, v, o, lse, causal, key_padding_mask, scale)
 
 

@@ -18,7 +18,6 @@ layer_norm.py) and invstd (float32; float64 for float64 input).
 
 from __future__ import annotations
 
-import importlib
 from types import SimpleNamespace
 from typing import Optional
 
@@ -123,12 +122,7 @@ _CUDA = SimpleNamespace(stats=cuda_stats, apply=cuda_apply, backward=cuda_backwa
 
 
 def _implementation(t: Tensor):
-    name = backend.select(OP, t.device, t.dtype, DTYPES)
-    if name == "reference":
-        return _REFERENCE
-    if name == "cuda":
-        return _CUDA
-    return importlib.import_module(_KERNEL_MODULES[name])
+    return backend.implementation(OP, t, DTYPES, _KERNEL_MODULES, _REFERENCE, _CUDA)
 
 
 # ---------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ Every kernel gets a row's max and log-sum-exp in one online pass, so |x| ~ 1e4 i
 
 from __future__ import annotations
 
-import importlib
 from types import SimpleNamespace
 from typing import Optional
 
@@ -152,12 +151,7 @@ _CUDA = SimpleNamespace(
 
 def _implementation(op: str, t: Tensor):
     """The kernels of the backend that runs ``op`` ("softmax" or "cross_entropy") on t."""
-    name = backend.select(op, t.device, t.dtype, DTYPES)
-    if name == "reference":
-        return _REFERENCE
-    if name == "cuda":
-        return _CUDA
-    return importlib.import_module(_KERNEL_MODULES[name])
+    return backend.implementation(op, t, DTYPES, _KERNEL_MODULES, _REFERENCE, _CUDA)
 
 
 # ---------------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ float64 input).
 
 from __future__ import annotations
 
-import importlib
 import math
+from types import SimpleNamespace
 from typing import Optional, Sequence, Union
 
 import torch
@@ -99,15 +99,12 @@ DTYPES = backend.STANDARD_DTYPES
 _KERNEL_MODULES = {"triton": "kiln.kernels.triton.layer_norm", "cpu": "kiln.kernels.cpu.layer_norm"}
 
 
+_REFERENCE = SimpleNamespace(forward=reference_forward, backward=reference_backward)
+_CUDA = SimpleNamespace(forward=cuda_forward, backward=cuda_backward)
+
+
 def _implementation(t: Tensor):
-    """(forward, backward) of the backend that runs layer_norm on t."""
-    name = backend.select(OP, t.device, t.dtype, DTYPES)
-    if name == "reference":
-        return reference_forward, reference_backward
-    if name == "cuda":
-        return cuda_forward, cuda_backward
-    module = importlib.import_module(_KERNEL_MODULES[name])
-    return module.forward, module.backward
+    return backend.implementation(OP, t, DTYPES, _KERNEL_MODULES, _REFERENCE, _CUDA)
 
 
 # ---------------------------------------------------------------------------------------
@@ -118,8 +115,7 @@ def _implementation(t: Tensor):
 def _layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
                 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (y, mean (float64), rstd)."""
-    forward, _ = _implementation(x)
-    return forward(x, weight, bias, eps)
+    return _implementation(x).forward(x, weight, bias, eps)
 
 
 @_layer_norm.register_fake
@@ -133,8 +129,7 @@ def _(x, weight, bias, eps):
 def _layer_norm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
                          need_dx: bool, need_dw: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dx, dweight, dbias), each empty when not needed."""
-    _, backward = _implementation(x)
-    grads = backward(dy, x, weight, mean, rstd, need_dx, need_dw, need_db)
+    grads = _implementation(x).backward(dy, x, weight, mean, rstd, need_dx, need_dw, need_db)
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 

@@ -13,7 +13,7 @@ as a second output), nothing for identity. Double backward is not supported.
 
 from __future__ import annotations
 
-import importlib
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -111,14 +111,12 @@ DTYPES = backend.STANDARD_DTYPES
 _KERNEL_MODULES = {"triton": "kiln.kernels.triton.linear_act", "cpu": "kiln.kernels.cpu.linear_act"}
 
 
-def _implementation(name: str):
-    """(forward, backward) of backend ``name``; kernel modules load on first use."""
-    if name == "reference":
-        return reference_forward, reference_backward
-    if name == "cuda":
-        return cuda_forward, cuda_backward
-    module = importlib.import_module(_KERNEL_MODULES[name])
-    return module.forward, module.backward
+_REFERENCE = SimpleNamespace(forward=reference_forward, backward=reference_backward)
+_CUDA = SimpleNamespace(forward=cuda_forward, backward=cuda_backward)
+
+
+def _implementation(t: Tensor):
+    return backend.implementation(OP, t, DTYPES, _KERNEL_MODULES, _REFERENCE, _CUDA)
 
 
 # ---------------------------------------------------------------------------------------
@@ -129,7 +127,7 @@ def _implementation(name: str):
 def _linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
                 save_preact: bool) -> tuple[Tensor, Tensor]:
     """Returns (y, z); z is empty unless save_preact (act' needs z and a grad is wanted)."""
-    forward, _ = _implementation(backend.select(OP, x.device, x.dtype, DTYPES))
+    forward = _implementation(x).forward
     out, preact = forward(x, weight, bias, CODE[activation], save_preact)
     return out, (preact if preact is not None else x.new_empty(0))
 
@@ -145,7 +143,7 @@ def _linear_act_backward(grad_out: Tensor, x: Tensor, weight: Tensor, saved: Opt
                          activation: str, need_dx: bool, need_dw: bool, need_db: bool
                          ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dx, dW, db), each empty when not needed."""
-    _, backward = _implementation(backend.select(OP, x.device, x.dtype, DTYPES))
+    backward = _implementation(x).backward
     grads = backward(grad_out, x, weight, saved, CODE[activation], need_dx, need_dw, need_db)
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 

@@ -18,7 +18,7 @@ outputs anyway. The state is float32 (float64 for float64) whatever the weights'
 
 from __future__ import annotations
 
-import importlib
+import sys
 from typing import Optional
 
 import torch
@@ -77,10 +77,7 @@ _KERNEL_MODULES = {"triton": "kiln.kernels.triton.rnn", "cpu": "kiln.kernels.cpu
 
 
 def _implementation(op: str, t: Tensor):
-    name = backend.select(op, t.device, t.dtype, DTYPES)
-    if name == "reference":
-        return importlib.import_module(__name__)
-    return importlib.import_module(_KERNEL_MODULES[name])
+    return backend.implementation(op, t, DTYPES, _KERNEL_MODULES, sys.modules[__name__])
 
 
 def _state_dtype(dtype):
