@@ -18,6 +18,7 @@ outputs anyway. The state is float32 (float64 for float64) whatever the weights'
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Optional
 
@@ -88,10 +89,15 @@ def _state_dtype(dtype):
 # The custom ops: one direction of one layer over T steps, (T, B, .) contiguous.
 
 
-@torch.library.custom_op("kiln::lstm_sequence", mutates_args=())
-def _lstm_sequence(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """gx (T, B, 4H), h0, c0 (B, H) state dtype -> (h_all, c_all (T, B, H), gates (T, B, 4H))."""
-    kernels = _implementation("lstm", w_hh)
+# A form offers the four step functions above; it may also offer whole-sequence ones
+# with the signatures of the step loops below (lstm_sequence_forward, ...), which the
+# custom ops then call instead of looping in Python (the numba form runs the loop in one
+# compiled function; a persistent GPU kernel would run the whole sequence in one launch).
+
+
+def lstm_sequence_forward(gx, h0, c0, w_hh, kernels=None):
+    """Step loop: gx (T, B, 4H), h0, c0 (B, H) -> (h_all, c_all (T, B, H), gates (T, B, 4H))."""
+    kernels = kernels or sys.modules[__name__]
     T = gx.shape[0]
     h_all, c_all = h0.new_empty((T, *h0.shape)), c0.new_empty((T, *c0.shape))
     gates = torch.empty_like(gx)
@@ -100,6 +106,55 @@ def _lstm_sequence(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor) -> tuple[Te
         h, c, gates[t] = kernels.lstm_step_forward(gx[t], h, c, w_hh)
         h_all[t], c_all[t] = h, c
     return h_all, c_all, gates
+
+
+def lstm_sequence_backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh, kernels=None):
+    """Step loop, reversed: -> (dpre_all (T, B, 4H), dh0, dc0)."""
+    kernels = kernels or sys.modules[__name__]
+    dpre_all = torch.empty_like(gates)
+    dh, dc = torch.zeros_like(h0), torch.zeros_like(c0)
+    for t in reversed(range(gates.shape[0])):
+        c_prev = c0 if t == 0 else c_all[t - 1]
+        dpre_all[t], dh, dc = kernels.lstm_step_backward(dh_all[t] + dh, dc_all[t] + dc, gates[t], c_prev,
+                                                         c_all[t], w_hh)
+    return dpre_all, dh, dc
+
+
+def gru_sequence_forward(gx, h0, w_hh, b_hh, kernels=None):
+    """Step loop: gx (T, B, 3H), h0 (B, H) -> (h_all (T, B, H), saved (T, B, 4H))."""
+    kernels = kernels or sys.modules[__name__]
+    T, B, H = gx.shape[0], h0.shape[0], h0.shape[1]
+    h_all, saved = h0.new_empty((T, B, H)), h0.new_empty((T, B, 4 * H))
+    h = h0
+    for t in range(T):
+        h, saved[t] = kernels.gru_step_forward(gx[t], h, w_hh, b_hh)
+        h_all[t] = h
+    return h_all, saved
+
+
+def gru_sequence_backward(dh_all, saved, h0, h_all, w_hh, kernels=None):
+    """Step loop, reversed: -> (dgx_all, dgh_all (T, B, 3H), dh0)."""
+    kernels = kernels or sys.modules[__name__]
+    T, B, H = saved.shape[0], h0.shape[0], h0.shape[1]
+    dgx_all, dgh_all = saved.new_empty((T, B, 3 * H)), saved.new_empty((T, B, 3 * H))
+    dh = torch.zeros_like(h0)
+    for t in reversed(range(T)):
+        h_prev = h0 if t == 0 else h_all[t - 1]
+        dgx_all[t], dgh_all[t], dh = kernels.gru_step_backward(dh_all[t] + dh, saved[t], h_prev, w_hh)
+    return dgx_all, dgh_all, dh
+
+
+def _sequence_function(kernels, name):
+    """The form's own whole-sequence function, else the step loop over its step functions."""
+    own = getattr(kernels, name, None)  # the reference (this module) gets its own loop here
+    return own if own is not None else functools.partial(globals()[name], kernels=kernels)
+
+
+@torch.library.custom_op("kiln::lstm_sequence", mutates_args=())
+def _lstm_sequence(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """gx (T, B, 4H), h0, c0 (B, H) state dtype -> (h_all, c_all (T, B, H), gates (T, B, 4H))."""
+    forward = _sequence_function(_implementation("lstm", w_hh), "lstm_sequence_forward")
+    return forward(gx, h0, c0, w_hh)
 
 
 @_lstm_sequence.register_fake
@@ -113,14 +168,8 @@ def _lstm_sequence_backward(dh_all: Tensor, dc_all: Tensor, gates: Tensor, h0: T
                             h_all: Tensor, c_all: Tensor, w_hh: Tensor
                             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (dgx (T, B, 4H), dh0, dc0, dw_hh)."""
-    kernels = _implementation("lstm", w_hh)
-    T = gates.shape[0]
-    dpre_all = torch.empty_like(gates)
-    dh, dc = torch.zeros_like(h0), torch.zeros_like(c0)
-    for t in reversed(range(T)):
-        c_prev = c0 if t == 0 else c_all[t - 1]
-        dpre_all[t], dh, dc = kernels.lstm_step_backward(dh_all[t] + dh, dc_all[t] + dc, gates[t], c_prev,
-                                                         c_all[t], w_hh)
+    backward = _sequence_function(_implementation("lstm", w_hh), "lstm_sequence_backward")
+    dpre_all, dh, dc = backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh)
     h_prev = torch.cat([h0[None], h_all[:-1]]).reshape(-1, h0.shape[1])
     dw_hh = dpre_all.reshape(-1, gates.shape[2]).t() @ h_prev
     return dpre_all, dh, dc, dw_hh.to(w_hh.dtype)
@@ -150,14 +199,8 @@ torch.library.register_autograd("kiln::lstm_sequence", _lstm_grad, setup_context
 @torch.library.custom_op("kiln::gru_sequence", mutates_args=())
 def _gru_sequence(gx: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """gx (T, B, 3H), h0 (B, H) -> (h_all (T, B, H), saved (T, B, 4H))."""
-    kernels = _implementation("gru", w_hh)
-    T, B, H = gx.shape[0], h0.shape[0], h0.shape[1]
-    h_all, saved = h0.new_empty((T, B, H)), h0.new_empty((T, B, 4 * H))
-    h = h0
-    for t in range(T):
-        h, saved[t] = kernels.gru_step_forward(gx[t], h, w_hh, b_hh)
-        h_all[t] = h
-    return h_all, saved
+    forward = _sequence_function(_implementation("gru", w_hh), "gru_sequence_forward")
+    return forward(gx, h0, w_hh, b_hh)
 
 
 @_gru_sequence.register_fake
@@ -170,14 +213,9 @@ def _(gx, h0, w_hh, b_hh):
 def _gru_sequence_backward(dh_all: Tensor, saved: Tensor, h0: Tensor, h_all: Tensor, w_hh: Tensor,
                            need_db: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (dgx (T, B, 3H), dh0, dw_hh, db_hh (empty unless need_db))."""
-    kernels = _implementation("gru", w_hh)
-    T, H = saved.shape[0], h0.shape[1]
-    dgx_all = saved.new_empty((T, h0.shape[0], 3 * H))
-    dgh_all = torch.empty_like(dgx_all)
-    dh = torch.zeros_like(h0)
-    for t in reversed(range(T)):
-        h_prev = h0 if t == 0 else h_all[t - 1]
-        dgx_all[t], dgh_all[t], dh = kernels.gru_step_backward(dh_all[t] + dh, saved[t], h_prev, w_hh)
+    H = h0.shape[1]
+    backward = _sequence_function(_implementation("gru", w_hh), "gru_sequence_backward")
+    dgx_all, dgh_all, dh = backward(dh_all, saved, h0, h_all, w_hh)
     h_prev = torch.cat([h0[None], h_all[:-1]]).reshape(-1, H)
     dgh = dgh_all.reshape(-1, 3 * H)
     db = dgh.sum(0).to(w_hh.dtype) if need_db else h0.new_empty(0)
