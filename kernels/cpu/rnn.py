@@ -1,4 +1,4 @@
-"""CPU form of the LSTM and GRU steps: torch's BLAS for the recurrent GEMM, numba for
+"""CPU form of LSTM and GRU layers: torch's BLAS for the recurrent GEMM, numba for
 everything pointwise around it, fused into one pass per step.
 
 A step's gates need h_{t-1} W_hh^T (a GEMM: MKL through torch.mm, DESIGN.md) added to
@@ -7,11 +7,16 @@ then applies the gate nonlinearities and the state update and writes what backwa
 needs. Backward mirrors it: one numba pass turns (dh, dc) into the pre-activation
 gradients, one GEMM carries them back through W_hh. State and gates are in the dtype
 of h (float32 or float64).
-"""
+
+This form offers the op's whole-sequence functions rather than step functions: the loop
+over steps writes every GEMM and every numba pass straight into its step's slice of the
+outputs and carries dh / dc in place, so nothing is copied or allocated per step (those
+copies were a quarter of the step time at B 32, H 512)."""
 
 import torch
 from numba import njit, prange
 
+from .blas import PackedLinear
 from .fastmath import exp, like, tanh
 
 
@@ -23,26 +28,21 @@ def _sigmoid(z):
     return one / (one + exp(-z))
 
 
-@njit(inline="always")
-def _sigmoid_inplace(v):
-    for j in range(v.size):
-        v[j] = _sigmoid(v[j])
-
-
 @njit(parallel=True, cache=True)
-def _lstm_forward(pre, c, h_next, c_next):
-    """pre (B, 4H) [i|f|g|o] -> activated in place; c_next = f c + i g; h_next = o tanh(c_next).
-    One loop per gate over its contiguous H values: a loop touching all four streams did
-    not vectorize."""
+def _lstm_forward(hw, gx, c, gates, h_next, c_next):
+    """gates (B, 4H) [i|f|g|o] = activations of hw + gx (hw = h W_hh^T); c_next = f c + i g;
+    h_next = o tanh(c_next). One loop per gate over its contiguous H values: a loop
+    touching all four streams did not vectorize."""
     B, H = c.shape
     for b in prange(B):
-        p = pre[b]
-        i, f, g, o = p[:H], p[H:2 * H], p[2 * H:3 * H], p[3 * H:]
-        _sigmoid_inplace(i)
-        _sigmoid_inplace(f)
-        _sigmoid_inplace(o)
+        p, x, a = hw[b], gx[b], gates[b]
+        for j in range(2 * H):  # i, f, o: sigmoid; g: tanh
+            a[j] = _sigmoid(p[j] + x[j])
+        for j in range(3 * H, 4 * H):
+            a[j] = _sigmoid(p[j] + x[j])
+        i, f, g, o = a[:H], a[H:2 * H], a[2 * H:3 * H], a[3 * H:]
         for j in range(H):
-            g[j] = tanh(g[j])
+            g[j] = tanh(p[2 * H + j] + x[2 * H + j])
         cb, cn, hn = c[b], c_next[b], h_next[b]
         for j in range(H):
             cn[j] = f[j] * cb[j] + i[j] * g[j]
@@ -51,18 +51,24 @@ def _lstm_forward(pre, c, h_next, c_next):
 
 
 @njit(parallel=True, cache=True)
-def _lstm_backward(dh_next, dc_next, gates, c, c_next, dpre, dc):
+def _lstm_backward(dh_out, dc_out, hw, gates, c, c_next, dpre, dc):
+    """dh_next = dh_out (this step's output gradient) + hw (dpre_{t+1} W_hh, from the
+    caller's GEMM); dc (B, H): in, dc carried from step t + 1; out, dc for step t - 1."""
     B, H = c.shape
     one = like(c[0, 0], 1.0)
     for b in prange(B):
         a, d = gates[b], dpre[b]
         i, f, g, o = a[:H], a[H:2 * H], a[2 * H:3 * H], a[3 * H:]
         di, df, dg, do = d[:H], d[H:2 * H], d[2 * H:3 * H], d[3 * H:]
-        dh, cb, cn, dcb = dh_next[b], c[b], c_next[b], dc[b]
+        cb, cn, dcb = c[b], c_next[b], dc[b]
+        for j in range(H):  # di holds dh_next until its own loop
+            di[j] = dh_out[b, j] + hw[b, j]
         for j in range(H):  # do holds tanh(c_next) until its own loop
             do[j] = tanh(cn[j])
         for j in range(H):  # dcb holds dc_tot = dc_next + dh o (1 - tanh^2) until the end
-            dcb[j] = dc_next[b, j] + dh[j] * o[j] * (one - do[j] * do[j])
+            dcb[j] = dcb[j] + dc_out[b, j] + di[j] * o[j] * (one - do[j] * do[j])
+        for j in range(H):
+            do[j] = di[j] * do[j] * o[j] * (one - o[j])
         for j in range(H):
             di[j] = dcb[j] * g[j] * i[j] * (one - i[j])
         for j in range(H):
@@ -70,23 +76,19 @@ def _lstm_backward(dh_next, dc_next, gates, c, c_next, dpre, dc):
         for j in range(H):
             dg[j] = dcb[j] * i[j] * (one - g[j] * g[j])
         for j in range(H):
-            do[j] = dh[j] * do[j] * o[j] * (one - o[j])
-        for j in range(H):
             dcb[j] = dcb[j] * f[j]
 
 
 @njit(parallel=True, cache=True)
 def _gru_forward(gx, gh, h, h_next, saved):
-    """gx, gh (B, 3H) [r|z|n]; saved (B, 4H) = [r|z|n|gh_n]."""
+    """gx, gh (B, 3H) [r|z|n] (gh = h W_hh^T + b_hh); saved (B, 4H) = [r|z|n|gh_n]."""
     B, H = h.shape
     one = like(h[0, 0], 1.0)
     for b in prange(B):
         x, y, s = gx[b], gh[b], saved[b]
         r, z, n, hn = s[:H], s[H:2 * H], s[2 * H:3 * H], s[3 * H:]
-        for j in range(H):
-            r[j] = _sigmoid(x[j] + y[j])
-        for j in range(H):
-            z[j] = _sigmoid(x[H + j] + y[H + j])
+        for j in range(2 * H):  # r and z
+            s[j] = _sigmoid(x[j] + y[j])
         for j in range(H):
             hn[j] = y[2 * H + j]
         for j in range(H):
@@ -97,14 +99,18 @@ def _gru_forward(gx, gh, h, h_next, saved):
 
 
 @njit(parallel=True, cache=True)
-def _gru_backward(dh_next, saved, h, dgx, dgh, dh):
+def _gru_backward(dh_out, hw, saved, h, dgx, dgh, dh):
+    """dh_next = dh_out + dh + hw, where dh (B, H) carries dh_{t+1} z from step t + 1 and
+    hw = dgh_{t+1} W_hh (the caller's GEMM); out: dh = dh_next z."""
     B, H = h.shape
     one = like(h[0, 0], 1.0)
     for b in prange(B):
         s, dx_, dy_ = saved[b], dgx[b], dgh[b]
         r, z, n, hn = s[:H], s[H:2 * H], s[2 * H:3 * H], s[3 * H:]
-        g, hb, dhb = dh_next[b], h[b], dh[b]
+        g, hb = dh[b], h[b]
         dr, dz, dn = dx_[:H], dx_[H:2 * H], dx_[2 * H:]
+        for j in range(H):
+            g[j] += dh_out[b, j] + hw[b, j]
         for j in range(H):
             dn[j] = g[j] * (one - z[j]) * (one - n[j] * n[j])
         for j in range(H):
@@ -116,34 +122,65 @@ def _gru_backward(dh_next, saved, h, dgx, dgh, dh):
         for j in range(H):
             dy_[2 * H + j] = dn[j] * r[j]
         for j in range(H):
-            dhb[j] = g[j] * z[j]
+            g[j] = g[j] * z[j]
 
 
-def lstm_step_forward(gx, h, c, w_hh):
-    pre = torch.addmm(gx, h, w_hh.t())
-    h_next, c_next = torch.empty_like(h), torch.empty_like(c)
-    _lstm_forward(pre.numpy(), c.numpy(), h_next.numpy(), c_next.numpy())
-    return h_next, c_next, pre
+# Whole-sequence functions (the op's interface for forms that run their own loop): every
+# numba pass writes straight into its step's slice of the outputs and the carried
+# gradients stay in place, so a step costs one GEMM (its weight packed once per
+# sequence, blas.py), one numba call and no copies.
 
 
-def lstm_step_backward(dh_next, dc_next, gates, c, c_next, w_hh):
-    dpre, dc = torch.empty_like(gates), torch.empty_like(c)
-    _lstm_backward(dh_next.numpy(), dc_next.numpy(), gates.numpy(), c.numpy(), c_next.numpy(),
-                   dpre.numpy(), dc.numpy())
-    return dpre, torch.mm(dpre, w_hh), dc
+def lstm_sequence_forward(gx, h0, c0, w_hh):
+    T, B = gx.shape[0], gx.shape[1]
+    h_all, c_all = h0.new_empty((T, *h0.shape)), c0.new_empty((T, *c0.shape))
+    gates = torch.empty_like(gx)
+    recurrent = PackedLinear(w_hh, B)
+    gx_np, gates_np, h_np, c_np = gx.numpy(), gates.numpy(), h_all.numpy(), c_all.numpy()
+    h, c = h0, c0.numpy()
+    for t in range(T):
+        _lstm_forward(recurrent(h).numpy(), gx_np[t], c, gates_np[t], h_np[t], c_np[t])
+        h, c = h_all[t], c_np[t]
+    return h_all, c_all, gates
 
 
-def gru_step_forward(gx, h, w_hh, b_hh):
-    gh = torch.mm(h, w_hh.t()) if b_hh is None else torch.addmm(b_hh, h, w_hh.t())
-    h_next = torch.empty_like(h)
-    saved = h.new_empty((h.shape[0], 4 * h.shape[1]))
-    _gru_forward(gx.numpy(), gh.numpy(), h.numpy(), h_next.numpy(), saved.numpy())
-    return h_next, saved
+def lstm_sequence_backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh):
+    T, B = gates.shape[0], gates.shape[1]
+    dpre = torch.empty_like(gates)
+    dc = torch.zeros_like(c0)
+    recurrent_t = PackedLinear(w_hh.t(), B)
+    dh_all_np, dc_all_np, gates_np, c_np, dpre_np = (dh_all.numpy(), dc_all.numpy(), gates.numpy(),
+                                                     c_all.numpy(), dpre.numpy())
+    hw = torch.zeros_like(h0)
+    for t in reversed(range(T)):
+        c_prev = c0.numpy() if t == 0 else c_np[t - 1]
+        _lstm_backward(dh_all_np[t], dc_all_np[t], hw.numpy(), gates_np[t], c_prev, c_np[t], dpre_np[t],
+                       dc.numpy())
+        hw = recurrent_t(dpre[t])
+    return dpre, hw, dc
 
 
-def gru_step_backward(dh_next, saved, h, w_hh):
-    B, H = h.shape
-    dgx, dgh = h.new_empty((B, 3 * H)), h.new_empty((B, 3 * H))
-    dh = torch.empty_like(h)
-    _gru_backward(dh_next.numpy(), saved.numpy(), h.numpy(), dgx.numpy(), dgh.numpy(), dh.numpy())
-    return dgx, dgh, dh.addmm_(dgh, w_hh)
+def gru_sequence_forward(gx, h0, w_hh, b_hh):
+    T, B, H = gx.shape[0], h0.shape[0], h0.shape[1]
+    h_all, saved = h0.new_empty((T, B, H)), h0.new_empty((T, B, 4 * H))
+    recurrent = PackedLinear(w_hh, B)
+    gx_np, h_np, saved_np = gx.numpy(), h_all.numpy(), saved.numpy()
+    h = h0
+    for t in range(T):
+        _gru_forward(gx_np[t], recurrent(h, b_hh).numpy(), h.numpy(), h_np[t], saved_np[t])
+        h = h_all[t]
+    return h_all, saved
+
+
+def gru_sequence_backward(dh_all, saved, h0, h_all, w_hh):
+    T, B, H = saved.shape[0], h0.shape[0], h0.shape[1]
+    dgx, dgh = saved.new_empty((T, B, 3 * H)), saved.new_empty((T, B, 3 * H))
+    dh, hw = torch.zeros_like(h0), torch.zeros_like(h0)
+    recurrent_t = PackedLinear(w_hh.t(), B)
+    dh_all_np, saved_np, h_np, dgx_np, dgh_np = (dh_all.numpy(), saved.numpy(), h_all.numpy(), dgx.numpy(),
+                                                 dgh.numpy())
+    for t in reversed(range(T)):
+        h_prev = h0.numpy() if t == 0 else h_np[t - 1]
+        _gru_backward(dh_all_np[t], hw.numpy(), saved_np[t], h_prev, dgx_np[t], dgh_np[t], dh.numpy())
+        hw = recurrent_t(dgh[t])
+    return dgx, dgh, dh.add_(hw)

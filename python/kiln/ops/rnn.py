@@ -89,10 +89,10 @@ def _state_dtype(dtype):
 # The custom ops: one direction of one layer over T steps, (T, B, .) contiguous.
 
 
-# A form offers the four step functions above; it may also offer whole-sequence ones
-# with the signatures of the step loops below (lstm_sequence_forward, ...), which the
-# custom ops then call instead of looping in Python (the numba form runs the loop in one
-# compiled function; a persistent GPU kernel would run the whole sequence in one launch).
+# A form offers the four step functions above, or whole-sequence functions with the
+# signatures of the step loops below (lstm_sequence_forward, ...), which the custom ops
+# then call instead (the numba form's loop writes in place, no per-step copies; a
+# persistent GPU kernel runs the whole sequence in one launch).
 
 
 def lstm_sequence_forward(gx, h0, c0, w_hh, kernels=None):
