@@ -8,6 +8,7 @@
 
 #include "kiln/api.h"
 #include "kiln/attention.h"
+#include "kiln/rnn.h"
 
 #ifndef KILN_CUDA_ARCHS
 #error "KILN_CUDA_ARCHS must name the compiled CUDA architectures (set by CMakeLists.txt)"
@@ -140,4 +141,52 @@ PYBIND11_MODULE(_cuda, m) {
         "Hq // Hkv query heads of each kv head. Shapes, dtype and masks as attention_forward; grad_out like q;\n"
         "dq like q, dk and dv like k, overwritten. workspace: attention_backward_workspace(...) float32 elements.\n"
         "Deterministic (no atomics).");
+
+  // LSTM / GRU (csrc/rnn.cu): the state (h, c, gx, outputs) is float32, w_hh and b_hh have `dtype`.
+  m.def("lstm_step_forward", &kiln::lstm_step_forward, py::arg("gx"), py::arg("h"), py::arg("c"), py::arg("w_hh"),
+        py::arg("h_next"), py::arg("c_next"), py::arg("gates"), py::arg("B"), py::arg("H"), py::arg("dtype"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "One LSTM step: pre = gx + h @ w_hh^T, [i|f|g|o] = sigmoid, sigmoid, tanh, sigmoid of pre,\n"
+        "c_next = f c + i g, h_next = o tanh(c_next). gx (B, 4H), h, c (B, H) float32; w_hh (4H, H) of dtype\n"
+        "(0 float32, 1 float16, 2 bfloat16); writes h_next, c_next (B, H) and gates (B, 4H) float32.");
+
+  m.def("lstm_step_backward", &kiln::lstm_step_backward, py::arg("dh_next"), py::arg("dc_next"), py::arg("gates"),
+        py::arg("c"), py::arg("c_next"), py::arg("w_hh"), py::arg("dpre"), py::arg("dh"), py::arg("dc"),
+        py::arg("B"), py::arg("H"), py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "Gradients of one LSTM step: dc_tot = dc_next + dh_next o (1 - tanh(c_next)^2);\n"
+        "dpre (B, 4H) the pre-activation gradients [di|df|dg|do], dh = dpre @ w_hh (B, H), dc = dc_tot f (B, H).\n"
+        "All float32 but w_hh (4H, H) of dtype; outputs must not overlap inputs.");
+
+  m.def("gru_step_forward", &kiln::gru_step_forward, py::arg("gx"), py::arg("h"), py::arg("w_hh"), py::arg("b_hh"),
+        py::arg("h_next"), py::arg("saved"), py::arg("B"), py::arg("H"), py::arg("dtype"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "One GRU step: gh = h @ w_hh^T + b_hh, r = sigmoid(gx_r + gh_r), z = sigmoid(gx_z + gh_z),\n"
+        "n = tanh(gx_n + r gh_n), h_next = (1 - z) n + z h. gx (B, 3H), h (B, H) float32; w_hh (3H, H) and\n"
+        "b_hh (3H,) or 0 of dtype; writes h_next (B, H) and saved (B, 4H) = [r|z|n|gh_n] float32.");
+
+  m.def("gru_step_backward", &kiln::gru_step_backward, py::arg("dh_next"), py::arg("saved"), py::arg("h"),
+        py::arg("w_hh"), py::arg("dgx"), py::arg("dgh"), py::arg("dh"), py::arg("B"), py::arg("H"), py::arg("dtype"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "Gradients of one GRU step from saved = [r|z|n|gh_n]: dgx (B, 3H) = [dr|dz|dn], dgh (B, 3H) = [dr|dz|dn r],\n"
+        "dh = dh_next z + dgh @ w_hh (B, H). All float32 but w_hh (3H, H) of dtype; outputs must not overlap inputs.");
+
+  m.def("rnn_sequence_fits", &kiln::rnn_sequence_fits, py::arg("gates"), py::arg("B"), py::arg("H"), py::arg("dtype"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Whether the persistent whole-sequence forward runs on the current device for gates (4 LSTM, 3 GRU),\n"
+        "batch B, hidden H and w_hh's dtype: each block's gate rows of w_hh must fit in its shared memory and\n"
+        "all blocks (one per group of ceil(H / SMs) hidden units) must be co-resident.");
+
+  m.def("lstm_sequence_forward", &kiln::lstm_sequence_forward, py::arg("gx"), py::arg("h0"), py::arg("c0"),
+        py::arg("w_hh"), py::arg("h_all"), py::arg("c_all"), py::arg("gates"), py::arg("T"), py::arg("B"),
+        py::arg("H"), py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "All T LSTM steps in one persistent cooperative launch (w_hh kept in shared memory, a grid barrier per\n"
+        "step). gx (T, B, 4H), h0, c0 (B, H) float32, w_hh (4H, H) of dtype -> h_all, c_all (T, B, H),\n"
+        "gates (T, B, 4H) float32. Returns False, doing nothing, when rnn_sequence_fits(4, B, H, dtype) is false.");
+
+  m.def("gru_sequence_forward", &kiln::gru_sequence_forward, py::arg("gx"), py::arg("h0"), py::arg("w_hh"),
+        py::arg("b_hh"), py::arg("h_all"), py::arg("saved"), py::arg("T"), py::arg("B"), py::arg("H"),
+        py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "All T GRU steps in one persistent cooperative launch. gx (T, B, 3H), h0 (B, H) float32, w_hh (3H, H)\n"
+        "and b_hh (3H,) or 0 of dtype -> h_all (T, B, H), saved (T, B, 4H) float32. Returns False, doing\n"
+        "nothing, when rnn_sequence_fits(3, B, H, dtype) is false.");
 }

@@ -8,8 +8,20 @@ recurrent GEMM h_{t-1} W_hh^T plus the gate nonlinearities and the state update 
 pass (Triton: in the GEMM's epilogue; cpu: MKL GEMM + one numba pass). Backward walks the
 steps in reverse with the fused step backward (pointwise gate gradients + the GEMM
 through W_hh) and forms dW_hh = sum_t dpre_t^T h_{t-1} as one GEMM over all steps at
-the end. A persistent GPU kernel that keeps W_hh on chip across steps is not written
-yet: each step is one launch.
+the end.
+
+The cuda form (csrc/rnn.cu) has the same four step kernels (float32 FFMA dot products on
+the weights converted to float32, gate math in the GEMM's epilogue / prologue) and a
+persistent whole-sequence forward: one cooperative launch of one wave of blocks, each
+block owning ceil(H / SMs) hidden units and keeping their gate rows of W_hh (every gate)
+in shared memory for all T steps; per step it reads h_{t-1} from L2, writes its slice of
+h_t, c_t and the gates, and meets the others at a grid barrier (cooperative_groups
+grid.sync(); the cooperative launch guarantees co-residency, so the barrier cannot hang).
+It runs when the slice fits in shared memory (on an H100, 227 KiB a block: H <= 1210
+for an LSTM with float32 weights, 1709 with 16-bit weights; GRU 1417 / 1905; any batch),
+else the forward is the step loop over the step kernels. Backward is the step
+loop over the cuda step-backward kernels either way. The Triton form is one launch per
+step.
 
 Saved for backward, per step: LSTM the activated gates (4H) and the cell state; GRU
 r, z, n and the n-part of h W_hh^T + b_hh (4H); plus the hidden states, which are
@@ -20,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -28,6 +41,7 @@ from torch import Tensor
 from kiln import backend
 
 from ._checks import check_floating, check_same_device_dtype
+from ._cuda_launch import DTYPE_CODE, ptr, stream
 from .linear_act import linear_act
 
 # ---------------------------------------------------------------------------------------
@@ -71,14 +85,124 @@ def gru_step_backward(dh_next, saved, h, w_hh):
 
 
 # ---------------------------------------------------------------------------------------
-# The table of implementations (no CUDA C++ form yet).
+# The cuda backend.
+#
+# csrc/rnn.cu: the four step kernels (state float32, w_hh / b_hh float32, float16 or
+# bfloat16), and the persistent whole-sequence forwards, which keep each block's gate rows
+# of w_hh in shared memory for all T steps with a grid barrier per step. The persistent
+# forward runs when kiln._cuda.rnn_sequence_fits(gates, B, H, dtype) (H <= 1210 for an
+# LSTM with float32 weights on an H100, any B) and otherwise falls back to the step loop
+# over the step kernels. Backward is always the step loop over the step-backward kernels.
 
-DTYPES = {name: dtypes for name, dtypes in backend.STANDARD_DTYPES.items() if name != "cuda"}
+
+def _cuda_state(op, *states):
+    for s in states:
+        if s.dtype != torch.float32:
+            raise TypeError(f"{op} (cuda): the state must be float32, got {s.dtype}")
+
+
+def cuda_lstm_step_forward(gx, h, c, w_hh):
+    """kiln._cuda.lstm_step_forward: -> (h_next, c_next, gates (B, 4H)), float32."""
+    _cuda_state("lstm_step_forward", gx, h, c)
+    ext = backend.cuda_extension()
+    B, H = h.shape
+    h_next, c_next = torch.empty_like(h), torch.empty_like(c)
+    gates = h.new_empty((B, 4 * H))
+    with torch.cuda.device(h.device):
+        ext.lstm_step_forward(ptr(gx), ptr(h), ptr(c), ptr(w_hh), ptr(h_next), ptr(c_next), ptr(gates), B, H,
+                              DTYPE_CODE[w_hh.dtype], stream(h))
+    return h_next, c_next, gates
+
+
+def cuda_lstm_step_backward(dh_next, dc_next, gates, c, c_next, w_hh):
+    """kiln._cuda.lstm_step_backward: -> (dpre (B, 4H), dh, dc), float32."""
+    _cuda_state("lstm_step_backward", dh_next, dc_next, gates, c, c_next)
+    ext = backend.cuda_extension()
+    B, H = c.shape
+    dpre, dh, dc = torch.empty_like(gates), torch.empty_like(c), torch.empty_like(c)
+    with torch.cuda.device(c.device):
+        ext.lstm_step_backward(ptr(dh_next), ptr(dc_next), ptr(gates), ptr(c), ptr(c_next), ptr(w_hh), ptr(dpre),
+                               ptr(dh), ptr(dc), B, H, DTYPE_CODE[w_hh.dtype], stream(c))
+    return dpre, dh, dc
+
+
+def cuda_gru_step_forward(gx, h, w_hh, b_hh):
+    """kiln._cuda.gru_step_forward: -> (h_next, saved (B, 4H) = [r | z | n | gh_n]), float32."""
+    _cuda_state("gru_step_forward", gx, h)
+    ext = backend.cuda_extension()
+    B, H = h.shape
+    h_next, saved = torch.empty_like(h), h.new_empty((B, 4 * H))
+    with torch.cuda.device(h.device):
+        ext.gru_step_forward(ptr(gx), ptr(h), ptr(w_hh), ptr(b_hh), ptr(h_next), ptr(saved), B, H,
+                             DTYPE_CODE[w_hh.dtype], stream(h))
+    return h_next, saved
+
+
+def cuda_gru_step_backward(dh_next, saved, h, w_hh):
+    """kiln._cuda.gru_step_backward: -> (dgx, dgh (B, 3H), dh), float32."""
+    _cuda_state("gru_step_backward", dh_next, saved, h)
+    ext = backend.cuda_extension()
+    B, H = h.shape
+    dgx, dgh, dh = h.new_empty((B, 3 * H)), h.new_empty((B, 3 * H)), torch.empty_like(h)
+    with torch.cuda.device(h.device):
+        ext.gru_step_backward(ptr(dh_next), ptr(saved), ptr(h), ptr(w_hh), ptr(dgx), ptr(dgh), ptr(dh), B, H,
+                              DTYPE_CODE[w_hh.dtype], stream(h))
+    return dgx, dgh, dh
+
+
+def cuda_sequence_fits(gates: int, B: int, H: int, w_hh: Tensor) -> bool:
+    """Whether the persistent forward runs for this shape and weight dtype on w_hh's device."""
+    ext = backend.cuda_extension()
+    with torch.cuda.device(w_hh.device):
+        return bool(ext.rnn_sequence_fits(gates, B, H, DTYPE_CODE[w_hh.dtype]))
+
+
+def cuda_lstm_sequence_forward(gx, h0, c0, w_hh):
+    """The persistent kernel (one cooperative launch for all T steps) when the shape fits,
+    else the step loop over the cuda step kernels. -> (h_all, c_all, gates)."""
+    _cuda_state("lstm_sequence_forward", gx, h0, c0)
+    ext = backend.cuda_extension()
+    T, B, H = gx.shape[0], h0.shape[0], h0.shape[1]
+    h_all, c_all, gates = h0.new_empty((T, B, H)), c0.new_empty((T, B, H)), torch.empty_like(gx)
+    with torch.cuda.device(h0.device):
+        ran = ext.lstm_sequence_forward(ptr(gx), ptr(h0), ptr(c0), ptr(w_hh), ptr(h_all), ptr(c_all), ptr(gates),
+                                        T, B, H, DTYPE_CODE[w_hh.dtype], stream(h0))
+    if ran:
+        return h_all, c_all, gates
+    return lstm_sequence_forward(gx, h0, c0, w_hh, kernels=_CUDA_STEPS)
+
+
+def cuda_gru_sequence_forward(gx, h0, w_hh, b_hh):
+    """The persistent kernel when the shape fits, else the step loop. -> (h_all, saved)."""
+    _cuda_state("gru_sequence_forward", gx, h0)
+    ext = backend.cuda_extension()
+    T, B, H = gx.shape[0], h0.shape[0], h0.shape[1]
+    h_all, saved = h0.new_empty((T, B, H)), h0.new_empty((T, B, 4 * H))
+    with torch.cuda.device(h0.device):
+        ran = ext.gru_sequence_forward(ptr(gx), ptr(h0), ptr(w_hh), ptr(b_hh), ptr(h_all), ptr(saved), T, B, H,
+                                       DTYPE_CODE[w_hh.dtype], stream(h0))
+    if ran:
+        return h_all, saved
+    return gru_sequence_forward(gx, h0, w_hh, b_hh, kernels=_CUDA_STEPS)
+
+
+# The step functions alone (the fallback's kernels), and the form the dispatcher gets:
+# with its own sequence forwards; the sequence backwards are the step loops over it.
+_CUDA_STEPS = SimpleNamespace(lstm_step_forward=cuda_lstm_step_forward, lstm_step_backward=cuda_lstm_step_backward,
+                              gru_step_forward=cuda_gru_step_forward, gru_step_backward=cuda_gru_step_backward)
+_CUDA = SimpleNamespace(**vars(_CUDA_STEPS), lstm_sequence_forward=cuda_lstm_sequence_forward,
+                        gru_sequence_forward=cuda_gru_sequence_forward)
+
+
+# ---------------------------------------------------------------------------------------
+# The table of implementations.
+
+DTYPES = backend.STANDARD_DTYPES
 _KERNEL_MODULES = {"triton": "kiln.kernels.triton.rnn", "cpu": "kiln.kernels.cpu.rnn"}
 
 
 def _implementation(op: str, t: Tensor):
-    return backend.implementation(op, t, DTYPES, _KERNEL_MODULES, sys.modules[__name__])
+    return backend.implementation(op, t, DTYPES, _KERNEL_MODULES, sys.modules[__name__], _CUDA)
 
 
 def _state_dtype(dtype):

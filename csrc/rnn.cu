@@ -1,0 +1,803 @@
+// LSTM and GRU: the fused step kernels and a persistent whole-sequence forward.
+//
+// The op layer (python/kiln/ops/rnn.py) forms the input projection gx of every step with
+// one big GEMM up front and dW_hh with one big GEMM at the end; what runs here is the
+// recurrence. Gate order and layout are torch's (LSTM [i | f | g | o], GRU [r | z | n]).
+// The state is float32; w_hh is float32, float16 or bfloat16 and is converted to float32
+// as it is staged, so every dot product is float32 FFMA (no operand rounding, no tf32).
+//
+// Step kernels: a block of 256 threads owns a tile of kTileRows (16) batch rows x
+// kTileUnits (32) hidden units j; grid (cdiv(H, 32), cdiv(B, 16)).
+//   forward   the GEMM h w_hh^T with G (4 LSTM, 3 GRU) accumulators per (row, unit), the
+//             columns j, H + j, 2H + j (, 3H + j) of w_hh^T; the reduction over k runs in
+//             slices of kTileK (32) staged in shared memory, and the epilogue does the
+//             whole cell update. Lane = unit j of the tile, warp w = rows 2w, 2w + 1, so a
+//             thread holds 2 x G accumulators.
+//   backward  dh = dpre w_hh (or dgh w_hh): tile (rows x units j), loop over the hidden
+//             units k in slices; the prologue forms the G pointwise gradients of slice k
+//             from the saved gates into shared memory and the slice's G x 32 rows of w_hh
+//             are staged beside them. kTileK == kTileUnits, so slice k0 is the unit tile
+//             j0 == k0 of the same row tile: that block alone stores dpre / dc (dgx / dgh)
+//             of the slice, so each element is written once, deterministically.
+//
+// Persistent forward (lstm_sequence_forward, gru_sequence_forward): one cooperative
+// launch runs all T steps. Block b owns U = cdiv(H, SMs) hidden units j0 = b U .. and
+// keeps their G x U rows of w_hh (rows q H + j, every gate q, all H columns) in shared
+// memory for the whole sequence. Per step it stages a tile of up to 64 rows of h_{t-1}
+// (L2, __ldcg) in shared memory; each warp takes (unit u, 8 rows) items: the lanes split
+// k, hold 8 x G partial dot products, reduce them over the warp with shuffles, and lanes
+// 0..7 finish rows b0 .. b0 + 7 (gates, c, h, stored to global). Then a grid-wide barrier
+// (cooperative_groups::this_grid().sync()) before step t + 1 reads h_t.
+//   Why cooperative groups: cudaLaunchCooperativeKernel refuses (an error, not a hang) a
+//   grid whose blocks cannot all be resident at once, which is the condition under
+//   which a spin-waiting barrier deadlocks; a hand-rolled atomic counter would need the
+//   same occupancy argument without that guarantee (MPS, other streams' kernels). Every
+//   block, including one with no units, executes every grid.sync(): the step loop and
+//   the barrier are outside all unit-dependent branches.
+//   Limits: the slice must fit with at least 8 rows of h: G U H bytes(w) + 8 H 4 <= the
+//   opt-in shared memory per block (227 KiB on H100, 132 SMs; 163 KiB on A100, 108 SMs).
+//   With U = cdiv(H, SMs) that gives, on H100: H <= 1210 (LSTM, float32 weights), 1709
+//   (LSTM, 16-bit weights), 1417 / 1905 (GRU); on A100: 948 / 1296 (LSTM), 1080 / 1438
+//   (GRU); any B (rows are tiled). rnn_sequence_fits() says exactly; otherwise the op
+//   runs the step loop over the step kernels.
+#include <cooperative_groups.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <string>
+#include <utility>
+
+#include "kiln/activations.cuh"
+#include "kiln/common.cuh"
+#include "kiln/dispatch.cuh"
+#include "kiln/rnn.h"
+
+namespace kiln {
+namespace {
+
+namespace cg = cooperative_groups;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+// ---------------------------------------------------------------------------
+// Step kernels.
+
+constexpr int kTileRows = 16;   // batch rows of a block's tile
+constexpr int kTileUnits = 32;  // hidden units of a block's tile: lane = unit
+constexpr int kTileK = 32;      // reduction slice
+constexpr int kRowsPerThread = kTileRows / kWarps;
+constexpr int kLdW = kTileUnits + 1;  // padded row (one k, all units) of a staged weight slice
+static_assert(kTileUnits == 32, "a warp's lanes are the tile's hidden units");
+static_assert(kTileK == kTileUnits, "backward: slice k0 is stored by the block of unit tile j0 == k0");
+static_assert(kTileRows % kWarps == 0, "every warp owns the same number of rows");
+static_assert((kTileRows * kTileK) % kThreads == 0, "the prologue's (row, k) pairs divide among the threads");
+
+// ws[(q kTileK + kk) kLdW + u] = w[q H + j0 + u, k0 + kk]: the forward's slice of w_hh^T for
+// gate q (reads run along k in global memory; the padded rows keep the transposed shared
+// stores and the lane-wise reads free of bank conflicts). Zero past H either way.
+template <typename T, int G>
+__device__ __forceinline__ void stage_w_transposed(const T* __restrict__ w, int H, int j0, int k0, float* ws) {
+  for (int e = static_cast<int>(threadIdx.x); e < G * kTileUnits * kTileK; e += kThreads) {
+    const int kk = e % kTileK;
+    const int u = e / kTileK % kTileUnits;
+    const int q = e / (kTileK * kTileUnits);
+    const int j = j0 + u;
+    const int k = k0 + kk;
+    float v = 0.f;
+    if (j < H && k < H) v = to_float(w[(static_cast<std::int64_t>(q) * H + j) * H + k]);
+    ws[(q * kTileK + kk) * kLdW + u] = v;
+  }
+}
+
+// ws[(q kTileK + kk) kLdW + u] = w[q H + k0 + kk, j0 + u]: the backward's slice of w_hh
+// (reads run along j). Zero past H either way.
+template <typename T, int G>
+__device__ __forceinline__ void stage_w_rows(const T* __restrict__ w, int H, int j0, int k0, float* ws) {
+  for (int e = static_cast<int>(threadIdx.x); e < G * kTileUnits * kTileK; e += kThreads) {
+    const int u = e % kTileUnits;
+    const int kk = e / kTileUnits % kTileK;
+    const int q = e / (kTileK * kTileUnits);
+    const int j = j0 + u;
+    const int k = k0 + kk;
+    float v = 0.f;
+    if (j < H && k < H) v = to_float(w[(static_cast<std::int64_t>(q) * H + k) * H + j]);
+    ws[(q * kTileK + kk) * kLdW + u] = v;
+  }
+}
+
+// acc[i][q] = sum_k h[b0 + row_i, k] w[q H + j0 + lane, k], row_i = warp kRowsPerThread + i.
+// Rows past B and units past H accumulate zeros (never stored).
+template <typename T, int G>
+__device__ __forceinline__ void step_forward_gemm(const float* __restrict__ h, const T* __restrict__ w, int B, int H,
+                                                  int b0, int j0, float (&acc)[kRowsPerThread][G], float* hs,
+                                                  float* ws) {
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const int row0 = static_cast<int>(threadIdx.x) / 32 * kRowsPerThread;
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i) {
+#pragma unroll
+    for (int q = 0; q < G; ++q) acc[i][q] = 0.f;
+  }
+  for (int k0 = 0; k0 < H; k0 += kTileK) {
+    for (int e = static_cast<int>(threadIdx.x); e < kTileRows * kTileK; e += kThreads) {
+      const int b = b0 + e / kTileK;
+      const int k = k0 + e % kTileK;
+      hs[e] = b < B && k < H ? h[static_cast<std::int64_t>(b) * H + k] : 0.f;
+    }
+    stage_w_transposed<T, G>(w, H, j0, k0, ws);
+    __syncthreads();
+#pragma unroll 8  // 2 and 4 left one 4-byte spill on sm_80 or sm_90 (ptxas 13.0); 8 has none
+    for (int kk = 0; kk < kTileK; ++kk) {
+      float wv[G];
+#pragma unroll
+      for (int q = 0; q < G; ++q) wv[q] = ws[(q * kTileK + kk) * kLdW + lane];
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i) {
+        const float a = hs[(row0 + i) * kTileK + kk];  // a broadcast: one row for the whole warp
+#pragma unroll
+        for (int q = 0; q < G; ++q) acc[i][q] = fmaf(a, wv[q], acc[i][q]);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    lstm_step_forward_kernel(const float* __restrict__ gx, const float* __restrict__ h, const float* __restrict__ c,
+                             const T* __restrict__ w, float* __restrict__ h_next, float* __restrict__ c_next,
+                             float* __restrict__ gates, int B, int H) {
+  __shared__ float hs[kTileRows * kTileK];
+  __shared__ float ws[4 * kTileK * kLdW];
+  const int b0 = static_cast<int>(blockIdx.y) * kTileRows;
+  const int j0 = static_cast<int>(blockIdx.x) * kTileUnits;
+  float acc[kRowsPerThread][4];
+  step_forward_gemm<T, 4>(h, w, B, H, b0, j0, acc, hs, ws);
+
+  const int j = j0 + static_cast<int>(threadIdx.x) % 32;
+  if (j >= H) return;  // after the last barrier
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i) {
+    const int b = b0 + static_cast<int>(threadIdx.x) / 32 * kRowsPerThread + i;
+    if (b >= B) continue;
+    const std::int64_t g = static_cast<std::int64_t>(b) * 4 * H + j;
+    const std::int64_t s = static_cast<std::int64_t>(b) * H + j;
+    const float ig = sigmoid(acc[i][0] + gx[g]);
+    const float fg = sigmoid(acc[i][1] + gx[g + H]);
+    const float gg = tanhf(acc[i][2] + gx[g + 2 * H]);
+    const float og = sigmoid(acc[i][3] + gx[g + 3 * H]);
+    const float cn = fg * c[s] + ig * gg;
+    c_next[s] = cn;
+    h_next[s] = og * tanhf(cn);
+    gates[g] = ig;
+    gates[g + H] = fg;
+    gates[g + 2 * H] = gg;
+    gates[g + 3 * H] = og;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    gru_step_forward_kernel(const float* __restrict__ gx, const float* __restrict__ h, const T* __restrict__ w,
+                            const T* __restrict__ bias, float* __restrict__ h_next, float* __restrict__ saved, int B,
+                            int H) {
+  __shared__ float hs[kTileRows * kTileK];
+  __shared__ float ws[3 * kTileK * kLdW];
+  const int b0 = static_cast<int>(blockIdx.y) * kTileRows;
+  const int j0 = static_cast<int>(blockIdx.x) * kTileUnits;
+  float acc[kRowsPerThread][3];
+  step_forward_gemm<T, 3>(h, w, B, H, b0, j0, acc, hs, ws);
+
+  const int j = j0 + static_cast<int>(threadIdx.x) % 32;
+  if (j >= H) return;  // after the last barrier
+  float br = 0.f, bz = 0.f, bn = 0.f;
+  if (bias != nullptr) {
+    br = to_float(bias[j]);
+    bz = to_float(bias[H + j]);
+    bn = to_float(bias[2 * H + j]);
+  }
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i) {
+    const int b = b0 + static_cast<int>(threadIdx.x) / 32 * kRowsPerThread + i;
+    if (b >= B) continue;
+    const std::int64_t g = static_cast<std::int64_t>(b) * 3 * H + j;
+    const std::int64_t s = static_cast<std::int64_t>(b) * H + j;
+    const std::int64_t v = static_cast<std::int64_t>(b) * 4 * H + j;
+    const float r = sigmoid(gx[g] + (acc[i][0] + br));
+    const float z = sigmoid(gx[g + H] + (acc[i][1] + bz));
+    const float ghn = acc[i][2] + bn;
+    const float n = tanhf(gx[g + 2 * H] + r * ghn);
+    h_next[s] = (1.f - z) * n + z * h[s];
+    saved[v] = r;
+    saved[v + H] = z;
+    saved[v + 2 * H] = n;
+    saved[v + 3 * H] = ghn;
+  }
+}
+
+// acc[i] += sum_{q, kk} ds[q][row_i][kk] ws[q][kk][lane] over one staged slice.
+template <int G>
+__device__ __forceinline__ void step_backward_mma(const float* ds, const float* ws, float (&acc)[kRowsPerThread]) {
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const int row0 = static_cast<int>(threadIdx.x) / 32 * kRowsPerThread;
+#pragma unroll 4
+  for (int kk = 0; kk < kTileK; ++kk) {
+#pragma unroll
+    for (int q = 0; q < G; ++q) {
+      const float wv = ws[(q * kTileK + kk) * kLdW + lane];
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i) {
+        acc[i] = fmaf(ds[(q * kTileRows + row0 + i) * kTileK + kk], wv, acc[i]);
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    lstm_step_backward_kernel(const float* __restrict__ dh_next, const float* __restrict__ dc_next,
+                              const float* __restrict__ gates, const float* __restrict__ c,
+                              const float* __restrict__ c_next, const T* __restrict__ w, float* __restrict__ dpre,
+                              float* __restrict__ dh, float* __restrict__ dc, int B, int H) {
+  __shared__ float ds[4 * kTileRows * kTileK];  // ds[q][row][kk]: the slice's dpre
+  __shared__ float ws[4 * kTileK * kLdW];
+  const int b0 = static_cast<int>(blockIdx.y) * kTileRows;
+  const int j0 = static_cast<int>(blockIdx.x) * kTileUnits;
+  float acc[kRowsPerThread];
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i) acc[i] = 0.f;
+
+  for (int k0 = 0; k0 < H; k0 += kTileK) {
+    const bool owner = k0 == j0;  // the one block of this row tile that stores slice k0
+    for (int e = static_cast<int>(threadIdx.x); e < kTileRows * kTileK; e += kThreads) {
+      const int r = e / kTileK;
+      const int kk = e % kTileK;
+      const int b = b0 + r;
+      const int k = k0 + kk;
+      float d[4] = {0.f, 0.f, 0.f, 0.f};
+      if (b < B && k < H) {
+        const std::int64_t s = static_cast<std::int64_t>(b) * H + k;
+        const std::int64_t g = static_cast<std::int64_t>(b) * 4 * H + k;
+        const float ig = gates[g];
+        const float fg = gates[g + H];
+        const float gg = gates[g + 2 * H];
+        const float og = gates[g + 3 * H];
+        const float tc = tanhf(c_next[s]);
+        const float dhn = dh_next[s];
+        const float dct = dc_next[s] + dhn * og * (1.f - tc * tc);
+        d[0] = dct * gg * (ig * (1.f - ig));
+        d[1] = dct * c[s] * (fg * (1.f - fg));
+        d[2] = dct * ig * (1.f - gg * gg);
+        d[3] = dhn * tc * (og * (1.f - og));
+        if (owner) {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) dpre[g + q * H] = d[q];
+          dc[s] = dct * fg;
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < 4; ++q) ds[(q * kTileRows + r) * kTileK + kk] = d[q];
+    }
+    stage_w_rows<T, 4>(w, H, j0, k0, ws);
+    __syncthreads();
+    step_backward_mma<4>(ds, ws, acc);
+    __syncthreads();
+  }
+
+  const int j = j0 + static_cast<int>(threadIdx.x) % 32;
+  if (j >= H) return;
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i) {
+    const int b = b0 + static_cast<int>(threadIdx.x) / 32 * kRowsPerThread + i;
+    if (b < B) dh[static_cast<std::int64_t>(b) * H + j] = acc[i];
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    gru_step_backward_kernel(const float* __restrict__ dh_next, const float* __restrict__ saved,
+                             const float* __restrict__ h, const T* __restrict__ w, float* __restrict__ dgx,
+                             float* __restrict__ dgh, float* __restrict__ dh, int B, int H) {
+  __shared__ float ds[3 * kTileRows * kTileK];  // ds[q][row][kk]: the slice's dgh
+  __shared__ float ws[3 * kTileK * kLdW];
+  const int b0 = static_cast<int>(blockIdx.y) * kTileRows;
+  const int j0 = static_cast<int>(blockIdx.x) * kTileUnits;
+  float acc[kRowsPerThread];
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i) acc[i] = 0.f;
+
+  for (int k0 = 0; k0 < H; k0 += kTileK) {
+    const bool owner = k0 == j0;  // the one block of this row tile that stores slice k0
+    for (int e = static_cast<int>(threadIdx.x); e < kTileRows * kTileK; e += kThreads) {
+      const int r = e / kTileK;
+      const int kk = e % kTileK;
+      const int b = b0 + r;
+      const int k = k0 + kk;
+      float d[3] = {0.f, 0.f, 0.f};
+      if (b < B && k < H) {
+        const std::int64_t s = static_cast<std::int64_t>(b) * H + k;
+        const std::int64_t v = static_cast<std::int64_t>(b) * 4 * H + k;
+        const float r_ = saved[v];
+        const float z = saved[v + H];
+        const float n = saved[v + 2 * H];
+        const float ghn = saved[v + 3 * H];
+        const float dhn = dh_next[s];
+        const float dn = dhn * (1.f - z) * (1.f - n * n);
+        const float dz = dhn * (h[s] - n) * (z * (1.f - z));
+        const float dr = dn * ghn * (r_ * (1.f - r_));
+        d[0] = dr;
+        d[1] = dz;
+        d[2] = dn * r_;
+        if (owner) {
+          const std::int64_t g = static_cast<std::int64_t>(b) * 3 * H + k;
+          dgx[g] = dr;
+          dgx[g + H] = dz;
+          dgx[g + 2 * H] = dn;
+          dgh[g] = dr;
+          dgh[g + H] = dz;
+          dgh[g + 2 * H] = d[2];
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < 3; ++q) ds[(q * kTileRows + r) * kTileK + kk] = d[q];
+    }
+    stage_w_rows<T, 3>(w, H, j0, k0, ws);
+    __syncthreads();
+    step_backward_mma<3>(ds, ws, acc);
+    __syncthreads();
+  }
+
+  const int j = j0 + static_cast<int>(threadIdx.x) % 32;
+  if (j >= H) return;
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i) {
+    const int b = b0 + static_cast<int>(threadIdx.x) / 32 * kRowsPerThread + i;
+    if (b >= B) continue;
+    const std::int64_t s = static_cast<std::int64_t>(b) * H + j;
+    const float z = saved[static_cast<std::int64_t>(b) * 4 * H + H + j];
+    dh[s] = acc[i] + dh_next[s] * z;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Persistent whole-sequence forward.
+
+constexpr int kSeqRows = 8;          // rows of one warp item; lanes 0..7 finish them
+constexpr int kSeqMaxTileRows = 64;  // rows of h_{t-1} staged in shared memory at once
+static_assert(kSeqRows <= 32 && kSeqMaxTileRows % kSeqRows == 0, "tile rows come in whole warp items");
+
+// acc[r][q] = sum_k hs[r H + k] ws[(q U + u) H + k] for the item's kSeqRows rows of hs; the
+// lanes split k and every lane ends with every total (butterfly shuffles).
+template <typename T, int G>
+__device__ __forceinline__ void sequence_item_dots(const float* hs, const T* ws, int U, int u, int H,
+                                                   float (&acc)[kSeqRows][G]) {
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+#pragma unroll
+  for (int r = 0; r < kSeqRows; ++r) {
+#pragma unroll
+    for (int q = 0; q < G; ++q) acc[r][q] = 0.f;
+  }
+  for (int k = lane; k < H; k += 32) {
+    float wv[G];
+#pragma unroll
+    for (int q = 0; q < G; ++q) wv[q] = to_float(ws[(q * U + u) * H + k]);
+#pragma unroll
+    for (int r = 0; r < kSeqRows; ++r) {
+      const float a = hs[r * H + k];
+#pragma unroll
+      for (int q = 0; q < G; ++q) acc[r][q] = fmaf(a, wv[q], acc[r][q]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kSeqRows; ++r) {
+#pragma unroll
+    for (int q = 0; q < G; ++q) {
+#pragma unroll
+      for (int offset = 16; offset > 0; offset /= 2) acc[r][q] += __shfl_xor_sync(0xffffffffu, acc[r][q], offset);
+    }
+  }
+}
+
+// Lane r < kSeqRows takes row r's G totals (register arrays need compile-time indices).
+template <int G>
+__device__ __forceinline__ void row_of_lane(const float (&acc)[kSeqRows][G], float (&pre)[G]) {
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+#pragma unroll
+  for (int q = 0; q < G; ++q) pre[q] = 0.f;
+#pragma unroll
+  for (int r = 0; r < kSeqRows; ++r) {
+    if (lane == r) {
+#pragma unroll
+      for (int q = 0; q < G; ++q) pre[q] = acc[r][q];
+    }
+  }
+}
+
+// Shared memory: the slice of w_hh (G U H elements of T, from offset 0) and then the
+// staged rows of h (tile_rows H floats).
+__host__ __device__ constexpr std::int64_t sequence_w_bytes(int gates, std::int64_t U, std::int64_t H,
+                                                            std::int64_t elem_bytes) {
+  return (gates * U * H * elem_bytes + 15) / 16 * 16;
+}
+
+// Copies rows q H + j0 + u (u < units) of w into ws[(q U + u) H + k].
+template <typename T, int G>
+__device__ __forceinline__ void load_weight_slice(const T* __restrict__ w, int H, int j0, int U, int units, T* ws) {
+  const int per_gate = units * H;
+  for (int e = static_cast<int>(threadIdx.x); e < G * per_gate; e += kThreads) {
+    const int q = e / per_gate;
+    const int u = e % per_gate / H;
+    const int k = e % H;
+    ws[(q * U + u) * H + k] = w[(static_cast<std::int64_t>(q) * H + j0 + u) * H + k];
+  }
+}
+
+// hs[r H + k] = h[b0 + r, k] for r < tile_rows, zero past B; h was written by other
+// blocks before the last grid barrier, so it is read from L2 (__ldcg), never from L1.
+__device__ __forceinline__ void stage_state_rows(const float* h, int B, int H, int b0, int tile_rows, float* hs) {
+  const int n = tile_rows * H;
+  for (int e = static_cast<int>(threadIdx.x); e < n; e += kThreads) {
+    const int b = b0 + e / H;
+    hs[e] = b < B ? __ldcg(h + static_cast<std::int64_t>(b) * H + e % H) : 0.f;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
+    lstm_sequence_kernel(const float* __restrict__ gx, const float* __restrict__ h0, const float* __restrict__ c0,
+                         const T* __restrict__ w, float* h_all, float* c_all, float* __restrict__ gates, int steps,
+                         int B, int H, int U, int tile_rows) {
+  constexpr int G = 4;
+  extern __shared__ __align__(16) unsigned char seq_smem[];
+  T* ws = reinterpret_cast<T*>(seq_smem);
+  float* hs = reinterpret_cast<float*>(seq_smem + sequence_w_bytes(G, U, H, sizeof(T)));
+  cg::grid_group grid = cg::this_grid();
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  const int j0 = static_cast<int>(blockIdx.x) * U;
+  const int units = max(0, min(U, H - j0));  // 0 only if the grid were oversized; still syncs
+  load_weight_slice<T, G>(w, H, j0, U, units, ws);
+  const int items = units * (tile_rows / kSeqRows);
+  const std::int64_t step_state = static_cast<std::int64_t>(B) * H;
+
+  for (int t = 0; t < steps; ++t) {
+    const float* h_prev = t == 0 ? h0 : h_all + (t - 1) * step_state;
+    const float* c_prev = t == 0 ? c0 : c_all + (t - 1) * step_state;
+    const float* gx_t = gx + static_cast<std::int64_t>(t) * 4 * step_state;
+    float* h_t = h_all + t * step_state;
+    float* c_t = c_all + t * step_state;
+    float* gates_t = gates + static_cast<std::int64_t>(t) * 4 * step_state;
+    for (int b0 = 0; b0 < B; b0 += tile_rows) {
+      __syncthreads();  // the previous tile's items are done with hs (and ws is loaded)
+      stage_state_rows(h_prev, B, H, b0, tile_rows, hs);
+      __syncthreads();
+      for (int item = warp; item < items; item += kWarps) {
+        const int u = item % units;
+        const int rows0 = item / units * kSeqRows;
+        float acc[kSeqRows][G];
+        sequence_item_dots<T, G>(hs + rows0 * H, ws, U, u, H, acc);
+        float pre[G];
+        row_of_lane<G>(acc, pre);
+        const int b = b0 + rows0 + lane;
+        if (lane < kSeqRows && b < B) {
+          const int j = j0 + u;
+          const std::int64_t s = static_cast<std::int64_t>(b) * H + j;
+          const std::int64_t g = static_cast<std::int64_t>(b) * 4 * H + j;
+          const float ig = sigmoid(pre[0] + gx_t[g]);
+          const float fg = sigmoid(pre[1] + gx_t[g + H]);
+          const float gg = tanhf(pre[2] + gx_t[g + 2 * H]);
+          const float og = sigmoid(pre[3] + gx_t[g + 3 * H]);
+          // c_prev[b, j] was written by this block (or is c0); read past L1 like h.
+          const float cn = fg * __ldcg(c_prev + s) + ig * gg;
+          c_t[s] = cn;
+          h_t[s] = og * tanhf(cn);
+          gates_t[g] = ig;
+          gates_t[g + H] = fg;
+          gates_t[g + 2 * H] = gg;
+          gates_t[g + 3 * H] = og;
+        }
+      }
+    }
+    grid.sync();  // h_t complete everywhere before any block stages it; every block, every step
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
+    gru_sequence_kernel(const float* __restrict__ gx, const float* __restrict__ h0, const T* __restrict__ w,
+                        const T* __restrict__ bias, float* h_all, float* __restrict__ saved, int steps, int B, int H,
+                        int U, int tile_rows) {
+  constexpr int G = 3;
+  extern __shared__ __align__(16) unsigned char seq_smem[];
+  T* ws = reinterpret_cast<T*>(seq_smem);
+  float* hs = reinterpret_cast<float*>(seq_smem + sequence_w_bytes(G, U, H, sizeof(T)));
+  cg::grid_group grid = cg::this_grid();
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  const int j0 = static_cast<int>(blockIdx.x) * U;
+  const int units = max(0, min(U, H - j0));  // 0 only if the grid were oversized; still syncs
+  load_weight_slice<T, G>(w, H, j0, U, units, ws);
+  const int items = units * (tile_rows / kSeqRows);
+  const std::int64_t step_state = static_cast<std::int64_t>(B) * H;
+
+  for (int t = 0; t < steps; ++t) {
+    const float* h_prev = t == 0 ? h0 : h_all + (t - 1) * step_state;
+    const float* gx_t = gx + static_cast<std::int64_t>(t) * 3 * step_state;
+    float* h_t = h_all + t * step_state;
+    float* saved_t = saved + static_cast<std::int64_t>(t) * 4 * step_state;
+    for (int b0 = 0; b0 < B; b0 += tile_rows) {
+      __syncthreads();  // the previous tile's items are done with hs (and ws is loaded)
+      stage_state_rows(h_prev, B, H, b0, tile_rows, hs);
+      __syncthreads();
+      for (int item = warp; item < items; item += kWarps) {
+        const int u = item % units;
+        const int rows0 = item / units * kSeqRows;
+        float acc[kSeqRows][G];
+        sequence_item_dots<T, G>(hs + rows0 * H, ws, U, u, H, acc);
+        float pre[G];
+        row_of_lane<G>(acc, pre);
+        const int b = b0 + rows0 + lane;
+        if (lane < kSeqRows && b < B) {
+          const int j = j0 + u;
+          float br = 0.f, bz = 0.f, bn = 0.f;
+          if (bias != nullptr) {
+            br = to_float(bias[j]);
+            bz = to_float(bias[H + j]);
+            bn = to_float(bias[2 * H + j]);
+          }
+          const std::int64_t s = static_cast<std::int64_t>(b) * H + j;
+          const std::int64_t g = static_cast<std::int64_t>(b) * 3 * H + j;
+          const std::int64_t v = static_cast<std::int64_t>(b) * 4 * H + j;
+          const float r = sigmoid(gx_t[g] + (pre[0] + br));
+          const float z = sigmoid(gx_t[g + H] + (pre[1] + bz));
+          const float ghn = pre[2] + bn;
+          const float n = tanhf(gx_t[g + 2 * H] + r * ghn);
+          h_t[s] = (1.f - z) * n + z * hs[(rows0 + lane) * H + j];  // h_{t-1}[b, j], staged
+          saved_t[v] = r;
+          saved_t[v + H] = z;
+          saved_t[v + 2 * H] = n;
+          saved_t[v + 3 * H] = ghn;
+        }
+      }
+    }
+    grid.sync();  // h_t complete everywhere before any block stages it; every block, every step
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Host side.
+
+// Keeps every in-kernel int index (a row or unit plus a tile, G H) inside int.
+constexpr std::int64_t kMaxDim = INT_MAX / 4 - 1024;
+
+void check_sizes(const char* where, std::int64_t B, std::int64_t H) {
+  check_arg(B >= 0 && B <= kMaxDim, where, "B must be in [0, " + std::to_string(kMaxDim) + "], got " + std::to_string(B));
+  check_arg(H >= 0 && H <= kMaxDim, where, "H must be in [0, " + std::to_string(kMaxDim) + "], got " + std::to_string(H));
+  check_arg(ceil_div<std::int64_t>(B, kTileRows) <= 65535, where,
+            "B must be at most " + std::to_string(65535 * kTileRows) + " (grid rows), got " + std::to_string(B));
+}
+
+void check_pointers(const char* where, std::initializer_list<std::pair<const char*, std::uintptr_t>> ptrs) {
+  for (const auto& [name, p] : ptrs) check_required(where, name, p);
+}
+
+dim3 step_grid(std::int64_t B, std::int64_t H) {
+  return dim3(static_cast<unsigned>(ceil_div<std::int64_t>(H, kTileUnits)),
+              static_cast<unsigned>(ceil_div<std::int64_t>(B, kTileRows)));
+}
+
+// How a persistent launch is laid out: `blocks` blocks of U units, tile_rows rows of h
+// per staged tile, smem bytes of dynamic shared memory. blocks == 0: it does not fit.
+struct SequencePlan {
+  int blocks = 0;
+  int U = 0;
+  int tile_rows = 0;
+  int smem = 0;
+};
+
+template <typename T>
+SequencePlan plan_sequence(const char* where, const void* kernel, int gates, std::int64_t B, std::int64_t H) {
+  SequencePlan none;
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), where);
+  int sms = 0, smem_optin = 0, cooperative = 0;
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), where);
+  check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), where);
+  check_cuda(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device), where);
+  if (cooperative == 0 || sms <= 0 || H <= 0) return none;
+  const std::int64_t U = ceil_div<std::int64_t>(H, sms);
+  const std::int64_t blocks = ceil_div<std::int64_t>(H, U);  // <= sms: one wave at one block per SM
+  const std::int64_t w_bytes = sequence_w_bytes(gates, U, H, sizeof(T));
+  const std::int64_t row_bytes = H * static_cast<std::int64_t>(sizeof(float));
+  if (w_bytes + kSeqRows * row_bytes > smem_optin) return none;
+  const std::int64_t room_rows = (smem_optin - w_bytes) / row_bytes / kSeqRows * kSeqRows;
+  const std::int64_t want_rows = std::max<std::int64_t>(ceil_div<std::int64_t>(B, kSeqRows) * kSeqRows, kSeqRows);
+  const std::int64_t tile_rows = std::min({room_rows, want_rows, static_cast<std::int64_t>(kSeqMaxTileRows)});
+  const std::int64_t smem = w_bytes + tile_rows * row_bytes;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+             where);
+  int per_sm = 0;
+  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, static_cast<std::size_t>(smem)),
+             where);
+  if (static_cast<std::int64_t>(per_sm) * sms < blocks) return none;  // not co-resident: a grid barrier would hang
+  SequencePlan plan;
+  plan.blocks = static_cast<int>(blocks);
+  plan.U = static_cast<int>(U);
+  plan.tile_rows = static_cast<int>(tile_rows);
+  plan.smem = static_cast<int>(smem);
+  return plan;
+}
+
+template <typename T>
+const void* sequence_kernel(int gates) {
+  return gates == 4 ? reinterpret_cast<const void*>(&lstm_sequence_kernel<T>)
+                    : reinterpret_cast<const void*>(&gru_sequence_kernel<T>);
+}
+
+void check_sequence_sizes(const char* where, std::int64_t T, std::int64_t B, std::int64_t H) {
+  check_sizes(where, B, H);
+  check_arg(T >= 0 && T <= INT_MAX, where, "T must be in [0, " + std::to_string(INT_MAX) + "], got " +
+                                               std::to_string(T));
+}
+
+}  // namespace
+
+void lstm_step_forward(std::uintptr_t gx, std::uintptr_t h, std::uintptr_t c, std::uintptr_t w_hh,
+                       std::uintptr_t h_next, std::uintptr_t c_next, std::uintptr_t gates, std::int64_t B,
+                       std::int64_t H, int dtype, std::uintptr_t stream) {
+  constexpr const char* kWhere = "lstm_step_forward";
+  check_dtype_code(kWhere, dtype);
+  check_sizes(kWhere, B, H);
+  if (B == 0 || H == 0) return;
+  check_pointers(kWhere, {{"gx", gx}, {"h", h}, {"c", c}, {"w_hh", w_hh}, {"h_next", h_next}, {"c_next", c_next},
+                          {"gates", gates}});
+  const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
+  dispatch_dtype(dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    lstm_step_forward_kernel<T><<<step_grid(B, H), kThreads, 0, cuda_stream>>>(
+        as_const<float>(gx), as_const<float>(h), as_const<float>(c), as_const<T>(w_hh), as_mutable<float>(h_next),
+        as_mutable<float>(c_next), as_mutable<float>(gates), static_cast<int>(B), static_cast<int>(H));
+  });
+  check_cuda(cudaGetLastError(), kWhere);
+}
+
+void lstm_step_backward(std::uintptr_t dh_next, std::uintptr_t dc_next, std::uintptr_t gates, std::uintptr_t c,
+                        std::uintptr_t c_next, std::uintptr_t w_hh, std::uintptr_t dpre, std::uintptr_t dh,
+                        std::uintptr_t dc, std::int64_t B, std::int64_t H, int dtype, std::uintptr_t stream) {
+  constexpr const char* kWhere = "lstm_step_backward";
+  check_dtype_code(kWhere, dtype);
+  check_sizes(kWhere, B, H);
+  if (B == 0 || H == 0) return;
+  check_pointers(kWhere, {{"dh_next", dh_next}, {"dc_next", dc_next}, {"gates", gates}, {"c", c}, {"c_next", c_next},
+                          {"w_hh", w_hh}, {"dpre", dpre}, {"dh", dh}, {"dc", dc}});
+  const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
+  dispatch_dtype(dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    lstm_step_backward_kernel<T><<<step_grid(B, H), kThreads, 0, cuda_stream>>>(
+        as_const<float>(dh_next), as_const<float>(dc_next), as_const<float>(gates), as_const<float>(c),
+        as_const<float>(c_next), as_const<T>(w_hh), as_mutable<float>(dpre), as_mutable<float>(dh),
+        as_mutable<float>(dc), static_cast<int>(B), static_cast<int>(H));
+  });
+  check_cuda(cudaGetLastError(), kWhere);
+}
+
+void gru_step_forward(std::uintptr_t gx, std::uintptr_t h, std::uintptr_t w_hh, std::uintptr_t b_hh,
+                      std::uintptr_t h_next, std::uintptr_t saved, std::int64_t B, std::int64_t H, int dtype,
+                      std::uintptr_t stream) {
+  constexpr const char* kWhere = "gru_step_forward";
+  check_dtype_code(kWhere, dtype);
+  check_sizes(kWhere, B, H);
+  if (B == 0 || H == 0) return;
+  check_pointers(kWhere, {{"gx", gx}, {"h", h}, {"w_hh", w_hh}, {"h_next", h_next}, {"saved", saved}});
+  const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
+  dispatch_dtype(dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    gru_step_forward_kernel<T><<<step_grid(B, H), kThreads, 0, cuda_stream>>>(
+        as_const<float>(gx), as_const<float>(h), as_const<T>(w_hh), as_const<T>(b_hh), as_mutable<float>(h_next),
+        as_mutable<float>(saved), static_cast<int>(B), static_cast<int>(H));
+  });
+  check_cuda(cudaGetLastError(), kWhere);
+}
+
+void gru_step_backward(std::uintptr_t dh_next, std::uintptr_t saved, std::uintptr_t h, std::uintptr_t w_hh,
+                       std::uintptr_t dgx, std::uintptr_t dgh, std::uintptr_t dh, std::int64_t B, std::int64_t H,
+                       int dtype, std::uintptr_t stream) {
+  constexpr const char* kWhere = "gru_step_backward";
+  check_dtype_code(kWhere, dtype);
+  check_sizes(kWhere, B, H);
+  if (B == 0 || H == 0) return;
+  check_pointers(kWhere, {{"dh_next", dh_next}, {"saved", saved}, {"h", h}, {"w_hh", w_hh}, {"dgx", dgx},
+                          {"dgh", dgh}, {"dh", dh}});
+  const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
+  dispatch_dtype(dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    gru_step_backward_kernel<T><<<step_grid(B, H), kThreads, 0, cuda_stream>>>(
+        as_const<float>(dh_next), as_const<float>(saved), as_const<float>(h), as_const<T>(w_hh),
+        as_mutable<float>(dgx), as_mutable<float>(dgh), as_mutable<float>(dh), static_cast<int>(B),
+        static_cast<int>(H));
+  });
+  check_cuda(cudaGetLastError(), kWhere);
+}
+
+bool rnn_sequence_fits(int gates, std::int64_t B, std::int64_t H, int dtype) {
+  constexpr const char* kWhere = "rnn_sequence_fits";
+  check_dtype_code(kWhere, dtype);
+  check_arg(gates == 3 || gates == 4, kWhere, "gates must be 4 (LSTM) or 3 (GRU), got " + std::to_string(gates));
+  check_sizes(kWhere, B, H);
+  bool fits = false;
+  dispatch_dtype(dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    fits = plan_sequence<T>(kWhere, sequence_kernel<T>(gates), gates, B, H).blocks > 0;
+  });
+  return fits;
+}
+
+bool lstm_sequence_forward(std::uintptr_t gx, std::uintptr_t h0, std::uintptr_t c0, std::uintptr_t w_hh,
+                           std::uintptr_t h_all, std::uintptr_t c_all, std::uintptr_t gates, std::int64_t T,
+                           std::int64_t B, std::int64_t H, int dtype, std::uintptr_t stream) {
+  constexpr const char* kWhere = "lstm_sequence_forward";
+  check_dtype_code(kWhere, dtype);
+  check_sequence_sizes(kWhere, T, B, H);
+  if (T == 0 || B == 0 || H == 0) return true;
+  check_pointers(kWhere, {{"gx", gx}, {"h0", h0}, {"c0", c0}, {"w_hh", w_hh}, {"h_all", h_all}, {"c_all", c_all},
+                          {"gates", gates}});
+  bool launched = false;
+  dispatch_dtype(dtype, [&](auto type) {
+    using T_ = typename decltype(type)::type;
+    const void* kernel = sequence_kernel<T_>(4);
+    const SequencePlan plan = plan_sequence<T_>(kWhere, kernel, 4, B, H);
+    if (plan.blocks == 0) return;
+    const float* gx_p = as_const<float>(gx);
+    const float* h0_p = as_const<float>(h0);
+    const float* c0_p = as_const<float>(c0);
+    const T_* w_p = as_const<T_>(w_hh);
+    float* h_all_p = as_mutable<float>(h_all);
+    float* c_all_p = as_mutable<float>(c_all);
+    float* gates_p = as_mutable<float>(gates);
+    int steps = static_cast<int>(T), b = static_cast<int>(B), h = static_cast<int>(H), u = plan.U,
+        rows = plan.tile_rows;
+    void* args[] = {&gx_p, &h0_p, &c0_p, &w_p, &h_all_p, &c_all_p, &gates_p, &steps, &b, &h, &u, &rows};
+    check_cuda(cudaLaunchCooperativeKernel(kernel, dim3(plan.blocks), dim3(kThreads), args,
+                                           static_cast<std::size_t>(plan.smem), reinterpret_cast<cudaStream_t>(stream)),
+               kWhere);
+    launched = true;
+  });
+  if (launched) check_cuda(cudaGetLastError(), kWhere);
+  return launched;
+}
+
+bool gru_sequence_forward(std::uintptr_t gx, std::uintptr_t h0, std::uintptr_t w_hh, std::uintptr_t b_hh,
+                          std::uintptr_t h_all, std::uintptr_t saved, std::int64_t T, std::int64_t B,
+                          std::int64_t H, int dtype, std::uintptr_t stream) {
+  constexpr const char* kWhere = "gru_sequence_forward";
+  check_dtype_code(kWhere, dtype);
+  check_sequence_sizes(kWhere, T, B, H);
+  if (T == 0 || B == 0 || H == 0) return true;
+  check_pointers(kWhere, {{"gx", gx}, {"h0", h0}, {"w_hh", w_hh}, {"h_all", h_all}, {"saved", saved}});
+  bool launched = false;
+  dispatch_dtype(dtype, [&](auto type) {
+    using T_ = typename decltype(type)::type;
+    const void* kernel = sequence_kernel<T_>(3);
+    const SequencePlan plan = plan_sequence<T_>(kWhere, kernel, 3, B, H);
+    if (plan.blocks == 0) return;
+    const float* gx_p = as_const<float>(gx);
+    const float* h0_p = as_const<float>(h0);
+    const T_* w_p = as_const<T_>(w_hh);
+    const T_* b_p = as_const<T_>(b_hh);
+    float* h_all_p = as_mutable<float>(h_all);
+    float* saved_p = as_mutable<float>(saved);
+    int steps = static_cast<int>(T), b = static_cast<int>(B), h = static_cast<int>(H), u = plan.U,
+        rows = plan.tile_rows;
+    void* args[] = {&gx_p, &h0_p, &w_p, &b_p, &h_all_p, &saved_p, &steps, &b, &h, &u, &rows};
+    check_cuda(cudaLaunchCooperativeKernel(kernel, dim3(plan.blocks), dim3(kThreads), args,
+                                           static_cast<std::size_t>(plan.smem), reinterpret_cast<cudaStream_t>(stream)),
+               kWhere);
+    launched = true;
+  });
+  if (launched) check_cuda(cudaGetLastError(), kWhere);
+  return launched;
+}
+
+}  // namespace kiln
