@@ -1,9 +1,11 @@
-"""GPU benchmark of kiln.nn.LSTM / GRU (triton) vs torch.nn.LSTM / GRU (cuDNN), fp32 and bf16.
+"""GPU benchmark of kiln.nn.LSTM / GRU (triton and cuda) vs torch.nn.LSTM / GRU (cuDNN), fp32 and bf16.
 
     python bench/gpu_rnn.py [--out bench/results/rnn_gpu_<gpu>.md]
 
-Shapes of issue 6 and a batch sweep 1..256 at T 128, in 256, hidden 512, where a
-persistent kernel (not written yet: one launch per step) should win at small batch.
+Shapes of issue 6 and a batch sweep 1..256 at T 128, in 256, hidden 512. The triton form
+is one launch per step; the cuda form's forward is the persistent kernel (W_hh in shared
+memory, one launch for all T steps) where kiln._cuda.rnn_sequence_fits says so (column
+"cuda fwd"), its backward the step loop over the cuda step kernels.
 """
 
 from __future__ import annotations
@@ -20,6 +22,18 @@ from common import markdown_table  # noqa: E402
 import kiln  # noqa: E402
 
 SHAPES = [(128, 32, 256, 512), (512, 8, 128, 256)] + [(128, b, 256, 512) for b in (1, 4, 16, 64, 256)]
+
+
+def _cuda_forward_kind(kind, B, H, dtype) -> str:
+    """Which forward the cuda form runs for this shape: persistent or the step loop."""
+    try:
+        from kiln.ops import rnn
+
+        w_hh = torch.empty(0, device="cuda", dtype=dtype)
+        fits = rnn.cuda_sequence_fits(4 if kind == "LSTM" else 3, B, H, w_hh)
+    except Exception as e:  # extension not built
+        return f"- ({e.__class__.__name__})"
+    return "persistent" if fits else "step loop"
 
 
 def main() -> None:
@@ -40,9 +54,12 @@ def main() -> None:
                 x = torch.randn(T, B, I, device="cuda", dtype=dtype, requires_grad=True)
                 for mode in ("forward", "forward+backward"):
                     cells = []
-                    for name, module in (("kiln triton", ours), ("cuDNN", theirs)):
+                    for name, module, form in (("kiln triton", ours, "triton"), ("kiln cuda", ours, "cuda"),
+                                               ("cuDNN", theirs, None)):
                         def run():
-                            with kiln.backend.use("triton"):
+                            if form is None:
+                                return module(x)[0]
+                            with kiln.backend.use(form):
                                 return module(x)[0]
                         try:
                             if mode == "forward":
@@ -55,10 +72,11 @@ def main() -> None:
                         except Exception as e:  # one failing form must not hide the other
                             print(f"{kind} {name} failed: {e}", file=sys.stderr)
                             cells.append("-")
-                    rows.append([f"{kind} {mode}", str(dtype).removeprefix("torch."), f"T{T} B{B} in{I} h{H}", *cells])
+                    rows.append([f"{kind} {mode}", str(dtype).removeprefix("torch."), f"T{T} B{B} in{I} h{H}",
+                                 _cuda_forward_kind(kind, B, H, dtype), *cells])
                     print(rows[-1], flush=True)
     text = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, medians of do_bench\n\n"
-            f"{markdown_table(['case', 'dtype', 'shape', 'kiln triton', 'cuDNN'], rows)}\n")
+            f"{markdown_table(['case', 'dtype', 'shape', 'cuda fwd', 'kiln triton', 'kiln cuda', 'cuDNN'], rows)}\n")
     print(text)
     if args.out:
         Path(args.out).write_text(text)

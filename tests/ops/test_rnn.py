@@ -190,6 +190,84 @@ def test_layers_match_torch_triton_gpu(kind, dtype, T):
     _check_layer("triton", kind, T, 5, 33, 129, 2, True, True, dtype, device="cuda", bound=bound)
 
 
+def _sequence_fits(kind, B, H, w_dtype):
+    from kiln.ops import rnn
+
+    w = torch.empty(0, device="cuda", dtype=w_dtype)
+    return rnn.cuda_sequence_fits(4 if kind.upper() == "LSTM" else 3, B, H, w)
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("T", [1, 37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_layers_match_torch_cuda_gpu(kind, dtype, T):
+    # B = 5, H = 129: no tile multiple; the forward runs the persistent kernel.
+    assert _sequence_fits(kind, 5, 129, dtype)
+    _check_layer("cuda", kind, T, 5, 33, 129, 2, True, True, dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_layers_match_torch_cuda_gpu_step_loop_fallback(kind, dtype):
+    # H = 2048: a block's gate rows of w_hh do not fit in shared memory (H100 or A100), so
+    # the forward is the step loop over the step kernels.
+    assert not _sequence_fits(kind, 3, 2048, dtype)
+    _check_layer("cuda", kind, 3, 3, 8, 2048, 1, False, False, dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("B,H", [(1, 1), (1, 33), (17, 129), (130, 65), (3, 2048)], ids=str)
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_cuda_kernels_match_reference(kind, w_dtype, B, H):
+    """Every cuda step kernel and the sequence forward against the float64 reference on the
+    same (rounded) weights: the cuda form's dots are float32 FFMA for every weight dtype,
+    so the float32 bound holds. (130, 65) spans several staged row tiles of the persistent
+    kernel; (3, 2048) is its step-loop fallback."""
+    from kiln.ops import rnn
+
+    G, T = (4 if kind == "lstm" else 3), 5
+    g = torch.Generator().manual_seed(B * 1000 + H)
+    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    w = (rnd(G * H, H) / H ** 0.5).to(w_dtype)
+    w64, w_cu = w.double(), w.cuda()
+    b = None if H == 33 else (rnd(G * H) * 0.5).to(w_dtype)
+    b64, b_cu = (None, None) if b is None else (b.double(), b.cuda())
+    cu = lambda t: t.to("cuda", torch.float32)  # noqa: E731
+    bound = BOUND[torch.float32]
+
+    def close(ours, ref, what):
+        for i, (a, r) in enumerate(zip(ours, ref)):
+            assert rel_err(a, r) < bound, f"{kind} {what} output {i}"
+
+    gx, h, c = rnd(B, G * H), rnd(B, H), rnd(B, H)
+    dh_next, dc_next = rnd(B, H), rnd(B, H)
+    if kind == "lstm":
+        fwd = rnn.lstm_step_forward(gx, h, c, w64)
+        close(rnn._CUDA.lstm_step_forward(cu(gx), cu(h), cu(c), w_cu), fwd, "step forward")
+        _, c_next, gates = fwd
+        close(rnn._CUDA.lstm_step_backward(cu(dh_next), cu(dc_next), cu(gates), cu(c), cu(c_next), w_cu),
+              rnn.lstm_step_backward(dh_next, dc_next, gates, c, c_next, w64), "step backward")
+        gx_all = rnd(T, B, G * H)
+        close(rnn._CUDA.lstm_sequence_forward(cu(gx_all), cu(h), cu(c), w_cu),
+              rnn.lstm_sequence_forward(gx_all, h, c, w64), "sequence forward")
+    else:
+        fwd = rnn.gru_step_forward(gx, h, w64, b64)
+        close(rnn._CUDA.gru_step_forward(cu(gx), cu(h), w_cu, b_cu), fwd, "step forward")
+        saved = fwd[1]
+        close(rnn._CUDA.gru_step_backward(cu(dh_next), cu(saved), cu(h), w_cu),
+              rnn.gru_step_backward(dh_next, saved, h, w64), "step backward")
+        gx_all = rnd(T, B, G * H)
+        close(rnn._CUDA.gru_sequence_forward(cu(gx_all), cu(h), w_cu, b_cu),
+              rnn.gru_sequence_forward(gx_all, h, w64, b64), "sequence forward")
+    assert _sequence_fits(kind, B, H, w_dtype) == (H != 2048)
+
+
 # --- the notes' cells -------------------------------------------------------------------
 
 
