@@ -5,7 +5,8 @@ A layer runs in two parts. The input projection of every time step is one large 
 up front, gx = x W_ih^T + b (kiln.ops.linear_act, autograd through it gives dx, dW_ih and
 the biases). The recurrence then runs step by step with a fused step kernel: the
 recurrent GEMM h_{t-1} W_hh^T plus the gate nonlinearities and the state update in one
-pass (Triton: in the GEMM's epilogue; cpu: MKL GEMM + one numba pass). Backward walks the
+pass (Triton: in the GEMM's epilogue; cpu: a oneDNN GEMM with W_hh packed once per
+sequence + one numba pass, the step loop writing in place). Backward walks the
 steps in reverse with the fused step backward (pointwise gate gradients + the GEMM
 through W_hh) and forms dW_hh = sum_t dpre_t^T h_{t-1} as one GEMM over all steps at
 the end.
