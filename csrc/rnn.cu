@@ -45,6 +45,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <utility>
 
@@ -573,8 +574,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 constexpr std::int64_t kMaxDim = INT_MAX / 4 - 1024;
 
 void check_sizes(const char* where, std::int64_t B, std::int64_t H) {
-  check_arg(B >= 0 && B <= kMaxDim, where, "B must be in [0, " + std::to_string(kMaxDim) + "], got " + std::to_string(B));
-  check_arg(H >= 0 && H <= kMaxDim, where, "H must be in [0, " + std::to_string(kMaxDim) + "], got " + std::to_string(H));
+  check_arg(B >= 0 && B <= kMaxDim, where,
+            "B must be in [0, " + std::to_string(kMaxDim) + "], got " + std::to_string(B));
+  check_arg(H >= 0 && H <= kMaxDim, where,
+            "H must be in [0, " + std::to_string(kMaxDim) + "], got " + std::to_string(H));
   check_arg(ceil_div<std::int64_t>(B, kTileRows) <= 65535, where,
             "B must be at most " + std::to_string(65535 * kTileRows) + " (grid rows), got " + std::to_string(B));
 }
