@@ -1,11 +1,13 @@
 """CPU form of linear_act: y = act(x @ W^T + b), numba around torch's BLAS.
 
 A hand-rolled GEMM in numba runs at a fraction of MKL's rate (DESIGN.md), so the
-block products come from ``torch.mm`` and everything around them is numba:
+products come from torch (blas.py) and everything around them is numba:
 
-* forward: rows in blocks (tall enough for MKL, small enough for L3); each block's
-  product is followed at once by one numba pass that adds the bias, applies the
-  activation and (for gelu, gelu_tanh, silu) keeps z, while the block is in cache.
+* forward, float32: one oneDNN linear (weight packed, bias added in it), faster than
+  MKL's sgemm on this machine (blas.py), then one numba pass per row block that applies
+  the activation and (for gelu, gelu_tanh, silu) keeps z. float64: rows in blocks (tall
+  enough for MKL, small enough for L3), each block's ``torch.mm`` followed at once by
+  the numba pass, which then also adds the bias, while the block is in cache.
 * backward: per row block, one numba pass makes dz = dy * act'(saved) and adds its
   column sums into db (fixed row parts with their own partial sums: deterministic,
   no atomics);
@@ -21,6 +23,7 @@ from numba import njit, prange
 
 from ..activations import GELU, GELU_TANH, GELU_TANH_CUBIC, IDENTITY, INV_SQRT_2, INV_SQRT_2PI
 from ..activations import RELU, SIGMOID, SILU, SQRT_2_OVER_PI, TANH
+from .blas import PackedLinear
 from .fastmath import exp, like, one_plus_erf, tanh
 
 # A row block must be tall: each torch.mm call packs all of W again, so short blocks
@@ -177,18 +180,22 @@ def _grad_preact(dy, saved, has_saved, dz, db_parts, code):
 
 def forward(x, weight, bias, activation: int, save_preact: bool):
     M, N = x.shape[0], weight.shape[0]
-    out = torch.empty((M, N), dtype=x.dtype)
     preact = torch.empty((M, N), dtype=x.dtype) if save_preact else None
-    bias_np = (bias if bias is not None else out.new_empty(1)).numpy()
-    dummy = out.new_empty((1, 1)).numpy()
-    w_t = weight.t()
+    dummy = x.new_empty((1, 1)).numpy()
+    linear = PackedLinear(weight, M)
+    if linear.onednn:  # oneDNN's linear has no out=: one product with the bias, then the epilogue
+        out, add_bias = linear(x, bias), False
+    else:
+        out, add_bias = torch.empty((M, N), dtype=x.dtype), bias is not None
+    bias_np = bias.numpy() if add_bias else dummy[0]
     step = _rows_per_block(N, x.element_size())
     for r0 in range(0, M, step):
         r1 = min(M, r0 + step)
         block = out[r0:r1]
-        torch.mm(x[r0:r1], w_t, out=block)
-        _epilogue(block.numpy(), bias_np, bias is not None,
-                  preact[r0:r1].numpy() if save_preact else dummy, save_preact, activation)
+        if not linear.onednn:
+            torch.mm(x[r0:r1], weight.t(), out=block)
+        _epilogue(block.numpy(), bias_np, add_bias, preact[r0:r1].numpy() if save_preact else dummy,
+                  save_preact, activation)
     return out, preact
 
 
