@@ -75,35 +75,25 @@ static_assert(kTileK == kTileUnits, "backward: slice k0 is stored by the block o
 static_assert(kTileRows % kWarps == 0, "every warp owns the same number of rows");
 static_assert((kTileRows * kTileK) % kThreads == 0, "the prologue's (row, k) pairs divide among the threads");
 
-// ws[(q kTileK + kk) kLdW + u] = w[q H + j0 + u, k0 + kk]: the forward's slice of w_hh^T for
-// gate q (reads run along k in global memory; the padded rows keep the transposed shared
-// stores and the lane-wise reads free of bank conflicts). Zero past H either way.
-template <typename T, int G>
-__device__ __forceinline__ void stage_w_transposed(const T* __restrict__ w, int H, int j0, int k0, float* ws) {
+// Stages a (G gates x kTileK x kTileUnits) slice of w_hh as ws[(q kTileK + kk) kLdW + u]:
+//   kForward:  w[q H + j0 + u, k0 + kk], the forward's slice of w_hh^T;
+//   !kForward: w[q H + k0 + kk, j0 + u], the backward's slice of w_hh.
+// Consecutive threads take consecutive global addresses (along k forward, along j
+// backward); the padded rows keep the transposed shared stores and the lane-wise reads
+// free of bank conflicts. Zero past H either way.
+template <typename T, int G, bool kForward>
+__device__ __forceinline__ void stage_w(const T* __restrict__ w, int H, int j0, int k0, float* ws) {
   for (int e = static_cast<int>(threadIdx.x); e < G * kTileUnits * kTileK; e += kThreads) {
-    const int kk = e % kTileK;
-    const int u = e / kTileK % kTileUnits;
+    const int u = kForward ? e / kTileK % kTileUnits : e % kTileUnits;
+    const int kk = kForward ? e % kTileK : e / kTileUnits % kTileK;
     const int q = e / (kTileK * kTileUnits);
     const int j = j0 + u;
     const int k = k0 + kk;
     float v = 0.f;
-    if (j < H && k < H) v = to_float(w[(static_cast<std::int64_t>(q) * H + j) * H + k]);
-    ws[(q * kTileK + kk) * kLdW + u] = v;
-  }
-}
-
-// ws[(q kTileK + kk) kLdW + u] = w[q H + k0 + kk, j0 + u]: the backward's slice of w_hh
-// (reads run along j). Zero past H either way.
-template <typename T, int G>
-__device__ __forceinline__ void stage_w_rows(const T* __restrict__ w, int H, int j0, int k0, float* ws) {
-  for (int e = static_cast<int>(threadIdx.x); e < G * kTileUnits * kTileK; e += kThreads) {
-    const int u = e % kTileUnits;
-    const int kk = e / kTileUnits % kTileK;
-    const int q = e / (kTileK * kTileUnits);
-    const int j = j0 + u;
-    const int k = k0 + kk;
-    float v = 0.f;
-    if (j < H && k < H) v = to_float(w[(static_cast<std::int64_t>(q) * H + k) * H + j]);
+    if (j < H && k < H) {
+      const std::int64_t row = static_cast<std::int64_t>(q) * H + (kForward ? j : k);
+      v = to_float(w[row * H + (kForward ? k : j)]);
+    }
     ws[(q * kTileK + kk) * kLdW + u] = v;
   }
 }
@@ -127,7 +117,7 @@ __device__ __forceinline__ void step_forward_gemm(const float* __restrict__ h, c
       const int k = k0 + e % kTileK;
       hs[e] = b < B && k < H ? h[static_cast<std::int64_t>(b) * H + k] : 0.f;
     }
-    stage_w_transposed<T, G>(w, H, j0, k0, ws);
+    stage_w<T, G, true>(w, H, j0, k0, ws);
     __syncthreads();
 #pragma unroll 8  // 2 and 4 left one 4-byte spill on sm_80 or sm_90 (ptxas 13.0); 8 has none
     for (int kk = 0; kk < kTileK; ++kk) {
@@ -281,7 +271,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int q = 0; q < 4; ++q) ds[(q * kTileRows + r) * kTileK + kk] = d[q];
     }
-    stage_w_rows<T, 4>(w, H, j0, k0, ws);
+    stage_w<T, 4, false>(w, H, j0, k0, ws);
     __syncthreads();
     step_backward_mma<4>(ds, ws, acc);
     __syncthreads();
@@ -344,7 +334,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int q = 0; q < 3; ++q) ds[(q * kTileRows + r) * kTileK + kk] = d[q];
     }
-    stage_w_rows<T, 3>(w, H, j0, k0, ws);
+    stage_w<T, 3, false>(w, H, j0, k0, ws);
     __syncthreads();
     step_backward_mma<3>(ds, ws, acc);
     __syncthreads();
