@@ -73,8 +73,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # gradients and four w_hh tiles per chunk, so BLOCK_K is 16 and the pipeline shallow.
 # ptxas -v (sm_90a, triton 3.9, fp32 state): forward spill-free with fp32 (ieee) and bf16
 # weights at these tiles (BLOCK_K 32 spilled at most of them); lstm backward spill-free
-# with fp32 ieee except 16x64 (24 B); with tf32 / bf16, 12-60 B at some tiles; gru
-# backward spill-free except 32x64 with fp32 weights (8-12 B).
+# with fp32 ieee except 16x64 (24 B); with tf32 / bf16, 8-52 B at some tiles; gru
+# backward spill-free except 32x64 with fp32 weights (8-12 B). The forward's four pointer
+# tiles, each advanced along k, are deliberate: one shared tile plus a per-gate offset
+# (fewer lines) spilled 28-76 B at 32x64 and 64x64.
 _FWD_TILES = [
     (16, 32, 16, 4, 3),
     (16, 64, 16, 4, 3),
@@ -110,9 +112,26 @@ def _w_t_ptrs(w_ptr, q, H, cols, offs_k):
 
 
 @triton.jit
-def _w_ptrs(w_ptr, q, H, k, cols):
-    # (BLOCK_K, BLOCK_H) tile of w for gate q: w[q H + k, cols].
-    return w_ptr + (k + q * H).to(tl.int64)[:, None] * H + cols[None, :]
+def _gate_dot(acc, d, w_ptr, q, H, k, cols, ACC_DT: tl.constexpr, PREC: tl.constexpr):
+    # Backward: acc += d @ gate q's (BLOCK_K, BLOCK_H) tile of w, w[q H + k, cols].
+    w = tl.load(w_ptr + (k + q * H).to(tl.int64)[:, None] * H + cols[None, :], mask=k[:, None] < H, other=0.0)
+    return _dot(d.to(w.dtype), w, acc, ACC_DT, PREC)
+
+
+@triton.jit
+def _load_gate(ptr, offs, q, H, mask, ACC_DT: tl.constexpr):
+    # Gate q's tile of a (rows, G H) buffer; offs addresses gate 0. mask None: unmasked
+    # (the epilogues' wrapped rows and units stay inside the buffer).
+    if mask is None:
+        v = tl.load(ptr + offs + q * H)
+    else:
+        v = tl.load(ptr + offs + q * H, mask=mask, other=0.0)
+    return v.to(ACC_DT)
+
+
+@triton.jit
+def _store_gate(ptr, offs, q, H, value, mask):
+    tl.store(ptr + offs + q * H, value.to(ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- LSTM
@@ -208,10 +227,10 @@ def _lstm_bwd_kernel(
         dcn = tl.load(dcn_ptr + st, mask=kmask, other=0.0).to(ACC_DT)
         c = tl.load(c_ptr + st, mask=kmask, other=0.0).to(ACC_DT)
         tc = _tanh(tl.load(cn_ptr + st, mask=kmask, other=0.0).to(ACC_DT))
-        i = tl.load(gates_ptr + gt, mask=kmask, other=0.0).to(ACC_DT)
-        f = tl.load(gates_ptr + gt + H, mask=kmask, other=0.0).to(ACC_DT)
-        g = tl.load(gates_ptr + gt + 2 * H, mask=kmask, other=0.0).to(ACC_DT)
-        o = tl.load(gates_ptr + gt + 3 * H, mask=kmask, other=0.0).to(ACC_DT)
+        i = _load_gate(gates_ptr, gt, 0, H, kmask, ACC_DT)
+        f = _load_gate(gates_ptr, gt, 1, H, kmask, ACC_DT)
+        g = _load_gate(gates_ptr, gt, 2, H, kmask, ACC_DT)
+        o = _load_gate(gates_ptr, gt, 3, H, kmask, ACC_DT)
         dct = dcn + dhn * o * (1.0 - tc * tc)
         di = dct * g * (i * (1.0 - i))
         df = dct * c * (f * (1.0 - f))
@@ -219,21 +238,15 @@ def _lstm_bwd_kernel(
         do = dhn * tc * (o * (1.0 - o))
         if kk % n_h == pid_h:  # this chunk's owner among the programs of the row tile
             smask = rows_ok & kmask
-            ddt = dpre_ptr.dtype.element_ty
-            tl.store(dpre_ptr + gt, di.to(ddt), mask=smask)
-            tl.store(dpre_ptr + gt + H, df.to(ddt), mask=smask)
-            tl.store(dpre_ptr + gt + 2 * H, dg.to(ddt), mask=smask)
-            tl.store(dpre_ptr + gt + 3 * H, do.to(ddt), mask=smask)
-            tl.store(dc_ptr + st, (dct * f).to(dc_ptr.dtype.element_ty), mask=smask)
-        wmask = k[:, None] < H
-        wi = tl.load(_w_ptrs(w_ptr, 0, H, k, cols), mask=wmask, other=0.0)
-        wf = tl.load(_w_ptrs(w_ptr, 1, H, k, cols), mask=wmask, other=0.0)
-        wg = tl.load(_w_ptrs(w_ptr, 2, H, k, cols), mask=wmask, other=0.0)
-        wo = tl.load(_w_ptrs(w_ptr, 3, H, k, cols), mask=wmask, other=0.0)
-        acc = _dot(di.to(wi.dtype), wi, acc, ACC_DT, PREC)
-        acc = _dot(df.to(wf.dtype), wf, acc, ACC_DT, PREC)
-        acc = _dot(dg.to(wg.dtype), wg, acc, ACC_DT, PREC)
-        acc = _dot(do.to(wo.dtype), wo, acc, ACC_DT, PREC)
+            _store_gate(dpre_ptr, gt, 0, H, di, smask)
+            _store_gate(dpre_ptr, gt, 1, H, df, smask)
+            _store_gate(dpre_ptr, gt, 2, H, dg, smask)
+            _store_gate(dpre_ptr, gt, 3, H, do, smask)
+            _store_gate(dc_ptr, st, 0, H, dct * f, smask)
+        acc = _gate_dot(acc, di, w_ptr, 0, H, k, cols, ACC_DT, PREC)
+        acc = _gate_dot(acc, df, w_ptr, 1, H, k, cols, ACC_DT, PREC)
+        acc = _gate_dot(acc, dg, w_ptr, 2, H, k, cols, ACC_DT, PREC)
+        acc = _gate_dot(acc, do, w_ptr, 3, H, k, cols, ACC_DT, PREC)
     mask = rows_ok & (offs_j[None, :] < H)
     tl.store(dh_ptr + rows * H + cols[None, :], acc.to(dh_ptr.dtype.element_ty), mask=mask)
 
@@ -321,10 +334,10 @@ def _gru_bwd_kernel(
         sv = rows * (4 * H) + k[None, :]
         dhn = tl.load(dhn_ptr + st, mask=kmask, other=0.0).to(ACC_DT)
         h = tl.load(h_ptr + st, mask=kmask, other=0.0).to(ACC_DT)
-        r = tl.load(saved_ptr + sv, mask=kmask, other=0.0).to(ACC_DT)
-        z = tl.load(saved_ptr + sv + H, mask=kmask, other=0.0).to(ACC_DT)
-        n = tl.load(saved_ptr + sv + 2 * H, mask=kmask, other=0.0).to(ACC_DT)
-        ghn = tl.load(saved_ptr + sv + 3 * H, mask=kmask, other=0.0).to(ACC_DT)
+        r = _load_gate(saved_ptr, sv, 0, H, kmask, ACC_DT)
+        z = _load_gate(saved_ptr, sv, 1, H, kmask, ACC_DT)
+        n = _load_gate(saved_ptr, sv, 2, H, kmask, ACC_DT)
+        ghn = _load_gate(saved_ptr, sv, 3, H, kmask, ACC_DT)
         dn = dhn * (1.0 - z) * (1.0 - n * n)
         dz = dhn * (h - n) * (z * (1.0 - z))
         dr = dn * ghn * (r * (1.0 - r))
@@ -332,24 +345,18 @@ def _gru_bwd_kernel(
         if kk % n_h == pid_h:  # this chunk's owner among the programs of the row tile
             smask = rows_ok & kmask
             g3 = rows * (3 * H) + k[None, :]
-            xdt = dgx_ptr.dtype.element_ty
-            hdt = dgh_ptr.dtype.element_ty
-            tl.store(dgx_ptr + g3, dr.to(xdt), mask=smask)
-            tl.store(dgx_ptr + g3 + H, dz.to(xdt), mask=smask)
-            tl.store(dgx_ptr + g3 + 2 * H, dn.to(xdt), mask=smask)
-            tl.store(dgh_ptr + g3, dr.to(hdt), mask=smask)
-            tl.store(dgh_ptr + g3 + H, dz.to(hdt), mask=smask)
-            tl.store(dgh_ptr + g3 + 2 * H, dnr.to(hdt), mask=smask)
-        wmask = k[:, None] < H
-        wr = tl.load(_w_ptrs(w_ptr, 0, H, k, cols), mask=wmask, other=0.0)
-        wz = tl.load(_w_ptrs(w_ptr, 1, H, k, cols), mask=wmask, other=0.0)
-        wn = tl.load(_w_ptrs(w_ptr, 2, H, k, cols), mask=wmask, other=0.0)
-        acc = _dot(dr.to(wr.dtype), wr, acc, ACC_DT, PREC)
-        acc = _dot(dz.to(wz.dtype), wz, acc, ACC_DT, PREC)
-        acc = _dot(dnr.to(wn.dtype), wn, acc, ACC_DT, PREC)
+            _store_gate(dgx_ptr, g3, 0, H, dr, smask)
+            _store_gate(dgx_ptr, g3, 1, H, dz, smask)
+            _store_gate(dgx_ptr, g3, 2, H, dn, smask)
+            _store_gate(dgh_ptr, g3, 0, H, dr, smask)
+            _store_gate(dgh_ptr, g3, 1, H, dz, smask)
+            _store_gate(dgh_ptr, g3, 2, H, dnr, smask)
+        acc = _gate_dot(acc, dr, w_ptr, 0, H, k, cols, ACC_DT, PREC)
+        acc = _gate_dot(acc, dz, w_ptr, 1, H, k, cols, ACC_DT, PREC)
+        acc = _gate_dot(acc, dnr, w_ptr, 2, H, k, cols, ACC_DT, PREC)
     st = rows * H + cols[None, :]
     dhn = tl.load(dhn_ptr + st).to(ACC_DT)
-    z = tl.load(saved_ptr + rows * (4 * H) + H + cols[None, :]).to(ACC_DT)
+    z = _load_gate(saved_ptr, rows * (4 * H) + cols[None, :], 1, H, None, ACC_DT)
     dh = acc + dhn * z
     mask = rows_ok & (offs_j[None, :] < H)
     tl.store(dh_ptr + st, dh.to(dh_ptr.dtype.element_ty), mask=mask)

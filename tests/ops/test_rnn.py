@@ -173,9 +173,12 @@ def test_compile_fullgraph_cpu_backend():
         assert rel_err(a, p.grad) < 1e-12
 
 
+@pytest.mark.parametrize("B, H", [(3, 7), (20, 40)], ids=["one-tile", "several-tiles"])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
-def test_layers_match_torch_triton_interpreted(kind):
-    _check_layer("triton", kind, 3, 3, 5, 7, 1, True, False, torch.float32)
+def test_layers_match_torch_triton_interpreted(kind, B, H):
+    """Interpreted tiles are 16 x 16 with BLOCK_K 32: B 20, H 40 reach two row tiles, three
+    unit tiles (each backward chunk stored by its one owner) and two reduction chunks."""
+    _check_layer("triton", kind, 3, B, 5, H, 1, True, False, torch.float32)
 
 
 # --- GPU -------------------------------------------------------------------------------
