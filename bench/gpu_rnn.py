@@ -53,7 +53,7 @@ def main() -> None:
                 ours.load_state_dict(theirs.state_dict())
                 x = torch.randn(T, B, I, device="cuda", dtype=dtype, requires_grad=True)
                 for mode in ("forward", "forward+backward"):
-                    cells = []
+                    times = []
                     for name, module, form in (("kiln triton", ours, "triton"), ("kiln cuda", ours, "cuda"),
                                                ("cuDNN", theirs, None)):
                         def run():
@@ -68,15 +68,18 @@ def main() -> None:
                             else:
                                 ms = do_bench(lambda: run().sum().backward(), grad_to_none=[x],
                                               return_mode="median")
-                            cells.append(f"{ms:.2f} ms")
+                            times.append(ms)
                         except Exception as e:  # one failing form must not hide the other
                             print(f"{kind} {name} failed: {e}", file=sys.stderr)
-                            cells.append("-")
+                            times.append(None)
+                    cells = [f"{ms:.2f} ms" if ms else "-" for ms in times]
+                    ratios = [f"{times[2] / ms:.2f}" if ms and times[2] else "-" for ms in times[:2]]
                     rows.append([f"{kind} {mode}", str(dtype).removeprefix("torch."), f"T{T} B{B} in{I} h{H}",
-                                 _cuda_forward_kind(kind, B, H, dtype), *cells])
+                                 _cuda_forward_kind(kind, B, H, dtype), *cells, *ratios])
                     print(rows[-1], flush=True)
     text = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, medians of do_bench\n\n"
-            f"{markdown_table(['case', 'dtype', 'shape', 'cuda fwd', 'kiln triton', 'kiln cuda', 'cuDNN'], rows)}\n")
+            f"{markdown_table(['case', 'dtype', 'shape', 'cuda fwd', 'kiln triton', 'kiln cuda', 'cuDNN',
+                              'cuDNN/triton', 'cuDNN/cuda'], rows)}\n")
     print(text)
     if args.out:
         Path(args.out).write_text(text)
