@@ -77,9 +77,10 @@ def main() -> None:
                     rows.append([f"{kind} {mode}", str(dtype).removeprefix("torch."), f"T{T} B{B} in{I} h{H}",
                                  _cuda_forward_kind(kind, B, H, dtype), *cells, *ratios])
                     print(rows[-1], flush=True)
+    header = ["case", "dtype", "shape", "cuda fwd", "kiln triton", "kiln cuda", "cuDNN", "cuDNN/triton",
+              "cuDNN/cuda"]
     text = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, medians of do_bench\n\n"
-            f"{markdown_table(['case', 'dtype', 'shape', 'cuda fwd', 'kiln triton', 'kiln cuda', 'cuDNN',
-                              'cuDNN/triton', 'cuDNN/cuda'], rows)}\n")
+            f"{markdown_table(header, rows)}\n")
     print(text)
     if args.out:
         Path(args.out).write_text(text)
