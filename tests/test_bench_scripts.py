@@ -1,0 +1,25 @@
+"""The GPU benchmark scripts cannot run here; they must at least parse, import and refuse
+a machine without a GPU with a clear message (not a traceback)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+GPU_SCRIPTS = sorted(BENCH.glob("gpu_*.py"))
+
+
+def test_there_are_gpu_scripts():
+    assert {p.name for p in GPU_SCRIPTS} >= {"gpu_linear_act.py", "gpu_rnn.py", "gpu_attention.py"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the scripts run for real")
+@pytest.mark.parametrize("script", GPU_SCRIPTS, ids=lambda p: p.name)
+def test_gpu_script_refuses_a_machine_without_gpu(script):
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "needs a CUDA GPU" in done.stderr
+    assert "Traceback" not in done.stderr
