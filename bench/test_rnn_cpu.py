@@ -1,5 +1,6 @@
-"""CPU benchmark of kiln.nn.LSTM / GRU vs torch.nn.LSTM / GRU (and torch.compile of it), fp32,
-same weights and inputs in one process.
+"""CPU benchmark of kiln.nn.LSTM / GRU vs torch.nn.LSTM / GRU, fp32, same weights and inputs in
+one process. No torch.compile column: Dynamo does not trace nn.LSTM / GRU (it graph-breaks
+to eager unless torch._dynamo.config.allow_rnn), so it would time eager again.
 
     pytest bench/test_rnn_cpu.py --benchmark-json=bench/results/rnn_cpu.json
     python bench/report.py bench/results/rnn_cpu.json --out bench/results/rnn_cpu.md
