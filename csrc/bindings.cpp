@@ -172,9 +172,10 @@ PYBIND11_MODULE(_cuda, m) {
 
   m.def("rnn_sequence_fits", &kiln::rnn_sequence_fits, py::arg("gates"), py::arg("B"), py::arg("H"), py::arg("dtype"),
         py::call_guard<py::gil_scoped_release>(),
-        "Whether the persistent whole-sequence forward runs on the current device for gates (4 LSTM, 3 GRU),\n"
-        "batch B, hidden H and w_hh's dtype: each block's gate rows of w_hh must fit in its shared memory and\n"
-        "all blocks (one per group of ceil(H / SMs) hidden units) must be co-resident.");
+        "Whether the persistent whole-sequence forward and backward run on the current device for gates\n"
+        "(4 LSTM, 3 GRU), batch B, hidden H and w_hh's dtype: each block's slice of w_hh (its gate rows, or\n"
+        "its columns of every gate row) must fit in its shared memory and all blocks (one per group of\n"
+        "ceil(H / SMs) hidden units) must be co-resident.");
 
   m.def("lstm_sequence_forward", &kiln::lstm_sequence_forward, py::arg("gx"), py::arg("h0"), py::arg("c0"),
         py::arg("w_hh"), py::arg("h_all"), py::arg("c_all"), py::arg("gates"), py::arg("T"), py::arg("B"),
@@ -189,4 +190,22 @@ PYBIND11_MODULE(_cuda, m) {
         "All T GRU steps in one persistent cooperative launch. gx (T, B, 3H), h0 (B, H) float32, w_hh (3H, H)\n"
         "and b_hh (3H,) or 0 of dtype -> h_all (T, B, H), saved (T, B, 4H) float32. Returns False, doing\n"
         "nothing, when rnn_sequence_fits(3, B, H, dtype) is false.");
+
+  m.def("lstm_sequence_backward", &kiln::lstm_sequence_backward, py::arg("dh_all"), py::arg("dc_all"),
+        py::arg("gates"), py::arg("c0"), py::arg("c_all"), py::arg("w_hh"), py::arg("dpre_all"), py::arg("dh0"),
+        py::arg("dc0"), py::arg("T"), py::arg("B"), py::arg("H"), py::arg("dtype"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "All T LSTM backward steps (T-1 down to 0) in one persistent cooperative launch (each block keeps its\n"
+        "columns of w_hh in shared memory, a grid barrier per step). dh_all, dc_all (T, B, H), gates (T, B, 4H),\n"
+        "c0 (B, H), c_all (T, B, H) float32, w_hh (4H, H) of dtype -> dpre_all (T, B, 4H), dh0, dc0 (B, H)\n"
+        "float32, as the step loop over lstm_step_backward. Returns False, doing nothing, when\n"
+        "rnn_sequence_fits(4, B, H, dtype) is false; T == 0: nothing written, returns True.");
+
+  m.def("gru_sequence_backward", &kiln::gru_sequence_backward, py::arg("dh_all"), py::arg("saved"), py::arg("h0"),
+        py::arg("h_all"), py::arg("w_hh"), py::arg("dgx_all"), py::arg("dgh_all"), py::arg("dh0"), py::arg("T"),
+        py::arg("B"), py::arg("H"), py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "All T GRU backward steps in one persistent cooperative launch. dh_all (T, B, H), saved (T, B, 4H),\n"
+        "h0 (B, H), h_all (T, B, H) float32, w_hh (3H, H) of dtype -> dgx_all, dgh_all (T, B, 3H), dh0 (B, H)\n"
+        "float32, as the step loop over gru_step_backward. Returns False, doing nothing, when\n"
+        "rnn_sequence_fits(3, B, H, dtype) is false; T == 0: nothing written, returns True.");
 }

@@ -1,4 +1,4 @@
-// LSTM and GRU: the fused step kernels and a persistent whole-sequence forward.
+// LSTM and GRU: the fused step kernels and a persistent whole-sequence forward and backward.
 //
 // The op layer (python/kiln/ops/rnn.py) forms the input projection gx of every step with
 // one big GEMM up front and dW_hh with one big GEMM at the end; what runs here is the
@@ -38,8 +38,20 @@
 //   opt-in shared memory per block (227 KiB on H100, 132 SMs; 163 KiB on A100, 108 SMs).
 //   With U = cdiv(H, SMs) that gives, on H100: H <= 1210 (LSTM, float32 weights), 1709
 //   (LSTM, 16-bit weights), 1417 / 1905 (GRU); on A100: 948 / 1296 (LSTM), 1080 / 1438
-//   (GRU); any B (rows are tiled). rnn_sequence_fits() says exactly; otherwise the op
-//   runs the step loop over the step kernels.
+//   (GRU); any B (rows are tiled). rnn_sequence_fits() says exactly (forward and
+//   backward); otherwise the op runs the step loop over the step kernels.
+//
+// Persistent backward (lstm_sequence_backward, gru_sequence_backward): the same one-wave
+// cooperative scheme, steps T-1 down to 0. Block b owns the same units j and keeps the
+// columns j of every gate row of w_hh (w[q H + k, j], all q, k: G U H values, the same
+// bytes and limits as the forward). dh_t[:, j] = dh_all[t][:, j] + (dpre_{t+1} w_hh)[:, j]
+// (GRU: + dh_{t+1} z_{t+1}); the dots stage dpre_{t+1} (GRU dgh_{t+1}, written by every
+// block before the barrier, __ldcg) one gate's H columns at a time in the forward's
+// tile, so each warp item (unit, 8 rows) reduces over k per gate and accumulates into
+// dh0[:, j], which the block owns and uses as its dh carry; dc (LSTM) is per unit and is
+// carried in dc0[:, j]. The epilogue then forms the step's gradients of the block's units
+// (dpre_t, or dgx_t and dgh_t, at columns q H + j) from the saved gates, and a grid
+// barrier publishes them. One more round of dots after the last barrier gives dh0.
 #include <cooperative_groups.h>
 
 #include <algorithm>
@@ -413,25 +425,30 @@ __host__ __device__ constexpr std::int64_t sequence_w_bytes(int gates, std::int6
   return (gates * U * H * elem_bytes + 15) / 16 * 16;
 }
 
-// Copies rows q H + j0 + u (u < units) of w into ws[(q U + u) H + k].
-template <typename T, int G>
+// The block's slice of w (u < units, every gate q, every k), G U H elements either way:
+//   kForward:  ws[(q U + u) H + k] = w[q H + j0 + u, k], rows j of every gate (h w^T);
+//   !kForward: ws[(q U + u) H + k] = w[q H + k, j0 + u], columns j of every gate row (dpre w).
+// Consecutive threads take consecutive global addresses (along k forward, along u backward).
+template <typename T, int G, bool kForward>
 __device__ __forceinline__ void load_weight_slice(const T* __restrict__ w, int H, int j0, int U, int units, T* ws) {
   const int per_gate = units * H;
   for (int e = static_cast<int>(threadIdx.x); e < G * per_gate; e += kThreads) {
     const int q = e / per_gate;
-    const int u = e % per_gate / H;
-    const int k = e % H;
-    ws[(q * U + u) * H + k] = w[(static_cast<std::int64_t>(q) * H + j0 + u) * H + k];
+    const int u = kForward ? e % per_gate / H : e % units;
+    const int k = kForward ? e % H : e % per_gate / units;
+    const std::int64_t row = static_cast<std::int64_t>(q) * H + (kForward ? j0 + u : k);
+    ws[(q * U + u) * H + k] = w[row * H + (kForward ? k : j0 + u)];
   }
 }
 
-// hs[r H + k] = h[b0 + r, k] for r < tile_rows, zero past B; h was written by other
-// blocks before the last grid barrier, so it is read from L2 (__ldcg), never from L1.
-__device__ __forceinline__ void stage_state_rows(const float* h, int B, int H, int b0, int tile_rows, float* hs) {
+// hs[r H + k] = x[(b0 + r) ld + k] for r < tile_rows, k < H, zero past B; x was written by
+// other blocks before the last grid barrier, so it is read from L2 (__ldcg), never from L1.
+__device__ __forceinline__ void stage_state_rows(const float* x, int ld, int B, int H, int b0, int tile_rows,
+                                                 float* hs) {
   const int n = tile_rows * H;
   for (int e = static_cast<int>(threadIdx.x); e < n; e += kThreads) {
     const int b = b0 + e / H;
-    hs[e] = b < B ? __ldcg(h + static_cast<std::int64_t>(b) * H + e % H) : 0.f;
+    hs[e] = b < B ? __ldcg(x + static_cast<std::int64_t>(b) * ld + e % H) : 0.f;
   }
 }
 
@@ -449,7 +466,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int j0 = static_cast<int>(blockIdx.x) * U;
   const int units = max(0, min(U, H - j0));  // 0 only if the grid were oversized; still syncs
-  load_weight_slice<T, G>(w, H, j0, U, units, ws);
+  load_weight_slice<T, G, true>(w, H, j0, U, units, ws);
   const int items = units * (tile_rows / kSeqRows);
   const std::int64_t step_state = static_cast<std::int64_t>(B) * H;
 
@@ -462,7 +479,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     float* gates_t = gates + static_cast<std::int64_t>(t) * 4 * step_state;
     for (int b0 = 0; b0 < B; b0 += tile_rows) {
       __syncthreads();  // the previous tile's items are done with hs (and ws is loaded)
-      stage_state_rows(h_prev, B, H, b0, tile_rows, hs);
+      stage_state_rows(h_prev, H, B, H, b0, tile_rows, hs);
       __syncthreads();
       for (int item = warp; item < items; item += kWarps) {
         const int u = item % units;
@@ -509,7 +526,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int j0 = static_cast<int>(blockIdx.x) * U;
   const int units = max(0, min(U, H - j0));  // 0 only if the grid were oversized; still syncs
-  load_weight_slice<T, G>(w, H, j0, U, units, ws);
+  load_weight_slice<T, G, true>(w, H, j0, U, units, ws);
   const int items = units * (tile_rows / kSeqRows);
   const std::int64_t step_state = static_cast<std::int64_t>(B) * H;
 
@@ -520,7 +537,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     float* saved_t = saved + static_cast<std::int64_t>(t) * 4 * step_state;
     for (int b0 = 0; b0 < B; b0 += tile_rows) {
       __syncthreads();  // the previous tile's items are done with hs (and ws is loaded)
-      stage_state_rows(h_prev, B, H, b0, tile_rows, hs);
+      stage_state_rows(h_prev, H, B, H, b0, tile_rows, hs);
       __syncthreads();
       for (int item = warp; item < items; item += kWarps) {
         const int u = item % units;
@@ -555,6 +572,141 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     grid.sync();  // h_t complete everywhere before any block stages it; every block, every step
   }
+}
+
+// ---------------------------------------------------------------------------
+// Persistent whole-sequence backward.
+
+// For the rows b0 .. b0 + tile_rows of one staged tile: acc[b, j0 + u] += sum over the
+// G H columns n of src[b, n] w[n, j0 + u] (src: the previous step's dpre / dgh, (B, G H),
+// written by every block before the last grid barrier), one gate's H columns at a time
+// so that the staged tile is the forward's (tile_rows x H floats). A warp item is
+// (unit u, kSeqRows rows), the same items for every gate, so lane r < kSeqRows of the
+// item's warp is the only thread that ever touches acc[b0 + rows0 + r, j0 + u] here.
+template <typename T, int G>
+__device__ __forceinline__ void sequence_backward_dots(const float* src, const T* ws, int B, int H, int U, int units,
+                                                       int j0, int b0, int tile_rows, float* hs, float* acc_out) {
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  const int items = units * (tile_rows / kSeqRows);
+  for (int q = 0; q < G; ++q) {
+    __syncthreads();  // the previous users of hs are done (and ws is loaded)
+    stage_state_rows(src + q * H, G * H, B, H, b0, tile_rows, hs);
+    __syncthreads();
+    for (int item = warp; item < items; item += kWarps) {
+      const int u = item % units;
+      const int rows0 = item / units * kSeqRows;
+      float acc[kSeqRows][1];
+      sequence_item_dots<T, 1>(hs + rows0 * H, ws + q * U * H, U, u, H, acc);
+      float total[1];
+      row_of_lane<1>(acc, total);
+      const int b = b0 + rows0 + lane;
+      if (lane < kSeqRows && b < B) {
+        float* a = acc_out + static_cast<std::int64_t>(b) * H + j0 + u;
+        *a = __ldcg(a) + total[0];
+      }
+    }
+  }
+  __syncthreads();  // acc_out of the tile complete for the epilogue's threads
+}
+
+// The step loop of a persistent backward (G gates): t = T-1 .. 0 and then t = -1 (dh0
+// only). Per step: the dots of the block's units with the previous step's gradients
+// src_all[t + 1] (dpre / dgh; none at t = T-1), accumulated onto the carry in dh0[:, j]
+// (the block's own columns), then epilogue(t, b, j, carry) for every (row, unit) of the
+// block: it reads dh_t = dh_all[t] + dh0 (carry: whether dh0 and the cell's own carries
+// were written by step t + 1), stores the step's gradients at columns q H + j and the new
+// carries; then a grid barrier. After the last barrier the dots of src_all[0] complete dh0.
+template <typename T, int G, typename Epilogue>
+__device__ __forceinline__ void sequence_backward(const T* __restrict__ w, const float* src_all, float* dh0,
+                                                  int steps, int B, int H, int U, int tile_rows,
+                                                  Epilogue epilogue) {
+  extern __shared__ __align__(16) unsigned char seq_smem[];
+  T* ws = reinterpret_cast<T*>(seq_smem);
+  float* hs = reinterpret_cast<float*>(seq_smem + sequence_w_bytes(G, U, H, sizeof(T)));
+  cg::grid_group grid = cg::this_grid();
+  const int j0 = static_cast<int>(blockIdx.x) * U;
+  const int units = max(0, min(U, H - j0));  // 0 only if the grid were oversized; still syncs
+  load_weight_slice<T, G, false>(w, H, j0, U, units, ws);
+  const std::int64_t step_grads = static_cast<std::int64_t>(B) * G * H;
+
+  for (int t = steps - 1; t >= -1; --t) {
+    const float* src = t + 1 < steps ? src_all + (t + 1) * step_grads : nullptr;
+    for (int b0 = 0; b0 < B; b0 += tile_rows) {
+      if (src != nullptr) sequence_backward_dots<T, G>(src, ws, B, H, U, units, j0, b0, tile_rows, hs, dh0);
+      if (t < 0) continue;
+      const int rows = min(tile_rows, B - b0);
+      for (int e = static_cast<int>(threadIdx.x); e < rows * units; e += kThreads) {
+        epilogue(t, b0 + e / units, j0 + e % units, src != nullptr);
+      }
+    }
+    if (t >= 0) grid.sync();  // step t's gradients complete everywhere before any block stages them
+  }
+}
+
+// LSTM: the carries dh0[:, j] = 0 (dh is all dots) and dc0[:, j] = dc_tot f; after the last
+// barrier dh0 = dpre_0 w_hh, dc0 that of step 0.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
+    lstm_sequence_backward_kernel(const float* __restrict__ dh_all, const float* __restrict__ dc_all,
+                                  const float* __restrict__ gates, const float* __restrict__ c0,
+                                  const float* __restrict__ c_all, const T* __restrict__ w, float* dpre, float* dh0,
+                                  float* dc0, int steps, int B, int H, int U, int tile_rows) {
+  const std::int64_t step_state = static_cast<std::int64_t>(B) * H;
+  sequence_backward<T, 4>(w, dpre, dh0, steps, B, H, U, tile_rows, [&](int t, int b, int j, bool carry) {
+    const std::int64_t s = static_cast<std::int64_t>(b) * H + j;
+    const std::int64_t ts = t * step_state + s;
+    const std::int64_t g = (t * step_state + static_cast<std::int64_t>(b) * H) * 4 + j;
+    const float dh = dh_all[ts] + (carry ? __ldcg(dh0 + s) : 0.f);
+    const float dc_next = dc_all[ts] + (carry ? __ldcg(dc0 + s) : 0.f);
+    const float ig = gates[g];
+    const float fg = gates[g + H];
+    const float gg = gates[g + 2 * H];
+    const float og = gates[g + 3 * H];
+    const float tc = tanhf(c_all[ts]);
+    const float c_prev = t == 0 ? c0[s] : c_all[ts - step_state];
+    const float dct = dc_next + dh * og * (1.f - tc * tc);
+    dpre[g] = dct * gg * (ig * (1.f - ig));
+    dpre[g + H] = dct * c_prev * (fg * (1.f - fg));
+    dpre[g + 2 * H] = dct * ig * (1.f - gg * gg);
+    dpre[g + 3 * H] = dh * tc * (og * (1.f - og));
+    dh0[s] = 0.f;
+    dc0[s] = dct * fg;
+  });
+}
+
+// GRU: the carry dh0[:, j] = dh_t z (the direct path h_{t-1} -> h_t) and src the previous
+// step's dgh = [dr | dz | dn r]; after the last barrier dh0 = dh_0 z_0 + dgh_0 w_hh.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
+    gru_sequence_backward_kernel(const float* __restrict__ dh_all, const float* __restrict__ saved,
+                                 const float* __restrict__ h0, const float* __restrict__ h_all,
+                                 const T* __restrict__ w, float* __restrict__ dgx, float* dgh, float* dh0, int steps,
+                                 int B, int H, int U, int tile_rows) {
+  const std::int64_t step_state = static_cast<std::int64_t>(B) * H;
+  sequence_backward<T, 3>(w, dgh, dh0, steps, B, H, U, tile_rows, [&](int t, int b, int j, bool carry) {
+    const std::int64_t s = static_cast<std::int64_t>(b) * H + j;
+    const std::int64_t ts = t * step_state + s;
+    const std::int64_t row = t * step_state + static_cast<std::int64_t>(b) * H;
+    const std::int64_t g = row * 3 + j;
+    const std::int64_t v = row * 4 + j;
+    const float dh = dh_all[ts] + (carry ? __ldcg(dh0 + s) : 0.f);
+    const float r = saved[v];
+    const float z = saved[v + H];
+    const float n = saved[v + 2 * H];
+    const float ghn = saved[v + 3 * H];
+    const float h_prev = t == 0 ? h0[s] : h_all[ts - step_state];
+    const float dn = dh * (1.f - z) * (1.f - n * n);
+    const float dz = dh * (h_prev - n) * (z * (1.f - z));
+    const float dr = dn * ghn * (r * (1.f - r));
+    dgx[g] = dr;
+    dgx[g + H] = dz;
+    dgx[g + 2 * H] = dn;
+    dgh[g] = dr;
+    dgh[g + H] = dz;
+    dgh[g + 2 * H] = dn * r;
+    dh0[s] = dh * z;
+  });
 }
 
 // ---------------------------------------------------------------------------
@@ -624,9 +776,32 @@ SequencePlan plan_sequence(const char* where, const void* kernel, int gates, std
 }
 
 template <typename T>
-const void* sequence_kernel(int gates) {
-  return gates == 4 ? reinterpret_cast<const void*>(&lstm_sequence_kernel<T>)
-                    : reinterpret_cast<const void*>(&gru_sequence_kernel<T>);
+const void* sequence_kernel(int gates, bool forward) {
+  if (gates == 4) {
+    return forward ? reinterpret_cast<const void*>(&lstm_sequence_kernel<T>)
+                   : reinterpret_cast<const void*>(&lstm_sequence_backward_kernel<T>);
+  }
+  return forward ? reinterpret_cast<const void*>(&gru_sequence_kernel<T>)
+                 : reinterpret_cast<const void*>(&gru_sequence_backward_kernel<T>);
+}
+
+// Plans and launches a persistent kernel (weight dtype T, `gates`, forward or backward)
+// whose arguments are ptrs... (exactly its pointer parameter types) followed by
+// (steps, B, H, U, tile_rows); false, launching nothing, when it does not fit.
+template <typename T, typename... Ptrs>
+bool launch_sequence(const char* where, int gates, bool forward, std::int64_t steps, std::int64_t B,
+                     std::int64_t H, std::uintptr_t stream, Ptrs... ptrs) {
+  const void* kernel = sequence_kernel<T>(gates, forward);
+  const SequencePlan plan = plan_sequence<T>(where, kernel, gates, B, H);
+  if (plan.blocks == 0) return false;
+  int steps_ = static_cast<int>(steps), b = static_cast<int>(B), h = static_cast<int>(H), u = plan.U,
+      rows = plan.tile_rows;
+  void* args[] = {&ptrs..., &steps_, &b, &h, &u, &rows};
+  check_cuda(cudaLaunchCooperativeKernel(kernel, dim3(plan.blocks), dim3(kThreads), args,
+                                         static_cast<std::size_t>(plan.smem), reinterpret_cast<cudaStream_t>(stream)),
+             where);
+  check_cuda(cudaGetLastError(), where);
+  return true;
 }
 
 void check_sequence_sizes(const char* where, std::int64_t T, std::int64_t B, std::int64_t H) {
@@ -722,7 +897,8 @@ bool rnn_sequence_fits(int gates, std::int64_t B, std::int64_t H, int dtype) {
   bool fits = false;
   dispatch_dtype(dtype, [&](auto type) {
     using T = typename decltype(type)::type;
-    fits = plan_sequence<T>(kWhere, sequence_kernel<T>(gates), gates, B, H).blocks > 0;
+    fits = plan_sequence<T>(kWhere, sequence_kernel<T>(gates, true), gates, B, H).blocks > 0 &&
+           plan_sequence<T>(kWhere, sequence_kernel<T>(gates, false), gates, B, H).blocks > 0;
   });
   return fits;
 }
@@ -739,25 +915,10 @@ bool lstm_sequence_forward(std::uintptr_t gx, std::uintptr_t h0, std::uintptr_t 
   bool launched = false;
   dispatch_dtype(dtype, [&](auto type) {
     using T_ = typename decltype(type)::type;
-    const void* kernel = sequence_kernel<T_>(4);
-    const SequencePlan plan = plan_sequence<T_>(kWhere, kernel, 4, B, H);
-    if (plan.blocks == 0) return;
-    const float* gx_p = as_const<float>(gx);
-    const float* h0_p = as_const<float>(h0);
-    const float* c0_p = as_const<float>(c0);
-    const T_* w_p = as_const<T_>(w_hh);
-    float* h_all_p = as_mutable<float>(h_all);
-    float* c_all_p = as_mutable<float>(c_all);
-    float* gates_p = as_mutable<float>(gates);
-    int steps = static_cast<int>(T), b = static_cast<int>(B), h = static_cast<int>(H), u = plan.U,
-        rows = plan.tile_rows;
-    void* args[] = {&gx_p, &h0_p, &c0_p, &w_p, &h_all_p, &c_all_p, &gates_p, &steps, &b, &h, &u, &rows};
-    check_cuda(cudaLaunchCooperativeKernel(kernel, dim3(plan.blocks), dim3(kThreads), args,
-                                           static_cast<std::size_t>(plan.smem), reinterpret_cast<cudaStream_t>(stream)),
-               kWhere);
-    launched = true;
+    launched = launch_sequence<T_>(kWhere, 4, true, T, B, H, stream, as_const<float>(gx), as_const<float>(h0),
+                                   as_const<float>(c0), as_const<T_>(w_hh), as_mutable<float>(h_all),
+                                   as_mutable<float>(c_all), as_mutable<float>(gates));
   });
-  if (launched) check_cuda(cudaGetLastError(), kWhere);
   return launched;
 }
 
@@ -772,24 +933,51 @@ bool gru_sequence_forward(std::uintptr_t gx, std::uintptr_t h0, std::uintptr_t w
   bool launched = false;
   dispatch_dtype(dtype, [&](auto type) {
     using T_ = typename decltype(type)::type;
-    const void* kernel = sequence_kernel<T_>(3);
-    const SequencePlan plan = plan_sequence<T_>(kWhere, kernel, 3, B, H);
-    if (plan.blocks == 0) return;
-    const float* gx_p = as_const<float>(gx);
-    const float* h0_p = as_const<float>(h0);
-    const T_* w_p = as_const<T_>(w_hh);
-    const T_* b_p = as_const<T_>(b_hh);
-    float* h_all_p = as_mutable<float>(h_all);
-    float* saved_p = as_mutable<float>(saved);
-    int steps = static_cast<int>(T), b = static_cast<int>(B), h = static_cast<int>(H), u = plan.U,
-        rows = plan.tile_rows;
-    void* args[] = {&gx_p, &h0_p, &w_p, &b_p, &h_all_p, &saved_p, &steps, &b, &h, &u, &rows};
-    check_cuda(cudaLaunchCooperativeKernel(kernel, dim3(plan.blocks), dim3(kThreads), args,
-                                           static_cast<std::size_t>(plan.smem), reinterpret_cast<cudaStream_t>(stream)),
-               kWhere);
-    launched = true;
+    launched = launch_sequence<T_>(kWhere, 3, true, T, B, H, stream, as_const<float>(gx), as_const<float>(h0),
+                                   as_const<T_>(w_hh), as_const<T_>(b_hh), as_mutable<float>(h_all),
+                                   as_mutable<float>(saved));
   });
-  if (launched) check_cuda(cudaGetLastError(), kWhere);
+  return launched;
+}
+
+bool lstm_sequence_backward(std::uintptr_t dh_all, std::uintptr_t dc_all, std::uintptr_t gates, std::uintptr_t c0,
+                            std::uintptr_t c_all, std::uintptr_t w_hh, std::uintptr_t dpre_all, std::uintptr_t dh0,
+                            std::uintptr_t dc0, std::int64_t T, std::int64_t B, std::int64_t H, int dtype,
+                            std::uintptr_t stream) {
+  constexpr const char* kWhere = "lstm_sequence_backward";
+  check_dtype_code(kWhere, dtype);
+  check_sequence_sizes(kWhere, T, B, H);
+  if (T == 0 || B == 0 || H == 0) return true;
+  check_pointers(kWhere, {{"dh_all", dh_all}, {"dc_all", dc_all}, {"gates", gates}, {"c0", c0}, {"c_all", c_all},
+                          {"w_hh", w_hh}, {"dpre_all", dpre_all}, {"dh0", dh0}, {"dc0", dc0}});
+  bool launched = false;
+  dispatch_dtype(dtype, [&](auto type) {
+    using T_ = typename decltype(type)::type;
+    launched = launch_sequence<T_>(kWhere, 4, false, T, B, H, stream, as_const<float>(dh_all),
+                                   as_const<float>(dc_all), as_const<float>(gates), as_const<float>(c0),
+                                   as_const<float>(c_all), as_const<T_>(w_hh), as_mutable<float>(dpre_all),
+                                   as_mutable<float>(dh0), as_mutable<float>(dc0));
+  });
+  return launched;
+}
+
+bool gru_sequence_backward(std::uintptr_t dh_all, std::uintptr_t saved, std::uintptr_t h0, std::uintptr_t h_all,
+                           std::uintptr_t w_hh, std::uintptr_t dgx_all, std::uintptr_t dgh_all, std::uintptr_t dh0,
+                           std::int64_t T, std::int64_t B, std::int64_t H, int dtype, std::uintptr_t stream) {
+  constexpr const char* kWhere = "gru_sequence_backward";
+  check_dtype_code(kWhere, dtype);
+  check_sequence_sizes(kWhere, T, B, H);
+  if (T == 0 || B == 0 || H == 0) return true;
+  check_pointers(kWhere, {{"dh_all", dh_all}, {"saved", saved}, {"h0", h0}, {"h_all", h_all}, {"w_hh", w_hh},
+                          {"dgx_all", dgx_all}, {"dgh_all", dgh_all}, {"dh0", dh0}});
+  bool launched = false;
+  dispatch_dtype(dtype, [&](auto type) {
+    using T_ = typename decltype(type)::type;
+    launched = launch_sequence<T_>(kWhere, 3, false, T, B, H, stream, as_const<float>(dh_all),
+                                   as_const<float>(saved), as_const<float>(h0), as_const<float>(h_all),
+                                   as_const<T_>(w_hh), as_mutable<float>(dgx_all), as_mutable<float>(dgh_all),
+                                   as_mutable<float>(dh0));
+  });
   return launched;
 }
 

@@ -206,7 +206,8 @@ def _sequence_fits(kind, B, H, w_dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 def test_layers_match_torch_cuda_gpu(kind, dtype, T):
-    # B = 5, H = 129: no tile multiple; the forward runs the persistent kernel.
+    # B = 5, H = 129: no tile multiple; the forward and the backward run the persistent kernels
+    # (rnn_sequence_fits answers for both).
     assert _sequence_fits(kind, 5, 129, dtype)
     _check_layer("cuda", kind, T, 5, 33, 129, 2, True, True, dtype, device="cuda")
 
@@ -217,21 +218,21 @@ def test_layers_match_torch_cuda_gpu(kind, dtype, T):
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 def test_layers_match_torch_cuda_gpu_step_loop_fallback(kind, dtype):
     # H = 2048: a block's gate rows of w_hh do not fit in shared memory (H100 or A100), so
-    # the forward is the step loop over the step kernels.
+    # the forward and the backward are the step loops over the step kernels.
     assert not _sequence_fits(kind, 3, 2048, dtype)
     _check_layer("cuda", kind, 3, 3, 8, 2048, 1, False, False, dtype, device="cuda")
 
 
 @pytest.mark.gpu
 @pytest.mark.usefixtures("poison_empty")
-@pytest.mark.parametrize("B,H", [(1, 1), (1, 33), (17, 129), (130, 65), (3, 2048)], ids=str)
+@pytest.mark.parametrize("B,H", [(1, 1), (1, 33), (17, 129), (130, 65), (130, 129), (3, 2048)], ids=str)
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_cuda_kernels_match_reference(kind, w_dtype, B, H):
-    """Every cuda step kernel and the sequence forward against the float64 reference on the
-    same (rounded) weights: the cuda form's dots are float32 FFMA for every weight dtype,
-    so the float32 bound holds. (130, 65) spans several staged row tiles of the persistent
-    kernel; (3, 2048) is its step-loop fallback."""
+    """Every cuda step kernel and the sequence forward and backward against the float64
+    reference on the same (rounded) weights: the cuda form's dots are float32 FFMA for every
+    weight dtype, so the float32 bound holds. (130, 65) and (130, 129) span several staged
+    row tiles of the persistent kernels; (3, 2048) is their step-loop fallback."""
     from kiln.ops import rnn
 
     G, T = (4 if kind == "lstm" else 3), 5
@@ -257,8 +258,13 @@ def test_cuda_kernels_match_reference(kind, w_dtype, B, H):
         close(rnn._CUDA.lstm_step_backward(cu(dh_next), cu(dc_next), cu(gates), cu(c), cu(c_next), w_cu),
               rnn.lstm_step_backward(dh_next, dc_next, gates, c, c_next, w64), "step backward")
         gx_all = rnd(T, B, G * H)
-        close(rnn._CUDA.lstm_sequence_forward(cu(gx_all), cu(h), cu(c), w_cu),
-              rnn.lstm_sequence_forward(gx_all, h, c, w64), "sequence forward")
+        seq = rnn.lstm_sequence_forward(gx_all, h, c, w64)
+        close(rnn._CUDA.lstm_sequence_forward(cu(gx_all), cu(h), cu(c), w_cu), seq, "sequence forward")
+        h_all, c_all, gates_all = seq
+        dh_all, dc_all = rnd(T, B, H), rnd(T, B, H)
+        close(rnn._CUDA.lstm_sequence_backward(cu(dh_all), cu(dc_all), cu(gates_all), cu(h), cu(c), cu(h_all),
+                                               cu(c_all), w_cu),
+              rnn.lstm_sequence_backward(dh_all, dc_all, gates_all, h, c, h_all, c_all, w64), "sequence backward")
     else:
         fwd = rnn.gru_step_forward(gx, h, w64, b64)
         close(rnn._CUDA.gru_step_forward(cu(gx), cu(h), w_cu, b_cu), fwd, "step forward")
@@ -266,9 +272,13 @@ def test_cuda_kernels_match_reference(kind, w_dtype, B, H):
         close(rnn._CUDA.gru_step_backward(cu(dh_next), cu(saved), cu(h), w_cu),
               rnn.gru_step_backward(dh_next, saved, h, w64), "step backward")
         gx_all = rnd(T, B, G * H)
-        close(rnn._CUDA.gru_sequence_forward(cu(gx_all), cu(h), w_cu, b_cu),
-              rnn.gru_sequence_forward(gx_all, h, w64, b64), "sequence forward")
-    assert _sequence_fits(kind, B, H, w_dtype) == (H != 2048)
+        seq = rnn.gru_sequence_forward(gx_all, h, w64, b64)
+        close(rnn._CUDA.gru_sequence_forward(cu(gx_all), cu(h), w_cu, b_cu), seq, "sequence forward")
+        h_all, saved_all = seq
+        dh_all = rnd(T, B, H)
+        close(rnn._CUDA.gru_sequence_backward(cu(dh_all), cu(saved_all), cu(h), cu(h_all), w_cu),
+              rnn.gru_sequence_backward(dh_all, saved_all, h, h_all, w64), "sequence backward")
+    assert _sequence_fits(kind, B, H, w_dtype) == (H != 2048)  # persistent forward and backward ran
 
 
 # --- the notes' cells -------------------------------------------------------------------

@@ -41,9 +41,10 @@ void gru_step_backward(std::uintptr_t dh_next, std::uintptr_t saved, std::uintpt
                        std::uintptr_t dgx, std::uintptr_t dgh, std::uintptr_t dh, std::int64_t B, std::int64_t H,
                        int dtype, std::uintptr_t stream);
 
-// Whether the persistent whole-sequence forward kernel can run (gates: 4 LSTM, 3 GRU) for
-// batch B, hidden size H and weight dtype on the current device: one wave of blocks, each
-// holding its gate rows of w_hh in shared memory, all co-resident (cooperative launch).
+// Whether the persistent whole-sequence kernels, forward and backward, can run (gates: 4
+// LSTM, 3 GRU) for batch B, hidden size H and weight dtype on the current device: one wave
+// of blocks, each holding its slice of w_hh (forward: its gate rows, backward: its columns
+// of every gate row; the same bytes) in shared memory, all co-resident (cooperative launch).
 bool rnn_sequence_fits(int gates, std::int64_t B, std::int64_t H, int dtype);
 
 // The whole LSTM forward over T steps in one persistent (cooperative) launch, when
@@ -60,5 +61,26 @@ bool lstm_sequence_forward(std::uintptr_t gx, std::uintptr_t h0, std::uintptr_t 
 bool gru_sequence_forward(std::uintptr_t gx, std::uintptr_t h0, std::uintptr_t w_hh, std::uintptr_t b_hh,
                           std::uintptr_t h_all, std::uintptr_t saved, std::int64_t T, std::int64_t B,
                           std::int64_t H, int dtype, std::uintptr_t stream);
+
+// The whole LSTM backward over T steps in one persistent (cooperative) launch, when
+// rnn_sequence_fits(4, B, H, dtype); returns false, doing nothing, when it does not fit.
+// dh_all, dc_all (T, B, H) the gradients arriving at h_t, c_t from outside the recurrence,
+// gates (T, B, 4H), c0 (B, H), c_all (T, B, H) from the forward -> dpre_all (T, B, 4H), dh0,
+// dc0 (B, H): step t (T-1 down to 0) as lstm_step_backward on dh_next = dh_all[t] + dh,
+// dc_next = dc_all[t] + dc (dh, dc of step t + 1; zero at t = T-1), c = c_all[t-1] (c0 at
+// t = 0), c_next = c_all[t]; dh0, dc0 those of step 0. T == 0, B == 0 or H == 0: nothing
+// is done (dh0, dc0 are not written), returns true.
+bool lstm_sequence_backward(std::uintptr_t dh_all, std::uintptr_t dc_all, std::uintptr_t gates, std::uintptr_t c0,
+                            std::uintptr_t c_all, std::uintptr_t w_hh, std::uintptr_t dpre_all, std::uintptr_t dh0,
+                            std::uintptr_t dc0, std::int64_t T, std::int64_t B, std::int64_t H, int dtype,
+                            std::uintptr_t stream);
+
+// The whole GRU backward, as lstm_sequence_backward: dh_all (T, B, H), saved (T, B, 4H),
+// h0 (B, H), h_all (T, B, H) -> dgx_all, dgh_all (T, B, 3H), dh0 (B, H): step t as
+// gru_step_backward on dh_next = dh_all[t] + dh, h = h_all[t-1] (h0 at t = 0); false
+// (nothing done) unless rnn_sequence_fits(3, ...).
+bool gru_sequence_backward(std::uintptr_t dh_all, std::uintptr_t saved, std::uintptr_t h0, std::uintptr_t h_all,
+                           std::uintptr_t w_hh, std::uintptr_t dgx_all, std::uintptr_t dgh_all, std::uintptr_t dh0,
+                           std::int64_t T, std::int64_t B, std::int64_t H, int dtype, std::uintptr_t stream);
 
 }  // namespace kiln

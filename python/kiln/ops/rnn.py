@@ -20,8 +20,10 @@ h_t, c_t and the gates, and meets the others at a grid barrier (cooperative_grou
 grid.sync(); the cooperative launch guarantees co-residency, so the barrier cannot hang).
 It runs when the slice fits in shared memory (on an H100, 227 KiB a block: H <= 1210
 for an LSTM with float32 weights, 1709 with 16-bit weights; GRU 1417 / 1905; any batch),
-else the forward is the step loop over the step kernels. Backward is the step
-loop over the cuda step-backward kernels either way. The Triton form is one launch per
+else the forward is the step loop over the step kernels. Backward is the same scheme in
+reverse (a persistent whole-sequence backward: each block keeps the columns of its units
+of every gate row of W_hh, the same bytes, so the same limits) and likewise falls back to
+the step loop over the cuda step-backward kernels. The Triton form is one launch per
 step.
 
 Saved for backward, per step: LSTM the activated gates (4H) and the cell state; GRU
@@ -89,11 +91,13 @@ def gru_step_backward(dh_next, saved, h, w_hh):
 # The cuda backend.
 #
 # csrc/rnn.cu: the four step kernels (state float32, w_hh / b_hh float32, float16 or
-# bfloat16), and the persistent whole-sequence forwards, which keep each block's gate rows
-# of w_hh in shared memory for all T steps with a grid barrier per step. The persistent
-# forward runs when kiln._cuda.rnn_sequence_fits(gates, B, H, dtype) (H <= 1210 for an
-# LSTM with float32 weights on an H100, any B) and otherwise falls back to the step loop
-# over the step kernels. Backward is always the step loop over the step-backward kernels.
+# bfloat16), and the persistent whole-sequence forwards and backwards, which keep each
+# block's slice of w_hh (forward: its gate rows; backward: its columns of every gate row)
+# in shared memory for all T steps with a grid barrier per step. They run when
+# kiln._cuda.rnn_sequence_fits(gates, B, H, dtype) (H <= 1210 for an LSTM with float32
+# weights on an H100, any B) and otherwise fall back to the step loops over the step
+# kernels (forward and backward separately: each launcher returns False when its kernel
+# does not fit).
 
 
 def _cuda_state(op, *states):
@@ -152,7 +156,8 @@ def cuda_gru_step_backward(dh_next, saved, h, w_hh):
 
 
 def cuda_sequence_fits(gates: int, B: int, H: int, w_hh: Tensor) -> bool:
-    """Whether the persistent forward runs for this shape and weight dtype on w_hh's device."""
+    """Whether the persistent forward and backward run for this shape and weight dtype on
+    w_hh's device."""
     ext = backend.cuda_extension()
     with torch.cuda.device(w_hh.device):
         return bool(ext.rnn_sequence_fits(gates, B, H, DTYPE_CODE[w_hh.dtype]))
@@ -187,12 +192,44 @@ def cuda_gru_sequence_forward(gx, h0, w_hh, b_hh):
     return gru_sequence_forward(gx, h0, w_hh, b_hh, kernels=_CUDA_STEPS)
 
 
-# The step functions alone (the fallback's kernels), and the form the dispatcher gets:
-# with its own sequence forwards; the sequence backwards are the step loops over it.
+def cuda_lstm_sequence_backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh):
+    """The persistent backward (one cooperative launch for all T steps) when the shape fits,
+    else the step loop over the cuda step-backward kernels. -> (dpre_all, dh0, dc0)."""
+    _cuda_state("lstm_sequence_backward", dh_all, dc_all, gates, h0, c0, c_all)
+    ext = backend.cuda_extension()
+    T, B, H = gates.shape[0], h0.shape[0], h0.shape[1]
+    dpre_all, dh0, dc0 = torch.empty_like(gates), torch.empty_like(h0), torch.empty_like(c0)
+    with torch.cuda.device(h0.device):
+        ran = ext.lstm_sequence_backward(ptr(dh_all), ptr(dc_all), ptr(gates), ptr(c0), ptr(c_all), ptr(w_hh),
+                                         ptr(dpre_all), ptr(dh0), ptr(dc0), T, B, H, DTYPE_CODE[w_hh.dtype],
+                                         stream(h0))
+    if ran and T > 0:  # T == 0 writes nothing; the loop's zeros
+        return dpre_all, dh0, dc0
+    return lstm_sequence_backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh, kernels=_CUDA_STEPS)
+
+
+def cuda_gru_sequence_backward(dh_all, saved, h0, h_all, w_hh):
+    """The persistent backward when the shape fits, else the step loop. -> (dgx_all, dgh_all, dh0)."""
+    _cuda_state("gru_sequence_backward", dh_all, saved, h0, h_all)
+    ext = backend.cuda_extension()
+    T, B, H = saved.shape[0], h0.shape[0], h0.shape[1]
+    dgx_all, dgh_all, dh0 = h0.new_empty((T, B, 3 * H)), h0.new_empty((T, B, 3 * H)), torch.empty_like(h0)
+    with torch.cuda.device(h0.device):
+        ran = ext.gru_sequence_backward(ptr(dh_all), ptr(saved), ptr(h0), ptr(h_all), ptr(w_hh), ptr(dgx_all),
+                                        ptr(dgh_all), ptr(dh0), T, B, H, DTYPE_CODE[w_hh.dtype], stream(h0))
+    if ran and T > 0:
+        return dgx_all, dgh_all, dh0
+    return gru_sequence_backward(dh_all, saved, h0, h_all, w_hh, kernels=_CUDA_STEPS)
+
+
+# The step functions alone (the fallbacks' kernels), and the form the dispatcher gets:
+# with its own sequence forwards and backwards.
 _CUDA_STEPS = SimpleNamespace(lstm_step_forward=cuda_lstm_step_forward, lstm_step_backward=cuda_lstm_step_backward,
                               gru_step_forward=cuda_gru_step_forward, gru_step_backward=cuda_gru_step_backward)
 _CUDA = SimpleNamespace(**vars(_CUDA_STEPS), lstm_sequence_forward=cuda_lstm_sequence_forward,
-                        gru_sequence_forward=cuda_gru_sequence_forward)
+                        gru_sequence_forward=cuda_gru_sequence_forward,
+                        lstm_sequence_backward=cuda_lstm_sequence_backward,
+                        gru_sequence_backward=cuda_gru_sequence_backward)
 
 
 # ---------------------------------------------------------------------------------------
