@@ -3,9 +3,9 @@
     python bench/gpu_rnn.py [--out bench/results/rnn_gpu_<gpu>.md]
 
 Shapes of issue 6 and a batch sweep 1..256 at T 128, in 256, hidden 512. The triton form
-is one launch per step; the cuda form's forward is the persistent kernel (W_hh in shared
-memory, one launch for all T steps) where kiln._cuda.rnn_sequence_fits says so (column
-"cuda fwd"), its backward the step loop over the cuda step kernels.
+is one launch per step; the cuda form's forward and backward are the persistent kernels (W_hh
+in shared memory, one launch for all T steps) where kiln._cuda.rnn_sequence_fits says so
+(column "cuda fwd"), else step loops over the cuda step kernels.
 """
 
 from __future__ import annotations
