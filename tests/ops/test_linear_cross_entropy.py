@@ -55,6 +55,35 @@ def test_no_bias_and_smoothing(backend):
     _check(backend, 9, 8, 50, dtype, 4, bias=False, label_smoothing=0.1)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_inference_and_frozen_weight_paths(reduction):
+    """mean / sum take the gradients-in-forward path only while autograd records something;
+    under no_grad they take the statistics path, and a frozen weight is not differentiated."""
+    (hidden, weight, bias), target = _case(13, 6, 29, ignore_every=4)
+    ref = F.cross_entropy(F.linear(hidden, weight, bias), target, reduction=reduction)
+    with torch.no_grad():
+        out = kiln.ops.linear_cross_entropy(hidden, weight, target, bias, reduction=reduction, chunk_rows=5)
+    assert rel_err(out, ref) < 1e-12
+    h = hidden.clone().requires_grad_()
+    out = kiln.ops.linear_cross_entropy(h, weight, target, bias, reduction=reduction, chunk_rows=5)
+    (3 * out).backward()
+    h_ref = hidden.clone().requires_grad_()
+    (3 * F.cross_entropy(F.linear(h_ref, weight, bias), target, reduction=reduction)).backward()
+    assert rel_err(out, ref) < 1e-12 and rel_err(h.grad, h_ref.grad) < 1e-12
+    assert weight.grad is None and bias.grad is None
+
+
+def test_compiles_fullgraph():
+    (hidden, weight, bias), target = _case(10, 8, 37, dtype=torch.float32)
+    params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    fn = torch.compile(lambda h, w, b: kiln.ops.linear_cross_entropy(h, w, target, b, chunk_rows=4), fullgraph=True)
+    fn(*params).backward()
+    refs = [t.double().clone().requires_grad_() for t in (hidden, weight, bias)]
+    F.cross_entropy(F.linear(*refs), target).backward()
+    for a, b_ in zip(params, refs):
+        assert rel_err(a.grad, b_.grad) < BOUND[torch.float32]
+
+
 def test_leading_dims():
     (hidden, weight, bias), target = _case(6, 5, 11)
     hidden, target = hidden.reshape(2, 3, 5), target.reshape(2, 3)

@@ -5,21 +5,29 @@ one GEMM, and the cross-entropy kernel of the selected backend (kiln.ops.cross_e
 Triton, CUDA or numba form) turns them into the chunk's losses and per-row statistics.
 Peak extra memory is O(chunk_rows x V), never O(N x V).
 
-Saved for backward: hidden, W, b, the targets and two statistics per row (max, log-sum;
-see cross_entropy.py). Backward recomputes each chunk's logits (one more GEMM per chunk,
-the price of not storing them), turns them into dlogits with the cross-entropy backward
-kernel (in place, over the chunk's logits), and uses them at once: dh_chunk = dlogits W, dW += dlogits^T h_chunk,
-db += column sums. Computing the gradients during forward instead (as Liger-Kernel does)
-saves that GEMM but only works when the loss is reduced to a scalar; recomputing keeps
-every reduction (none included) correct.
+Two ways to the gradients, chosen by the public function:
+
+* reduction "mean" / "sum" with autograd recording (training): the gradients of the summed
+  loss are formed during forward, chunk by chunk while the chunk's logits are in memory
+  (as Liger-Kernel does): dlogits over the logits in place (cross-entropy backward kernel
+  with a gradient of 1 per row), dh_chunk = dlogits W, dW += dlogits^T h_chunk, db +=
+  column sums. Saved for backward: dh, dW, db; backward only scales them by the incoming
+  scalar gradient (the mean's 1 / count reaches it through autograd). Three GEMMs in all,
+  as many as torch's linear + cross_entropy.
+* reduction "none", or no autograd (inference): forward computes the losses and two
+  statistics per row (max, log-sum; see cross_entropy.py) and saves hidden, W, b and the
+  targets with them. Backward, which may get any per-row gradient, recomputes each chunk's
+  logits (one more GEMM per chunk, the price of not storing them) and forms the gradients
+  as above.
 
 No form fuses the GEMM with the cross-entropy: each chunk's GEMM is the vendor's (cuBLAS
 through torch on GPU, oneDNN through torch on CPU) and the selected backend's cross-entropy kernel runs on
 its output. The chunk's logits make one round trip through memory (write, read, and in
 backward one overwrite with dlogits), 3 * 4 bytes per logit against 2H FLOPs per logit of
 GEMM: for H >= 1024 the GEMM dominates by far, and a hand-written GEMM would lose more to
-cuBLAS/MKL than the fusion saves. Measured on CPU: forward 0.93x, forward+backward 1.08x
-torch eager (bench/results/cross_entropy_cpu.md), at 1/25 of torch's peak memory.
+cuBLAS/oneDNN than the fusion saves. Measured on CPU (4096 x 1024 -> 32000): forward 1.00x,
+forward+backward 1.01x torch eager (bench/results/cross_entropy_cpu.md); peak extra memory
+101 MiB against torch's 3018 MiB at 4096 x 2048 -> 128256.
 """
 
 from __future__ import annotations
@@ -54,6 +62,42 @@ class _ChunkLogits:
         return torch.mm(h, self.weight.t()) if self.bias is None else torch.addmm(self.bias, h, self.weight.t())
 
 
+def _chunk_gradients(kernels, chunk_logits, grad_loss, hidden, weight, target, ignore_index, label_smoothing,
+                     chunk_rows, need_dh, need_dw, need_db, row_stats=None):
+    """(sum of the losses, dh, dW, db) of sum_r grad_loss[r] loss[r], chunk by chunk.
+
+    row_stats: the (row_max, row_logsum) that forward saved; None runs the forward kernel on
+    each chunk first (and sums its losses; the sum is 0 otherwise). dW and db accumulate in
+    float32 (float64 for float64) and are cast once at the end. Each gradient is empty when
+    not needed."""
+    N = hidden.shape[0]
+    acc = _stats_dtype(hidden.dtype)
+    total = torch.zeros((), dtype=acc, device=hidden.device)
+    dh = torch.empty_like(hidden) if need_dh else hidden.new_empty(0)
+    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else None
+    db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_db else None
+    for r0 in range(0, N, chunk_rows):
+        r1 = min(N, r0 + chunk_rows)
+        logits = chunk_logits(r0, r1)
+        if row_stats is None:
+            loss, row_max, row_logsum = kernels.cross_entropy_forward(logits, target[r0:r1], None, ignore_index,
+                                                                      label_smoothing)
+            total += loss.sum()
+        else:
+            row_max, row_logsum = row_stats[0][r0:r1], row_stats[1][r0:r1]
+        # The chunk's logits are ours alone: dlogits overwrite them in place.
+        dlogits = kernels.cross_entropy_backward(grad_loss[r0:r1], logits, target[r0:r1], None, row_max,
+                                                 row_logsum, ignore_index, label_smoothing, out=logits)
+        if need_dh:
+            torch.mm(dlogits, weight, out=dh[r0:r1])
+        if need_dw:
+            dw.addmm_(dlogits.t().to(acc), hidden[r0:r1].to(acc))
+        if need_db:
+            db += dlogits.sum(0, dtype=acc)
+    return (total, dh, dw.to(weight.dtype) if need_dw else hidden.new_empty(0),
+            db.to(weight.dtype) if need_db else hidden.new_empty(0))
+
+
 @torch.library.custom_op("kiln::linear_cross_entropy", mutates_args=())
 def _linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                           ignore_index: int, label_smoothing: float, chunk_rows: int
@@ -84,29 +128,11 @@ def _linear_cross_entropy_backward(
         row_max: Tensor, row_logsum: Tensor, ignore_index: int, label_smoothing: float,
         chunk_rows: int, need_dh: bool, need_dw: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dhidden, dweight, dbias), each empty when not needed."""
-    kernels = _implementation("cross_entropy", hidden)
-    N = hidden.shape[0]
-    dh = torch.empty_like(hidden) if need_dh else hidden.new_empty(0)
-    # dW and db accumulate over chunks in float32 (float64 for float64), cast once at the end.
-    acc = _stats_dtype(hidden.dtype)
-    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else None
-    db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_db else None
-    chunk_logits = _ChunkLogits(hidden, weight, bias, chunk_rows)
-    for r0 in range(0, N, chunk_rows):
-        r1 = min(N, r0 + chunk_rows)
-        logits = chunk_logits(r0, r1)
-        # The chunk's logits are ours alone: dlogits overwrite them in place.
-        dlogits = kernels.cross_entropy_backward(grad_loss[r0:r1], logits, target[r0:r1], None,
-                                                 row_max[r0:r1], row_logsum[r0:r1], ignore_index,
-                                                 label_smoothing, out=logits)
-        if need_dh:
-            torch.mm(dlogits, weight, out=dh[r0:r1])
-        if need_dw:
-            dw.addmm_(dlogits.t().to(acc), hidden[r0:r1].to(acc))
-        if need_db:
-            db += dlogits.sum(0, dtype=acc)
-    return (dh, dw.to(weight.dtype) if need_dw else hidden.new_empty(0),
-            db.to(weight.dtype) if need_db else hidden.new_empty(0))
+    _, dh, dw, db = _chunk_gradients(_implementation("cross_entropy", hidden),
+                                     _ChunkLogits(hidden, weight, bias, chunk_rows), grad_loss, hidden, weight,
+                                     target, ignore_index, label_smoothing, chunk_rows, need_dh, need_dw, need_db,
+                                     row_stats=(row_max, row_logsum))
+    return dh, dw, db
 
 
 @_linear_cross_entropy_backward.register_fake
@@ -135,6 +161,41 @@ def _backward(ctx, grad_loss, grad_row_max, grad_row_logsum):
 
 
 torch.library.register_autograd("kiln::linear_cross_entropy", _backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("kiln::linear_cross_entropy_sum_with_grads", mutates_args=())
+def _linear_cross_entropy_sum_with_grads(
+        hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
+        label_smoothing: float, chunk_rows: int, need_dh: bool, need_dw: bool, need_db: bool
+        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (sum of the per-row losses, and its gradients dhidden, dweight, dbias, each
+    empty when not needed), in one pass over the chunks."""
+    ones = torch.ones(hidden.shape[0], dtype=_stats_dtype(hidden.dtype), device=hidden.device)
+    return _chunk_gradients(_implementation("cross_entropy", hidden), _ChunkLogits(hidden, weight, bias, chunk_rows),
+                            ones, hidden, weight, target, ignore_index, label_smoothing, chunk_rows, need_dh,
+                            need_dw, need_db)
+
+
+@_linear_cross_entropy_sum_with_grads.register_fake
+def _(hidden, weight, bias, target, ignore_index, label_smoothing, chunk_rows, need_dh, need_dw, need_db):
+    return (hidden.new_empty((), dtype=_stats_dtype(hidden.dtype)),
+            torch.empty_like(hidden) if need_dh else hidden.new_empty(0),
+            torch.empty_like(weight) if need_dw else hidden.new_empty(0),
+            weight.new_empty(weight.shape[0]) if need_db else hidden.new_empty(0))
+
+
+def _sum_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*output[1:])
+    ctx.needs = inputs[7:10]
+
+
+def _sum_backward(ctx, grad_total, grad_dh, grad_dw, grad_db):
+    grads = tuple(g * grad_total.to(g.dtype) if need else None for g, need in zip(ctx.saved_tensors, ctx.needs))
+    return (*grads, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("kiln::linear_cross_entropy_sum_with_grads", _sum_backward,
+                                setup_context=_sum_setup_context)
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
@@ -172,7 +233,15 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
         chunk_rows = max(1, CHUNK_ELEMENTS // max(1, V))
     if chunk_rows < 1:
         raise ValueError(f"{op}: chunk_rows must be >= 1, got {chunk_rows}")
-    loss, _, _ = _linear_cross_entropy(rows, weight.contiguous(),
-                                       None if bias is None else bias.contiguous(), flat_target,
-                                       ignore_index, float(label_smoothing), int(chunk_rows))
+    weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
+    needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    if reduction != "none" and torch.is_grad_enabled() and any(needs):
+        total, _, _, _ = _linear_cross_entropy_sum_with_grads(rows, weight, bias, flat_target, ignore_index,
+                                                              float(label_smoothing), int(chunk_rows), *needs)
+        if reduction == "sum":
+            return total.to(hidden.dtype)
+        count = (flat_target != ignore_index).sum().to(total.dtype)
+        return (total / count).to(hidden.dtype)
+    loss, _, _ = _linear_cross_entropy(rows, weight, bias, flat_target, ignore_index, float(label_smoothing),
+                                       int(chunk_rows))
     return reduce_loss(loss, flat_target, None, ignore_index, reduction, target.shape, hidden.dtype)
