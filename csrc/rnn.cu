@@ -238,6 +238,35 @@ __device__ __forceinline__ void step_backward_mma(const float* ds, const float* 
   }
 }
 
+// The dh GEMM of a step backward, dh[:, j] = sum_{q, k} d_q[:, k] w[q H + k, j], over slices
+// k0 of the hidden units. prologue(b, k, owner, d) forms the G pointwise gradients of (row b,
+// unit k) into d and, when owner (the one block of the row tile whose unit tile is slice
+// k0), stores the step's own outputs for them; they are staged beside the slice of w.
+template <typename T, int G, typename Prologue>
+__device__ __forceinline__ void step_backward_gemm(const T* __restrict__ w, int B, int H, int b0, int j0,
+                                                   float* ds, float* ws, float (&acc)[kRowsPerThread],
+                                                   Prologue prologue) {
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i) acc[i] = 0.f;
+  for (int k0 = 0; k0 < H; k0 += kTileK) {
+    const bool owner = k0 == j0;
+    for (int e = static_cast<int>(threadIdx.x); e < kTileRows * kTileK; e += kThreads) {
+      const int r = e / kTileK;
+      const int kk = e % kTileK;
+      float d[G];
+#pragma unroll
+      for (int q = 0; q < G; ++q) d[q] = 0.f;
+      if (b0 + r < B && k0 + kk < H) prologue(b0 + r, k0 + kk, owner, d);
+#pragma unroll
+      for (int q = 0; q < G; ++q) ds[(q * kTileRows + r) * kTileK + kk] = d[q];
+    }
+    stage_w<T, G, false>(w, H, j0, k0, ws);
+    __syncthreads();
+    step_backward_mma<G>(ds, ws, acc);
+    __syncthreads();
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     lstm_step_backward_kernel(const float* __restrict__ dh_next, const float* __restrict__ dc_next,
@@ -249,45 +278,26 @@ __global__ void __launch_bounds__(kThreads)
   const int b0 = static_cast<int>(blockIdx.y) * kTileRows;
   const int j0 = static_cast<int>(blockIdx.x) * kTileUnits;
   float acc[kRowsPerThread];
+  step_backward_gemm<T, 4>(w, B, H, b0, j0, ds, ws, acc, [&](int b, int k, bool owner, float (&d)[4]) {
+    const std::int64_t s = static_cast<std::int64_t>(b) * H + k;
+    const std::int64_t g = static_cast<std::int64_t>(b) * 4 * H + k;
+    const float ig = gates[g];
+    const float fg = gates[g + H];
+    const float gg = gates[g + 2 * H];
+    const float og = gates[g + 3 * H];
+    const float tc = tanhf(c_next[s]);
+    const float dhn = dh_next[s];
+    const float dct = dc_next[s] + dhn * og * (1.f - tc * tc);
+    d[0] = dct * gg * (ig * (1.f - ig));
+    d[1] = dct * c[s] * (fg * (1.f - fg));
+    d[2] = dct * ig * (1.f - gg * gg);
+    d[3] = dhn * tc * (og * (1.f - og));
+    if (owner) {
 #pragma unroll
-  for (int i = 0; i < kRowsPerThread; ++i) acc[i] = 0.f;
-
-  for (int k0 = 0; k0 < H; k0 += kTileK) {
-    const bool owner = k0 == j0;  // the one block of this row tile that stores slice k0
-    for (int e = static_cast<int>(threadIdx.x); e < kTileRows * kTileK; e += kThreads) {
-      const int r = e / kTileK;
-      const int kk = e % kTileK;
-      const int b = b0 + r;
-      const int k = k0 + kk;
-      float d[4] = {0.f, 0.f, 0.f, 0.f};
-      if (b < B && k < H) {
-        const std::int64_t s = static_cast<std::int64_t>(b) * H + k;
-        const std::int64_t g = static_cast<std::int64_t>(b) * 4 * H + k;
-        const float ig = gates[g];
-        const float fg = gates[g + H];
-        const float gg = gates[g + 2 * H];
-        const float og = gates[g + 3 * H];
-        const float tc = tanhf(c_next[s]);
-        const float dhn = dh_next[s];
-        const float dct = dc_next[s] + dhn * og * (1.f - tc * tc);
-        d[0] = dct * gg * (ig * (1.f - ig));
-        d[1] = dct * c[s] * (fg * (1.f - fg));
-        d[2] = dct * ig * (1.f - gg * gg);
-        d[3] = dhn * tc * (og * (1.f - og));
-        if (owner) {
-#pragma unroll
-          for (int q = 0; q < 4; ++q) dpre[g + q * H] = d[q];
-          dc[s] = dct * fg;
-        }
-      }
-#pragma unroll
-      for (int q = 0; q < 4; ++q) ds[(q * kTileRows + r) * kTileK + kk] = d[q];
+      for (int q = 0; q < 4; ++q) dpre[g + q * H] = d[q];
+      dc[s] = dct * fg;
     }
-    stage_w<T, 4, false>(w, H, j0, k0, ws);
-    __syncthreads();
-    step_backward_mma<4>(ds, ws, acc);
-    __syncthreads();
-  }
+  });
 
   const int j = j0 + static_cast<int>(threadIdx.x) % 32;
   if (j >= H) return;
@@ -308,49 +318,28 @@ __global__ void __launch_bounds__(kThreads)
   const int b0 = static_cast<int>(blockIdx.y) * kTileRows;
   const int j0 = static_cast<int>(blockIdx.x) * kTileUnits;
   float acc[kRowsPerThread];
-#pragma unroll
-  for (int i = 0; i < kRowsPerThread; ++i) acc[i] = 0.f;
-
-  for (int k0 = 0; k0 < H; k0 += kTileK) {
-    const bool owner = k0 == j0;  // the one block of this row tile that stores slice k0
-    for (int e = static_cast<int>(threadIdx.x); e < kTileRows * kTileK; e += kThreads) {
-      const int r = e / kTileK;
-      const int kk = e % kTileK;
-      const int b = b0 + r;
-      const int k = k0 + kk;
-      float d[3] = {0.f, 0.f, 0.f};
-      if (b < B && k < H) {
-        const std::int64_t s = static_cast<std::int64_t>(b) * H + k;
-        const std::int64_t v = static_cast<std::int64_t>(b) * 4 * H + k;
-        const float r_ = saved[v];
-        const float z = saved[v + H];
-        const float n = saved[v + 2 * H];
-        const float ghn = saved[v + 3 * H];
-        const float dhn = dh_next[s];
-        const float dn = dhn * (1.f - z) * (1.f - n * n);
-        const float dz = dhn * (h[s] - n) * (z * (1.f - z));
-        const float dr = dn * ghn * (r_ * (1.f - r_));
-        d[0] = dr;
-        d[1] = dz;
-        d[2] = dn * r_;
-        if (owner) {
-          const std::int64_t g = static_cast<std::int64_t>(b) * 3 * H + k;
-          dgx[g] = dr;
-          dgx[g + H] = dz;
-          dgx[g + 2 * H] = dn;
-          dgh[g] = dr;
-          dgh[g + H] = dz;
-          dgh[g + 2 * H] = d[2];
-        }
-      }
-#pragma unroll
-      for (int q = 0; q < 3; ++q) ds[(q * kTileRows + r) * kTileK + kk] = d[q];
+  step_backward_gemm<T, 3>(w, B, H, b0, j0, ds, ws, acc, [&](int b, int k, bool owner, float (&d)[3]) {
+    const std::int64_t s = static_cast<std::int64_t>(b) * H + k;
+    const std::int64_t v = static_cast<std::int64_t>(b) * 4 * H + k;
+    const float r = saved[v];
+    const float z = saved[v + H];
+    const float n = saved[v + 2 * H];
+    const float ghn = saved[v + 3 * H];
+    const float dhn = dh_next[s];
+    const float dn = dhn * (1.f - z) * (1.f - n * n);
+    d[0] = dn * ghn * (r * (1.f - r));  // dr
+    d[1] = dhn * (h[s] - n) * (z * (1.f - z));  // dz
+    d[2] = dn * r;  // the n gate's dgh
+    if (owner) {
+      const std::int64_t g = static_cast<std::int64_t>(b) * 3 * H + k;
+      dgx[g] = d[0];
+      dgx[g + H] = d[1];
+      dgx[g + 2 * H] = dn;
+      dgh[g] = d[0];
+      dgh[g + H] = d[1];
+      dgh[g + 2 * H] = d[2];
     }
-    stage_w<T, 3, false>(w, H, j0, k0, ws);
-    __syncthreads();
-    step_backward_mma<3>(ds, ws, acc);
-    __syncthreads();
-  }
+  });
 
   const int j = j0 + static_cast<int>(threadIdx.x) % 32;
   if (j >= H) return;
