@@ -441,12 +441,14 @@ __device__ __forceinline__ void stage_state_rows(const float* x, int ld, int B, 
   }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads, 1)
-    lstm_sequence_kernel(const float* __restrict__ gx, const float* __restrict__ h0, const float* __restrict__ c0,
-                         const T* __restrict__ w, float* h_all, float* c_all, float* __restrict__ gates, int steps,
-                         int B, int H, int U, int tile_rows) {
-  constexpr int G = 4;
+// The step loop of a persistent forward (G gates): per step t the block stages h_{t-1} in
+// row tiles, forms the G dot products of every (row b, unit j) of its slice, and hands them
+// to epilogue(t, b, j, pre, h_prev_bj), which applies the cell and stores h_t[b, j] and what
+// backward saves; then a grid barrier, so that step t + 1 stages a complete h_t.
+template <typename T, int G, typename Epilogue>
+__device__ __forceinline__ void sequence_forward(const float* __restrict__ h0, const float* h_all,
+                                                 const T* __restrict__ w, int steps, int B, int H, int U,
+                                                 int tile_rows, Epilogue epilogue) {
   extern __shared__ __align__(16) unsigned char seq_smem[];
   T* ws = reinterpret_cast<T*>(seq_smem);
   float* hs = reinterpret_cast<float*>(seq_smem + sequence_w_bytes(G, U, H, sizeof(T)));
@@ -461,11 +463,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   for (int t = 0; t < steps; ++t) {
     const float* h_prev = t == 0 ? h0 : h_all + (t - 1) * step_state;
-    const float* c_prev = t == 0 ? c0 : c_all + (t - 1) * step_state;
-    const float* gx_t = gx + static_cast<std::int64_t>(t) * 4 * step_state;
-    float* h_t = h_all + t * step_state;
-    float* c_t = c_all + t * step_state;
-    float* gates_t = gates + static_cast<std::int64_t>(t) * 4 * step_state;
     for (int b0 = 0; b0 < B; b0 += tile_rows) {
       __syncthreads();  // the previous tile's items are done with hs (and ws is loaded)
       stage_state_rows(h_prev, H, B, H, b0, tile_rows, hs);
@@ -478,23 +475,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         float pre[G];
         row_of_lane<G>(acc, pre);
         const int b = b0 + rows0 + lane;
-        if (lane < kSeqRows && b < B) {
-          const int j = j0 + u;
-          const std::int64_t s = static_cast<std::int64_t>(b) * H + j;
-          const std::int64_t g = static_cast<std::int64_t>(b) * 4 * H + j;
-          const float ig = sigmoid(pre[0] + gx_t[g]);
-          const float fg = sigmoid(pre[1] + gx_t[g + H]);
-          const float gg = tanhf(pre[2] + gx_t[g + 2 * H]);
-          const float og = sigmoid(pre[3] + gx_t[g + 3 * H]);
-          // c_prev[b, j] was written by this block (or is c0); read past L1 like h.
-          const float cn = fg * __ldcg(c_prev + s) + ig * gg;
-          c_t[s] = cn;
-          h_t[s] = og * tanhf(cn);
-          gates_t[g] = ig;
-          gates_t[g + H] = fg;
-          gates_t[g + 2 * H] = gg;
-          gates_t[g + 3 * H] = og;
-        }
+        if (lane < kSeqRows && b < B) epilogue(t, b, j0 + u, pre, hs[(rows0 + lane) * H + j0 + u]);
       }
     }
     grid.sync();  // h_t complete everywhere before any block stages it; every block, every step
@@ -503,64 +484,57 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
+    lstm_sequence_kernel(const float* __restrict__ gx, const float* __restrict__ h0, const float* __restrict__ c0,
+                         const T* __restrict__ w, float* h_all, float* c_all, float* __restrict__ gates, int steps,
+                         int B, int H, int U, int tile_rows) {
+  const std::int64_t step_state = static_cast<std::int64_t>(B) * H;
+  sequence_forward<T, 4>(h0, h_all, w, steps, B, H, U, tile_rows, [&](int t, int b, int j, const float (&pre)[4],
+                                                                      float) {
+    const std::int64_t s = static_cast<std::int64_t>(b) * H + j;
+    const std::int64_t ts = t * step_state + s;
+    const std::int64_t g = (t * step_state + static_cast<std::int64_t>(b) * H) * 4 + j;
+    const float ig = sigmoid(pre[0] + gx[g]);
+    const float fg = sigmoid(pre[1] + gx[g + H]);
+    const float gg = tanhf(pre[2] + gx[g + 2 * H]);
+    const float og = sigmoid(pre[3] + gx[g + 3 * H]);
+    // c_{t-1}[b, j] was written by this block (or is c0); read past L1 like h.
+    const float cn = fg * (t == 0 ? c0[s] : __ldcg(c_all + ts - step_state)) + ig * gg;
+    c_all[ts] = cn;
+    h_all[ts] = og * tanhf(cn);
+    gates[g] = ig;
+    gates[g + H] = fg;
+    gates[g + 2 * H] = gg;
+    gates[g + 3 * H] = og;
+  });
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
     gru_sequence_kernel(const float* __restrict__ gx, const float* __restrict__ h0, const T* __restrict__ w,
                         const T* __restrict__ bias, float* h_all, float* __restrict__ saved, int steps, int B, int H,
                         int U, int tile_rows) {
-  constexpr int G = 3;
-  extern __shared__ __align__(16) unsigned char seq_smem[];
-  T* ws = reinterpret_cast<T*>(seq_smem);
-  float* hs = reinterpret_cast<float*>(seq_smem + sequence_w_bytes(G, U, H, sizeof(T)));
-  cg::grid_group grid = cg::this_grid();
-  const int lane = static_cast<int>(threadIdx.x) % 32;
-  const int warp = static_cast<int>(threadIdx.x) / 32;
-  const int j0 = static_cast<int>(blockIdx.x) * U;
-  const int units = max(0, min(U, H - j0));  // 0 only if the grid were oversized; still syncs
-  load_weight_slice<T, G, true>(w, H, j0, U, units, ws);
-  const int items = units * (tile_rows / kSeqRows);
   const std::int64_t step_state = static_cast<std::int64_t>(B) * H;
-
-  for (int t = 0; t < steps; ++t) {
-    const float* h_prev = t == 0 ? h0 : h_all + (t - 1) * step_state;
-    const float* gx_t = gx + static_cast<std::int64_t>(t) * 3 * step_state;
-    float* h_t = h_all + t * step_state;
-    float* saved_t = saved + static_cast<std::int64_t>(t) * 4 * step_state;
-    for (int b0 = 0; b0 < B; b0 += tile_rows) {
-      __syncthreads();  // the previous tile's items are done with hs (and ws is loaded)
-      stage_state_rows(h_prev, H, B, H, b0, tile_rows, hs);
-      __syncthreads();
-      for (int item = warp; item < items; item += kWarps) {
-        const int u = item % units;
-        const int rows0 = item / units * kSeqRows;
-        float acc[kSeqRows][G];
-        sequence_item_dots<T, G>(hs + rows0 * H, ws, U, u, H, acc);
-        float pre[G];
-        row_of_lane<G>(acc, pre);
-        const int b = b0 + rows0 + lane;
-        if (lane < kSeqRows && b < B) {
-          const int j = j0 + u;
-          float br = 0.f, bz = 0.f, bn = 0.f;
-          if (bias != nullptr) {
-            br = to_float(bias[j]);
-            bz = to_float(bias[H + j]);
-            bn = to_float(bias[2 * H + j]);
-          }
-          const std::int64_t s = static_cast<std::int64_t>(b) * H + j;
-          const std::int64_t g = static_cast<std::int64_t>(b) * 3 * H + j;
-          const std::int64_t v = static_cast<std::int64_t>(b) * 4 * H + j;
-          const float r = sigmoid(gx_t[g] + (pre[0] + br));
-          const float z = sigmoid(gx_t[g + H] + (pre[1] + bz));
-          const float ghn = pre[2] + bn;
-          const float n = tanhf(gx_t[g + 2 * H] + r * ghn);
-          h_t[s] = (1.f - z) * n + z * hs[(rows0 + lane) * H + j];  // h_{t-1}[b, j], staged
-          saved_t[v] = r;
-          saved_t[v + H] = z;
-          saved_t[v + 2 * H] = n;
-          saved_t[v + 3 * H] = ghn;
-        }
-      }
+  sequence_forward<T, 3>(h0, h_all, w, steps, B, H, U, tile_rows, [&](int t, int b, int j, const float (&pre)[3],
+                                                                      float h_prev) {
+    float br = 0.f, bz = 0.f, bn = 0.f;
+    if (bias != nullptr) {
+      br = to_float(bias[j]);
+      bz = to_float(bias[H + j]);
+      bn = to_float(bias[2 * H + j]);
     }
-    grid.sync();  // h_t complete everywhere before any block stages it; every block, every step
-  }
+    const std::int64_t row = t * step_state + static_cast<std::int64_t>(b) * H;
+    const std::int64_t g = row * 3 + j;
+    const std::int64_t v = row * 4 + j;
+    const float r = sigmoid(gx[g] + (pre[0] + br));
+    const float z = sigmoid(gx[g + H] + (pre[1] + bz));
+    const float ghn = pre[2] + bn;
+    const float n = tanhf(gx[g + 2 * H] + r * ghn);
+    h_all[row + j] = (1.f - z) * n + z * h_prev;  // h_{t-1}[b, j], staged
+    saved[v] = r;
+    saved[v + H] = z;
+    saved[v + 2 * H] = n;
+    saved[v + 3 * H] = ghn;
+  });
 }
 
 // ---------------------------------------------------------------------------
