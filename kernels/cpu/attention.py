@@ -21,14 +21,14 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from .fastmath import exp, like
+from .fastmath import KERNEL_OPTIONS, exp, like
 from .lanes import lane_max
 
 BLOCK_Q = 128
 BLOCK_K = 256
 
 
-@njit(parallel=True, cache=True)
+@njit(**KERNEL_OPTIONS)
 def _online_softmax_block(s, scale, mask, has_mask, causal, q0, k0, offset, heads, m, l, alpha):
     """s (BH, bq, bk) scores of keys k0.. for queries q0..: in place -> exp(s*scale - m_new).
 
@@ -67,7 +67,7 @@ def _online_softmax_block(s, scale, mask, has_mask, causal, q0, k0, offset, head
         m[bh, i] = m_new
 
 
-@njit(parallel=True, cache=True)
+@njit(**KERNEL_OPTIONS)
 def _probs_and_grad_scores(s, dp, lse, delta, scale, mask, has_mask, causal, q0, k0, offset, heads):
     """In place: s -> p = exp(s*scale - lse), dp -> ds = scale * p * (dp - delta)."""
     bh_count, bq, bk = s.shape

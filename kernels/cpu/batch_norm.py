@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from .fastmath import like
+from .fastmath import KERNEL_OPTIONS, like
 from .lanes import lane_dot_f64, lane_sum_f64, lane_sum_sq_dev_f64
 
 
@@ -23,21 +23,21 @@ def _split(mean, like_x):
     return hi, like(like_x, mean - hi)
 
 
-@njit(parallel=True, cache=True)
+@njit(**KERNEL_OPTIONS)
 def _slice_sums(x, partial):
     n, c, _ = x.shape
     for k in prange(n * c):
         partial[k // c, k % c] = lane_sum_f64(x[k // c, k % c])
 
 
-@njit(parallel=True, cache=True)
+@njit(**KERNEL_OPTIONS)
 def _slice_sq_dev(x, mean, partial):
     n, c, _ = x.shape
     for k in prange(n * c):
         partial[k // c, k % c] = lane_sum_sq_dev_f64(x[k // c, k % c], mean[k % c])
 
 
-@njit(parallel=True, cache=True)
+@njit(**KERNEL_OPTIONS)
 def _apply(x, mean, scale, shift, y):
     """y = (x - mean) * scale + shift per channel; scale = invstd * w, shift = b."""
     n, c, L = x.shape
@@ -50,7 +50,7 @@ def _apply(x, mean, scale, shift, y):
             out[j] = ((src[j] - hi) - lo) * s + t
 
 
-@njit(parallel=True, cache=True)
+@njit(**KERNEL_OPTIONS)
 def _grad_sums(dy, x, mean, invstd, sum_dy, sum_dy_xhat):
     """Per (n, c) slice: sum(dy) and sum(dy * xhat)."""
     n, c, L = x.shape
@@ -66,7 +66,7 @@ def _grad_sums(dy, x, mean, invstd, sum_dy, sum_dy_xhat):
         sum_dy_xhat[i, ch] = lane_dot_f64(g, xhat)
 
 
-@njit(parallel=True, cache=True)
+@njit(**KERNEL_OPTIONS)
 def _dx(dy, x, mean, invstd, w, c_one, c_xhat, training, dx):
     """training: dx = w invstd (dy - c_one - xhat c_xhat); eval: dx = w invstd dy."""
     n, c, L = x.shape

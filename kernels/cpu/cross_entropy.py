@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from .fastmath import exp, like
+from .fastmath import KERNEL_OPTIONS, exp, like
 from .lanes import lane_max, lane_sum
 
 CHUNK = 512
@@ -41,7 +41,7 @@ def _row_stats(x, scratch):
     return m, np.log(s)
 
 
-@njit(parallel=True, cache=True)
+@njit(**KERNEL_OPTIONS)
 def _softmax_forward(x, y, log):
     for i in prange(x.shape[0]):
         m, logsum = _row_stats(x[i], np.empty(CHUNK, x.dtype))
@@ -54,7 +54,7 @@ def _softmax_forward(x, y, log):
                 out[j] = exp((row[j] - m) - logsum)
 
 
-@njit(parallel=True, cache=True)
+@njit(**KERNEL_OPTIONS)
 def _softmax_backward(g, y, dx, log):
     for i in prange(g.shape[0]):
         gi, yi, di = g[i], y[i], dx[i]
@@ -70,7 +70,7 @@ def _softmax_backward(g, y, dx, log):
                 di[j] = yi[j] * (gi[j] - dot)
 
 
-@njit(parallel=True, cache=True)
+@njit(**KERNEL_OPTIONS)
 def _ce_forward(x, target, weight, has_weight, ignore_index, smoothing, loss, row_max, row_logsum):
     n, c = x.shape
     w_sum = weight.sum() if has_weight else c
@@ -93,7 +93,7 @@ def _ce_forward(x, target, weight, has_weight, ignore_index, smoothing, loss, ro
         loss[i] = value
 
 
-@njit(parallel=True, cache=True)
+@njit(**KERNEL_OPTIONS)
 def _ce_backward(grad_loss, x, target, weight, has_weight, row_max, row_logsum, ignore_index, smoothing, dx):
     n, c = x.shape
     w_sum = weight.sum() if has_weight else c

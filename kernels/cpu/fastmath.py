@@ -20,6 +20,13 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
+# The options of every top-level numba kernel. error_model="numpy": a float division by zero
+# gives inf / nan as IEEE says instead of raising ZeroDivisionError, in the whole kernel.
+# numba already lowers prange bodies that way; elsewhere the check it emits around each
+# division keeps LLVM from vectorizing the loop (a serial sigmoid over 16k float32: 124 us
+# with the check, 15 us without; tanh 181 and 21 us).
+KERNEL_OPTIONS = dict(parallel=True, cache=True, error_model="numpy")
+
 _F32 = np.float32
 _LOG2E = _F32(1.4426950408889634)
 _LN2_HI = _F32(0.693145751953125)  # ln 2 split so that n * _LN2_HI is exact

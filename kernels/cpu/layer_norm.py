@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from .fastmath import like
+from .fastmath import KERNEL_OPTIONS, like
 from .lanes import lane_dot_f64, lane_sum_f64, lane_sum_sq_dev_f64
 
 _PARTS = 16
@@ -27,7 +27,7 @@ def _split(mean, like_x):
     return hi, like(like_x, mean - hi)
 
 
-@njit(parallel=True, cache=True)
+@njit(**KERNEL_OPTIONS)
 def _forward(x, w, b, eps, y, mean, rstd):
     M, N = x.shape
     for i in prange(M):
@@ -42,7 +42,7 @@ def _forward(x, w, b, eps, y, mean, rstd):
             out[j] = ((row[j] - hi) - lo) * r_x * w[j] + b[j]
 
 
-@njit(parallel=True, cache=True)
+@njit(**KERNEL_OPTIONS)
 def _backward(dy, x, w, mean, rstd, need_dx, dx, dw_parts, db_parts):
     M, N = x.shape
     per_part = (M + _PARTS - 1) // _PARTS

@@ -24,7 +24,7 @@ from numba import njit, prange
 from ..activations import GELU, GELU_TANH, GELU_TANH_CUBIC, IDENTITY, INV_SQRT_2, INV_SQRT_2PI
 from ..activations import RELU, SIGMOID, SILU, SQRT_2_OVER_PI, TANH
 from .blas import PackedLinear
-from .fastmath import exp, like, one_plus_erf, tanh
+from .fastmath import KERNEL_OPTIONS, exp, like, one_plus_erf, tanh
 
 # A row block must be tall: each torch.mm call packs all of W again, so short blocks
 # spend their time repacking (32-row blocks of 4096x1024 @ 1024x4096 ran at half of one
@@ -139,7 +139,7 @@ def _grad_row(dz, dy, s, code):
         dz[:] = dy
 
 
-@njit(parallel=True, cache=True)
+@njit(**KERNEL_OPTIONS)
 def _epilogue(y, bias, has_bias, preact, save_preact, code):
     """In place on one block: y <- act(y + bias); preact <- y + bias when asked.
 
@@ -157,7 +157,7 @@ def _epilogue(y, bias, has_bias, preact, save_preact, code):
         _act_row(row, code)
 
 
-@njit(parallel=True, cache=True)
+@njit(**KERNEL_OPTIONS)
 def _grad_preact(dy, saved, has_saved, dz, db_parts, code):
     """dz = dy * act'(saved) for one block; db_parts[p] += column sums of part p's rows.
 

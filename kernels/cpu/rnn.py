@@ -17,7 +17,7 @@ import torch
 from numba import njit, prange
 
 from .blas import PackedLinear
-from .fastmath import exp, like, tanh
+from .fastmath import KERNEL_OPTIONS, exp, like, tanh
 
 
 @njit(inline="always")
@@ -28,7 +28,7 @@ def _sigmoid(z):
     return one / (one + exp(-z))
 
 
-@njit(parallel=True, cache=True)
+@njit(**KERNEL_OPTIONS)
 def _lstm_forward(hw, gx, c, gates, h_next, c_next):
     """gates (B, 4H) [i|f|g|o] = activations of hw + gx (hw = h W_hh^T); c_next = f c + i g;
     h_next = o tanh(c_next). One loop per gate over its contiguous H values: a loop
@@ -50,7 +50,7 @@ def _lstm_forward(hw, gx, c, gates, h_next, c_next):
             hn[j] = o[j] * tanh(cn[j])
 
 
-@njit(parallel=True, cache=True)
+@njit(**KERNEL_OPTIONS)
 def _lstm_backward(dh_out, dc_out, hw, gates, c, c_next, dpre, dc):
     """dh_next = dh_out (this step's output gradient) + hw (dpre_{t+1} W_hh, from the
     caller's GEMM); dc (B, H): in, dc carried from step t + 1; out, dc for step t - 1."""
@@ -79,7 +79,7 @@ def _lstm_backward(dh_out, dc_out, hw, gates, c, c_next, dpre, dc):
             dcb[j] = dcb[j] * f[j]
 
 
-@njit(parallel=True, cache=True)
+@njit(**KERNEL_OPTIONS)
 def _gru_forward(gx, gh, h, h_next, saved):
     """gx, gh (B, 3H) [r|z|n] (gh = h W_hh^T + b_hh); saved (B, 4H) = [r|z|n|gh_n]."""
     B, H = h.shape
@@ -98,7 +98,7 @@ def _gru_forward(gx, gh, h, h_next, saved):
             out[j] = (one - z[j]) * n[j] + z[j] * hb[j]
 
 
-@njit(parallel=True, cache=True)
+@njit(**KERNEL_OPTIONS)
 def _gru_backward(dh_out, hw, saved, h, dgx, dgh, dh):
     """dh_next = dh_out + dh + hw, where dh (B, H) carries dh_{t+1} z from step t + 1 and
     hw = dgh_{t+1} W_hh (the caller's GEMM); out: dh = dh_next z."""
