@@ -24,7 +24,9 @@ else the forward is the step loop over the step kernels. Backward is the same sc
 reverse (a persistent whole-sequence backward: each block keeps the columns of its units
 of every gate row of W_hh, the same bytes, so the same limits) and likewise falls back to
 the step loop over the cuda step-backward kernels. The Triton form is one launch per
-step.
+step: a persistent Triton kernel needs the same grid barrier (a spin on a global
+counter), which TRITON_INTERPRET=1, running programs one after another, would deadlock on,
+so nothing here could test it (kernels/triton/rnn.py describes the design).
 
 Saved for backward, per step: LSTM the activated gates (4H) and the cell state; GRU
 r, z, n and the n-part of h W_hh^T + b_hh (4H); plus the hidden states, which are
