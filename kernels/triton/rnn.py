@@ -379,16 +379,15 @@ def _grid(B, H):
     return lambda meta: (triton.cdiv(B, meta["BLOCK_B"]) * triton.cdiv(H, meta["BLOCK_H"]),)
 
 
-def lstm_step_forward(gx, h, c, w_hh):
+def lstm_step_forward(gx, h, c, w_hh, out=None):
     """One LSTM step: gx (B, 4H) = x W_ih^T + b_ih + b_hh, h (B, H), c (B, H), w_hh (4H, H).
 
     Returns (h_next, c_next, gates): gates (B, 4H) the activated [i | f | g | o]; all in
-    the state's dtype.
+    the state's dtype. ``out``: three contiguous tensors to write them into instead.
     """
     B, H = h.shape
-    h_next = torch.empty_like(h)
-    c_next = torch.empty_like(c)
-    gates = torch.empty((B, 4 * H), device=h.device, dtype=h.dtype)
+    h_next, c_next, gates = out or (torch.empty_like(h), torch.empty_like(c),
+                                    torch.empty((B, 4 * H), device=h.device, dtype=h.dtype))
     if B == 0 or H == 0:
         return h_next, c_next, gates
     acc_dt, prec = _dot_args(h.dtype, w_hh.dtype)
@@ -398,7 +397,7 @@ def lstm_step_forward(gx, h, c, w_hh):
     return h_next, c_next, gates
 
 
-def lstm_step_backward(dh_next, dc_next, gates, c, c_next, w_hh):
+def lstm_step_backward(dh_next, dc_next, gates, c, c_next, w_hh, out=None):
     """Gradients of one LSTM step given dh_next, dc_next (B, H).
 
     Returns (dpre, dh, dc): dpre (B, 4H) the pre-activation gradients [di | df | dg | do]
@@ -406,9 +405,9 @@ def lstm_step_backward(dh_next, dc_next, gates, c, c_next, w_hh):
     dc = dc_tot * f, all in the state's dtype.
     """
     B, H = c.shape
-    dpre = torch.empty((B, 4 * H), device=c.device, dtype=dh_next.dtype)
-    dh = torch.empty((B, H), device=c.device, dtype=dh_next.dtype)
-    dc = torch.empty((B, H), device=c.device, dtype=c.dtype)
+    dpre, dh, dc = out or (torch.empty((B, 4 * H), device=c.device, dtype=dh_next.dtype),
+                           torch.empty((B, H), device=c.device, dtype=dh_next.dtype),
+                           torch.empty((B, H), device=c.device, dtype=c.dtype))
     if B == 0 or H == 0:
         return dpre, dh, dc
     acc_dt, prec = _dot_args(dh_next.dtype, w_hh.dtype)
@@ -418,15 +417,14 @@ def lstm_step_backward(dh_next, dc_next, gates, c, c_next, w_hh):
     return dpre, dh, dc
 
 
-def gru_step_forward(gx, h, w_hh, b_hh):
+def gru_step_forward(gx, h, w_hh, b_hh, out=None):
     """One GRU step: gx (B, 3H) = x W_ih^T + b_ih, h (B, H), w_hh (3H, H), b_hh (3H,) or None.
 
     Returns (h_next, saved): saved (B, 4H) = [r | z | n | gh_n], gh_n = (h w_hh^T + b_hh)
     of the n gate; both in the state's dtype.
     """
     B, H = h.shape
-    h_next = torch.empty_like(h)
-    saved = torch.empty((B, 4 * H), device=h.device, dtype=h.dtype)
+    h_next, saved = out or (torch.empty_like(h), torch.empty((B, 4 * H), device=h.device, dtype=h.dtype))
     if B == 0 or H == 0:
         return h_next, saved
     acc_dt, prec = _dot_args(h.dtype, w_hh.dtype)
@@ -437,7 +435,7 @@ def gru_step_forward(gx, h, w_hh, b_hh):
     return h_next, saved
 
 
-def gru_step_backward(dh_next, saved, h, w_hh):
+def gru_step_backward(dh_next, saved, h, w_hh, out=None):
     """Gradients of one GRU step given dh_next (B, H) and forward's saved (B, 4H).
 
     Returns (dgx, dgh, dh): dgx = [dr | dz | dn] (B, 3H), the gradient w.r.t. gx;
@@ -445,9 +443,9 @@ def gru_step_backward(dh_next, saved, h, w_hh):
     column sum, dW_hh += dgh^T h); dh = dh_next z + dgh @ w_hh. All in the state's dtype.
     """
     B, H = h.shape
-    dgx = torch.empty((B, 3 * H), device=h.device, dtype=dh_next.dtype)
-    dgh = torch.empty((B, 3 * H), device=h.device, dtype=dh_next.dtype)
-    dh = torch.empty((B, H), device=h.device, dtype=dh_next.dtype)
+    dgx, dgh, dh = out or (torch.empty((B, 3 * H), device=h.device, dtype=dh_next.dtype),
+                           torch.empty((B, 3 * H), device=h.device, dtype=dh_next.dtype),
+                           torch.empty((B, H), device=h.device, dtype=dh_next.dtype))
     if B == 0 or H == 0:
         return dgx, dgh, dh
     acc_dt, prec = _dot_args(dh_next.dtype, w_hh.dtype)

@@ -50,43 +50,53 @@ from ._cuda_launch import DTYPE_CODE, ptr, stream
 from .linear_act import linear_act
 
 # ---------------------------------------------------------------------------------------
-# The pure-PyTorch reference of one step (same signatures as the kernel modules).
+# The pure-PyTorch reference of one step (same signatures as the kernel modules). Every
+# step function takes ``out``: None, or the tensors to write its results into (the step
+# loops pass their slices of the sequence outputs, so no form copies per step).
 
 
-def lstm_step_forward(gx, h, c, w_hh):
+def _into(out, *values):
+    if out is None:
+        return values
+    for o, v in zip(out, values):
+        o.copy_(v)
+    return out
+
+
+def lstm_step_forward(gx, h, c, w_hh, out=None):
     pre = gx + h @ w_hh.t().to(h.dtype)
     i, f, g, o = pre.chunk(4, 1)
     i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
     c_next = f * c + i * g
-    return o * torch.tanh(c_next), c_next, torch.cat([i, f, g, o], 1)
+    return _into(out, o * torch.tanh(c_next), c_next, torch.cat([i, f, g, o], 1))
 
 
-def lstm_step_backward(dh_next, dc_next, gates, c, c_next, w_hh):
+def lstm_step_backward(dh_next, dc_next, gates, c, c_next, w_hh, out=None):
     i, f, g, o = gates.chunk(4, 1)
     tc = torch.tanh(c_next)
     dc_tot = dc_next + dh_next * o * (1 - tc * tc)
     dpre = torch.cat([dc_tot * g * i * (1 - i), dc_tot * c * f * (1 - f), dc_tot * i * (1 - g * g),
                       dh_next * tc * o * (1 - o)], 1)
-    return dpre, dpre @ w_hh.to(dpre.dtype), dc_tot * f
+    return _into(out, dpre, dpre @ w_hh.to(dpre.dtype), dc_tot * f)
 
 
-def gru_step_forward(gx, h, w_hh, b_hh):
+def gru_step_forward(gx, h, w_hh, b_hh, out=None):
     gh = h @ w_hh.t().to(h.dtype)
     if b_hh is not None:
         gh = gh + b_hh.to(h.dtype)
     (xr, xz, xn), (hr, hz, hn) = gx.chunk(3, 1), gh.chunk(3, 1)
     r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
     n = torch.tanh(xn + r * hn)
-    return (1 - z) * n + z * h, torch.cat([r, z, n, hn], 1)
+    return _into(out, (1 - z) * n + z * h, torch.cat([r, z, n, hn], 1))
 
 
-def gru_step_backward(dh_next, saved, h, w_hh):
+def gru_step_backward(dh_next, saved, h, w_hh, out=None):
     r, z, n, hn = saved.chunk(4, 1)
     dn = dh_next * (1 - z) * (1 - n * n)
     dz = dh_next * (h - n) * z * (1 - z)
     dr = dn * hn * r * (1 - r)
     dgh = torch.cat([dr, dz, dn * r], 1)
-    return torch.cat([dr, dz, dn], 1), dgh, dh_next * z + dgh @ w_hh.to(dgh.dtype)
+    return _into(out, torch.cat([dr, dz, dn], 1), dgh, dh_next * z + dgh @ w_hh.to(dgh.dtype))
 
 
 # ---------------------------------------------------------------------------------------
@@ -108,49 +118,48 @@ def _cuda_state(op, *states):
             raise TypeError(f"{op} (cuda): the state must be float32, got {s.dtype}")
 
 
-def cuda_lstm_step_forward(gx, h, c, w_hh):
+def cuda_lstm_step_forward(gx, h, c, w_hh, out=None):
     """kiln._cuda.lstm_step_forward: -> (h_next, c_next, gates (B, 4H)), float32."""
     _cuda_state("lstm_step_forward", gx, h, c)
     ext = backend.cuda_extension()
     B, H = h.shape
-    h_next, c_next = torch.empty_like(h), torch.empty_like(c)
-    gates = h.new_empty((B, 4 * H))
+    h_next, c_next, gates = out or (torch.empty_like(h), torch.empty_like(c), h.new_empty((B, 4 * H)))
     with torch.cuda.device(h.device):
         ext.lstm_step_forward(ptr(gx), ptr(h), ptr(c), ptr(w_hh), ptr(h_next), ptr(c_next), ptr(gates), B, H,
                               DTYPE_CODE[w_hh.dtype], stream(h))
     return h_next, c_next, gates
 
 
-def cuda_lstm_step_backward(dh_next, dc_next, gates, c, c_next, w_hh):
+def cuda_lstm_step_backward(dh_next, dc_next, gates, c, c_next, w_hh, out=None):
     """kiln._cuda.lstm_step_backward: -> (dpre (B, 4H), dh, dc), float32."""
     _cuda_state("lstm_step_backward", dh_next, dc_next, gates, c, c_next)
     ext = backend.cuda_extension()
     B, H = c.shape
-    dpre, dh, dc = torch.empty_like(gates), torch.empty_like(c), torch.empty_like(c)
+    dpre, dh, dc = out or (torch.empty_like(gates), torch.empty_like(c), torch.empty_like(c))
     with torch.cuda.device(c.device):
         ext.lstm_step_backward(ptr(dh_next), ptr(dc_next), ptr(gates), ptr(c), ptr(c_next), ptr(w_hh), ptr(dpre),
                                ptr(dh), ptr(dc), B, H, DTYPE_CODE[w_hh.dtype], stream(c))
     return dpre, dh, dc
 
 
-def cuda_gru_step_forward(gx, h, w_hh, b_hh):
+def cuda_gru_step_forward(gx, h, w_hh, b_hh, out=None):
     """kiln._cuda.gru_step_forward: -> (h_next, saved (B, 4H) = [r | z | n | gh_n]), float32."""
     _cuda_state("gru_step_forward", gx, h)
     ext = backend.cuda_extension()
     B, H = h.shape
-    h_next, saved = torch.empty_like(h), h.new_empty((B, 4 * H))
+    h_next, saved = out or (torch.empty_like(h), h.new_empty((B, 4 * H)))
     with torch.cuda.device(h.device):
         ext.gru_step_forward(ptr(gx), ptr(h), ptr(w_hh), ptr(b_hh), ptr(h_next), ptr(saved), B, H,
                              DTYPE_CODE[w_hh.dtype], stream(h))
     return h_next, saved
 
 
-def cuda_gru_step_backward(dh_next, saved, h, w_hh):
+def cuda_gru_step_backward(dh_next, saved, h, w_hh, out=None):
     """kiln._cuda.gru_step_backward: -> (dgx, dgh (B, 3H), dh), float32."""
     _cuda_state("gru_step_backward", dh_next, saved, h)
     ext = backend.cuda_extension()
     B, H = h.shape
-    dgx, dgh, dh = h.new_empty((B, 3 * H)), h.new_empty((B, 3 * H)), torch.empty_like(h)
+    dgx, dgh, dh = out or (h.new_empty((B, 3 * H)), h.new_empty((B, 3 * H)), torch.empty_like(h))
     with torch.cuda.device(h.device):
         ext.gru_step_backward(ptr(dh_next), ptr(saved), ptr(h), ptr(w_hh), ptr(dgx), ptr(dgh), ptr(dh), B, H,
                               DTYPE_CODE[w_hh.dtype], stream(h))
@@ -267,8 +276,7 @@ def lstm_sequence_forward(gx, h0, c0, w_hh, kernels=None):
     gates = torch.empty_like(gx)
     h, c = h0, c0
     for t in range(T):
-        h, c, gates[t] = kernels.lstm_step_forward(gx[t], h, c, w_hh)
-        h_all[t], c_all[t] = h, c
+        h, c, _ = kernels.lstm_step_forward(gx[t], h, c, w_hh, out=(h_all[t], c_all[t], gates[t]))
     return h_all, c_all, gates
 
 
@@ -279,8 +287,9 @@ def lstm_sequence_backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh, ke
     dh, dc = torch.zeros_like(h0), torch.zeros_like(c0)
     for t in reversed(range(gates.shape[0])):
         c_prev = c0 if t == 0 else c_all[t - 1]
-        dpre_all[t], dh, dc = kernels.lstm_step_backward(dh_all[t] + dh, dc_all[t] + dc, gates[t], c_prev,
-                                                         c_all[t], w_hh)
+        # The sums are new tensors, so the carries' buffers can take the step's dh and dc.
+        kernels.lstm_step_backward(dh_all[t] + dh, dc_all[t] + dc, gates[t], c_prev, c_all[t], w_hh,
+                                   out=(dpre_all[t], dh, dc))
     return dpre_all, dh, dc
 
 
@@ -291,8 +300,7 @@ def gru_sequence_forward(gx, h0, w_hh, b_hh, kernels=None):
     h_all, saved = h0.new_empty((T, B, H)), h0.new_empty((T, B, 4 * H))
     h = h0
     for t in range(T):
-        h, saved[t] = kernels.gru_step_forward(gx[t], h, w_hh, b_hh)
-        h_all[t] = h
+        h, _ = kernels.gru_step_forward(gx[t], h, w_hh, b_hh, out=(h_all[t], saved[t]))
     return h_all, saved
 
 
@@ -304,7 +312,7 @@ def gru_sequence_backward(dh_all, saved, h0, h_all, w_hh, kernels=None):
     dh = torch.zeros_like(h0)
     for t in reversed(range(T)):
         h_prev = h0 if t == 0 else h_all[t - 1]
-        dgx_all[t], dgh_all[t], dh = kernels.gru_step_backward(dh_all[t] + dh, saved[t], h_prev, w_hh)
+        kernels.gru_step_backward(dh_all[t] + dh, saved[t], h_prev, w_hh, out=(dgx_all[t], dgh_all[t], dh))
     return dgx_all, dgh_all, dh
 
 
