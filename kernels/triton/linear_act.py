@@ -301,11 +301,13 @@ def _dw_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _dot_args(dtype):
-    """(ACC_DT, PREC): float64 stays float64 (interpreter only); float32 honours allow_tf32."""
+def _dot_args(dtype, operand_dtype=None):
+    """(ACC_DT, PREC) of a dot accumulating in ``dtype``'s precision over operands of
+    ``operand_dtype`` (default: dtype): float64 stays float64 (interpreter only); float32
+    operands honour allow_tf32."""
     if dtype == torch.float64:
         return tl.float64, "ieee"
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    if (operand_dtype or dtype) == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return tl.float32, "tf32"
     return tl.float32, "ieee"
 

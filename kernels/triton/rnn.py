@@ -63,7 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_act import _dot, _sigmoid, _tanh, _tile  # shared GEMM / activation helpers
+from .linear_act import _dot, _dot_args, _sigmoid, _tanh, _tile  # shared GEMM / activation helpers
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -363,16 +363,6 @@ def _gru_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------- launchers
-
-
-def _dot_args(state_dtype, w_dtype):
-    """(ACC_DT, PREC): accumulation from the state (float64 only under the interpreter);
-    float32 weights honour allow_tf32."""
-    if state_dtype == torch.float64:
-        return tl.float64, "ieee"
-    if w_dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return tl.float32, "tf32"
-    return tl.float32, "ieee"
 
 
 def _grid(B, H):
