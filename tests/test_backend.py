@@ -97,3 +97,15 @@ def test_cuda_extension_without_a_gpu_raises_instead_of_crashing():
         ext.linear_act_forward(8, 8, 0, 8, 0, 2, 2, 2, 0, 1, 0)
     with pytest.raises(ValueError):
         ext.linear_act_forward(8, 8, 0, 8, 0, 2, 2, 2, 7, 1, 0)  # no dtype has code 7
+
+
+def test_a_misspelt_op_name_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="'lienar_act'.*linear_act.*cross_entropy"):
+        kiln.backend.use("cpu", ops=["lienar_act"])
+    with pytest.raises(TypeError, match=r"ops=\['linear_act'\]"):
+        kiln.backend.use("cpu", ops="linear_act")
+
+
+def test_an_unknown_backend_name_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="'cpux'.*triton, cuda, cpu, reference"):
+        kiln.backend.use("cpux")

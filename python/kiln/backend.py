@@ -56,6 +56,26 @@ def _check_name(name: str) -> str:
     return name
 
 
+def op_names() -> tuple[str, ...]:
+    """The op names a per-op choice takes (``use(..., ops=[...])``)."""
+    from kiln.ops import BACKEND_DTYPES  # kiln.ops imports this module: import on use
+
+    return tuple(BACKEND_DTYPES)
+
+
+def _check_op_names(ops: Iterable[str]) -> list[str]:
+    if isinstance(ops, str):
+        raise TypeError(f"ops must be a list of op names, not the string {ops!r}; "
+                        f"write ops=[{ops!r}]")
+    ops = list(ops)
+    valid = op_names()
+    unknown = [op for op in ops if op not in valid]
+    if unknown:
+        raise ValueError(f"unknown kiln op name(s) {', '.join(map(repr, unknown))}; "
+                         f"expected some of {', '.join(valid)}")
+    return ops
+
+
 class use:
     """Choose the backend, globally or for some ops; usable as a context manager.
 
@@ -68,7 +88,7 @@ class use:
         global _global_choice
         if name is not None:
             _check_name(name)
-        self._ops = None if ops is None else list(ops)
+        self._ops = None if ops is None else _check_op_names(ops)
         if self._ops is None:
             self._previous = _global_choice
             _global_choice = name
