@@ -1,12 +1,18 @@
 """Drop-in nn.Modules built only on kiln.ops."""
 
 from .attention import LearnedPositionalEmbedding, MultiheadAttention, SinusoidalPositionalEncoding
+# Layers with nothing to fuse are torch's own, named here so that a model is written against
+# kiln.nn alone (and a future fused form replaces them without touching models).
+from torch.nn import AvgPool2d, Flatten, MaxPool2d, Upsample
+
+from .conv import Conv2d, ConvTranspose2d, MaxOverShifts
 from .linear import MLP, Linear
 from .loss import CrossEntropyLoss, LinearCrossEntropyLoss
 from .norm import BatchNorm1d, BatchNorm2d, LayerNorm
 from .rnn import GRU, LSTM, RNN, GRUCell, HighwayRNNCell, LSTMCell, ResidualRNNCell, RNNCell
 
-__all__ = ["Linear", "MLP", "CrossEntropyLoss", "LinearCrossEntropyLoss", "LayerNorm",
+__all__ = ["Linear", "MLP", "Conv2d", "ConvTranspose2d", "MaxOverShifts", "MaxPool2d", "AvgPool2d",
+           "Flatten", "Upsample", "CrossEntropyLoss", "LinearCrossEntropyLoss", "LayerNorm",
            "BatchNorm1d", "BatchNorm2d", "MultiheadAttention",
            "SinusoidalPositionalEncoding", "LearnedPositionalEmbedding", "LSTM", "GRU",
            "LSTMCell", "GRUCell", "RNNCell", "ResidualRNNCell", "HighwayRNNCell", "RNN"]
