@@ -1,10 +1,10 @@
 """Drop-in nn.Modules built only on kiln.ops."""
 
-from .attention import LearnedPositionalEmbedding, MultiheadAttention, SinusoidalPositionalEncoding
 # Layers with nothing to fuse are torch's own, named here so that a model is written against
 # kiln.nn alone (and a future fused form replaces them without touching models).
 from torch.nn import AvgPool2d, Flatten, MaxPool2d, Upsample
 
+from .attention import LearnedPositionalEmbedding, MultiheadAttention, SinusoidalPositionalEncoding
 from .conv import Conv2d, ConvTranspose2d, MaxOverShifts
 from .linear import MLP, Linear
 from .loss import CrossEntropyLoss, LinearCrossEntropyLoss
