@@ -1,0 +1,1 @@
+"""The architectures of the notes, built only on kiln.nn (one file per family)."""
