@@ -2,9 +2,10 @@
 
 # Layers with nothing to fuse are torch's own, named here so that a model is written against
 # kiln.nn alone (and a future fused form replaces them without touching models).
-from torch.nn import AvgPool2d, Flatten, MaxPool2d, Upsample
+from torch.nn import AvgPool2d, Embedding, Flatten, MaxPool2d, Upsample
 
 from .attention import LearnedPositionalEmbedding, MultiheadAttention, SinusoidalPositionalEncoding
+from .cached_attention import CausalSelfAttention, CrossAttention, KVCache, LayerCache
 from .conv import Conv2d, ConvTranspose2d, MaxOverShifts
 from .linear import MLP, Linear
 from .loss import CrossEntropyLoss, LinearCrossEntropyLoss
@@ -12,7 +13,8 @@ from .norm import BatchNorm1d, BatchNorm2d, LayerNorm
 from .rnn import GRU, LSTM, RNN, GRUCell, HighwayRNNCell, LSTMCell, ResidualRNNCell, RNNCell
 
 __all__ = ["Linear", "MLP", "Conv2d", "ConvTranspose2d", "MaxOverShifts", "MaxPool2d", "AvgPool2d",
-           "Flatten", "Upsample", "CrossEntropyLoss", "LinearCrossEntropyLoss", "LayerNorm",
+           "Flatten", "Upsample", "Embedding", "CausalSelfAttention", "CrossAttention",
+           "KVCache", "LayerCache", "CrossEntropyLoss", "LinearCrossEntropyLoss", "LayerNorm",
            "BatchNorm1d", "BatchNorm2d", "MultiheadAttention",
            "SinusoidalPositionalEncoding", "LearnedPositionalEmbedding", "LSTM", "GRU",
            "LSTMCell", "GRUCell", "RNNCell", "ResidualRNNCell", "HighwayRNNCell", "RNN"]
