@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     train.add_argument("--backend", default=None, choices=BACKENDS,
                        help="kiln backend for every op (default: by device)")
+    from kiln import bench
+
+    bench.add_parser(sub)
     return parser
 
 
@@ -114,6 +117,16 @@ def _run(argv: list[str] | None) -> int:
     if args.command == "info":
         info()
         return 0
+    if args.command == "bench":
+        from kiln import bench
+        from kiln.bench.cases import select
+
+        _check_device(args.device)
+        try:
+            select(args.names or None, args.quick)
+        except ValueError as e:
+            raise UsageError(str(e), "kiln bench") from None
+        return bench.run_from_args(args)
     from kiln.train import digits
 
     device = _check_device(args.device)
