@@ -23,3 +23,14 @@ def test_gpu_script_refuses_a_machine_without_gpu(script):
     assert done.returncode != 0
     assert "needs a CUDA GPU" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_gpu_validate_script_parses_and_stops_at_its_budget(tmp_path):
+    script = BENCH / "gpu_validate.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    done = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=120, env={"PATH": "/usr/bin:/bin", "KILN_VALIDATE_SECONDS": "0"})
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    for step in ("build", "pytest_gpu", "gpu_linear_act", "kiln_bench"):
+        assert f"{step}: skipped, out of time" in summary, summary
+    assert (tmp_path / "out" / "gpu.txt").exists()
