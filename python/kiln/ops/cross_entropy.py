@@ -16,6 +16,7 @@ Every kernel gets a row's max and log-sum-exp in one online pass, so |x| ~ 1e4 i
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 from typing import Optional
 
@@ -388,7 +389,7 @@ _autocast.register("kiln::cross_entropy_soft", "fp32")
 
 def _rows_last(x: Tensor, dim: int) -> tuple[Tensor, tuple]:
     moved = x.movedim(dim, -1)
-    return moved.reshape(-1, x.shape[dim]).contiguous(), moved.shape
+    return moved.reshape(math.prod(moved.shape[:-1]), x.shape[dim]).contiguous(), moved.shape
 
 
 def _softmax_family(name: str, x: Tensor, dim: int, log: bool) -> Tensor:
@@ -514,18 +515,18 @@ def _cross_entropy_probabilities(input, target, weight, ignore_index, reduction,
         loss = _empty_rows_loss(rows, probabilities)
     else:
         loss, _, _ = _cross_entropy_soft(rows, probabilities, weight, label_smoothing)
-    return reduce_soft_loss(loss, reduction, moved_shape[:-1], loss_dtype(input))
+    return reduce_soft_loss(loss, reduction, moved_shape[:-1], input.shape[class_dim], loss_dtype(input))
 
 
-def reduce_soft_loss(loss: Tensor, reduction: str, shape, dtype: torch.dtype) -> Tensor:
+def reduce_soft_loss(loss: Tensor, reduction: str, shape, classes: int, dtype: torch.dtype) -> Tensor:
     """torch's reductions for class-probability targets: the mean divides by the number of
-    rows (N d1 ... dK), with or without class weights."""
+    rows N d1 ... dK (torch's input.numel() / C: nan when C is 0), not by a sum of weights."""
     if reduction == "none":
         return loss.reshape(shape).to(dtype)
     total = loss.sum()
     if reduction == "sum":
         return total.to(dtype)
-    return (total / loss.shape[0]).to(dtype)
+    return (total / (loss.shape[0] if classes else math.nan)).to(dtype)
 
 
 def check_target_range(op: str, flat_target: Tensor, C: int, ignore_index: int) -> None:
