@@ -12,6 +12,20 @@ Every kernel gets a row's max and log-sum-exp in one online pass, so |x| ~ 1e4 i
   storing the (N, C) probabilities. The custom op returns the loss per row; the
   reduction (sum, or the weighted mean) is plain torch on N values, so its gradient
   reaches the kernel as the per-row g.
+* Class-probability targets q (a float target of the input's shape, as torch tells them
+  apart) are their own custom op, kiln::cross_entropy_soft, in every backend: with torch's
+  mixing u = w ((1 - eps) q + eps / C), loss = sum_c u_c ((m - x_c) + l) and dlogits =
+  g (p sum_c u_c - u). It saves the same statistics. The target's gradient, when the target
+  requires one, is g (1 - eps) w ((m - x) + l) = -g (1 - eps) w log p, formed with torch ops
+  from the saved statistics. torch's mean for such targets divides by the number of rows,
+  not by a sum of class weights; so does reduce_soft_loss.
+
+The fidelity contract: under create_graph (torch.is_grad_enabled() inside backward) the
+gradients come from differentiable torch ops on the inputs (softmax: on its differentiable
+output y), with the row statistics recomputed, so double backward is exact. Autocast as
+torch's policy: cross_entropy in float32 on CPU and CUDA, softmax / log_softmax in float32
+on CUDA only (CPU autocast leaves them in the input's dtype). Zero-size inputs return what
+torch returns (the mean of no rows is nan) without launching a kernel.
 """
 
 from __future__ import annotations
