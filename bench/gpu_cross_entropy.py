@@ -72,6 +72,9 @@ def main() -> None:
                  "cuda": _kiln("cuda", kiln.ops.linear_cross_entropy),
                  "torch": lambda h, w, t: F.cross_entropy(F.linear(h, w), t)}
         impls["torch.compile"] = torch.compile(impls["torch"])
+        if hasattr(F, "linear_cross_entropy"):  # torch >= 2.13: its own chunked form
+            options = torch.nn.LinearCrossEntropyOptions()
+            impls["torch.chunked"] = lambda h, w, t: F.linear_cross_entropy(h, w, t, options=options)
         cells = []
         for name, fn in impls.items():
             try:
@@ -88,6 +91,8 @@ def main() -> None:
         rows.append(["linear_cross_entropy fwd+bwd", "bfloat16", f"{N}x{H}->{V}", *cells])
         print(rows[-1], flush=True)
     header = ["case", "dtype", "shape", "kiln triton", "kiln cuda", "torch", "torch.compile"]
+    if hasattr(F, "linear_cross_entropy"):
+        header.append("torch.chunked (linear_cross_entropy only)")
     text = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth "
             f"{roof:.0f} GB/s, medians of triton.testing.do_bench\n\n{markdown_table(header, rows)}\n")
     print(text)

@@ -1,4 +1,5 @@
-"""Peak extra memory of kiln.ops.linear_cross_entropy vs torch's linear + cross_entropy (CPU).
+"""Peak extra memory of kiln.ops.linear_cross_entropy vs torch's linear + cross_entropy and
+torch's chunked F.linear_cross_entropy (torch >= 2.13; skipped where torch lacks it), CPU.
 
     python bench/peak_memory_linear_cross_entropy.py [--rows 4096 --hidden 2048 --vocab 128256]
 
@@ -22,7 +23,12 @@ t = torch.randint(0, V, (N,), generator=g)
 kiln.ops.linear_cross_entropy(h[:4], w, t[:4], chunk_rows=2).backward()  # numba compiles here
 w.grad = h.grad = None
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-loss = kiln.ops.linear_cross_entropy(h, w, t) if which == "kiln" else F.cross_entropy(F.linear(h, w), t)
+if which == "kiln":
+    loss = kiln.ops.linear_cross_entropy(h, w, t)
+elif which == "torch.chunked":
+    loss = F.linear_cross_entropy(h, w, t, options=torch.nn.LinearCrossEntropyOptions())
+else:
+    loss = F.cross_entropy(F.linear(h, w), t)
 loss.backward()
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
 """
@@ -37,11 +43,14 @@ def main():
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
     logits = a.rows * a.vocab * 4
     print(f"N={a.rows} H={a.hidden} V={a.vocab}: full fp32 logits {logits / 2**20:.0f} MiB")
-    for which in ("kiln", "torch"):
+    import torch.nn.functional as F
+
+    cases = ["kiln", "torch"] + (["torch.chunked"] if hasattr(F, "linear_cross_entropy") else [])
+    for which in cases:
         out = subprocess.run([sys.executable, "-c", CASE, which, str(a.rows), str(a.hidden), str(a.vocab)],
                              capture_output=True, text=True, check=True, env=env)
         peak = int(out.stdout.split()[-1])
-        print(f"{which:>5}: peak extra {peak / 2**20:.0f} MiB ({peak / logits:.2f}x the logits)")
+        print(f"{which:>13}: peak extra {peak / 2**20:.0f} MiB ({peak / logits:.2f}x the logits)")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,15 @@
     pytest bench/test_cross_entropy_cpu.py --benchmark-json=bench/results/cross_entropy_cpu.json
     python bench/report.py bench/results/cross_entropy_cpu.json
 
-Peak memory of linear_cross_entropy vs torch (linear + cross_entropy) is measured by
-bench/peak_memory_linear_cross_entropy.py (a fresh process per case).
+Peak memory of linear_cross_entropy vs torch (linear + cross_entropy, and torch's chunked
+F.linear_cross_entropy) is measured by bench/peak_memory_linear_cross_entropy.py (a fresh
+process per case).
+
+linear_cross_entropy is also compared with torch's own chunked F.linear_cross_entropy
+(torch >= 2.13, ``options=LinearCrossEntropyOptions()``: its default chunking and
+accumulation policy), impl "torch.chunked"; the case is skipped where torch lacks it:
+
+    pytest bench/test_cross_entropy_cpu.py -k linear --benchmark-json=bench/results/linear_cross_entropy_vs_torch.json
 """
 
 import pytest
@@ -16,6 +23,7 @@ import kiln
 CE_SHAPES = [(8192, 32000), (4096, 128256)]  # (N, V)
 LCE_SHAPES = [(4096, 1024, 32000)]  # (N, H, V)
 IMPLS = ["kiln", "torch", "torch.compile"]
+LCE_IMPLS = IMPLS + ["torch.chunked"]
 _compiled = {}
 
 
@@ -36,6 +44,11 @@ def _lce(impl):
             with kiln.backend.use("cpu"):
                 return kiln.ops.linear_cross_entropy(h, w, t)
         return run
+    if impl == "torch.chunked":
+        if not hasattr(F, "linear_cross_entropy"):
+            pytest.skip(f"torch {torch.__version__} has no F.linear_cross_entropy (added in 2.13)")
+        options = torch.nn.LinearCrossEntropyOptions()
+        return lambda h, w, t: F.linear_cross_entropy(h, w, t, options=options)
     eager = lambda h, w, t: F.cross_entropy(F.linear(h, w), t)
     return eager if impl == "torch" else _compiled.setdefault("lce", torch.compile(eager))
 
@@ -64,7 +77,7 @@ def test_cross_entropy(benchmark, mode, shape, impl):
     _time(benchmark, _ce(impl), (x, t), mode)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", LCE_IMPLS)
 @pytest.mark.parametrize("shape", LCE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])
 def test_linear_cross_entropy(benchmark, mode, shape, impl):

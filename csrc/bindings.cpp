@@ -8,6 +8,7 @@
 
 #include "kiln/api.h"
 #include "kiln/attention.h"
+#include "kiln/cross_entropy.h"
 #include "kiln/rnn.h"
 
 #ifndef KILN_CUDA_ARCHS
@@ -64,6 +65,19 @@ PYBIND11_MODULE(_cuda, m) {
         "grad_logits (N, C) of dtype (may alias logits) from grad_loss (N,) float32 and the saved row_max\n"
         "and row_logsum (N,) float32 (both required), p = exp((x - m) - l).\n"
         "Ignored rows: 0; a target outside [0, C): NaN.");
+
+  m.def("cross_entropy_soft_forward", &kiln::cross_entropy_soft_forward, py::arg("logits"), py::arg("target"),
+        py::arg("weight"), py::arg("loss"), py::arg("row_max"), py::arg("row_logsum"), py::arg("N"), py::arg("C"),
+        py::arg("label_smoothing"), py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "Per-row loss, row_max, row_logsum (N,) float32 of logits (N, C) against class probabilities\n"
+        "target (N, C) of the same dtype, weight float32 (C,) or 0; smoothing mixed as torch does.");
+
+  m.def("cross_entropy_soft_backward", &kiln::cross_entropy_soft_backward, py::arg("grad_loss"), py::arg("logits"),
+        py::arg("target"), py::arg("weight"), py::arg("row_max"), py::arg("row_logsum"), py::arg("grad_logits"),
+        py::arg("N"), py::arg("C"), py::arg("label_smoothing"), py::arg("dtype"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "grad_logits (N, C) of dtype (may alias logits) = g (U p - u) for class-probability targets,\n"
+        "from grad_loss (N,) float32 and the saved row_max, row_logsum (N,) float32.");
 
   m.def("layer_norm_forward", &kiln::layer_norm_forward, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("y"),
         py::arg("mean"), py::arg("rstd"), py::arg("M"), py::arg("N"), py::arg("eps"), py::arg("dtype"),

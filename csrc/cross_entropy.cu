@@ -17,6 +17,10 @@
 // a rounded m + log(s), so softmax / log_softmax / the loss stay accurate at |x| ~ 1e4.
 // Cross-entropy saves two float32 statistics per row, row_max m and row_logsum
 // l = log(s), never their sum, so the backward's p = exp((x - m) - l) keeps that accuracy.
+//
+// Class-probability targets q (the soft kernels): u_c = w_c ((1 - eps) q_c + eps / C), as
+// torch mixes smoothing into them; loss = ((m - ref) + l) U - sum_c u_c (x_c - ref) with
+// U = sum_c u_c and ref = x_0 (so logits near 1e4 do not cancel), dx_c = g (U p_c - u_c).
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -25,6 +29,7 @@
 
 #include "kiln/api.h"
 #include "kiln/common.cuh"
+#include "kiln/cross_entropy.h"
 #include "kiln/reduce.cuh"
 
 namespace kiln {
@@ -402,6 +407,104 @@ __global__ void __launch_bounds__(block_threads<G>())
       });
 }
 
+// u_c = w_c ((1 - eps) q_c + eps / C): the weight of class c in a soft-target row.
+__device__ __forceinline__ float soft_weight(const float* weight, int c, float q, float keep, float eps_c) {
+  return class_weight(weight, c) * fmaf(keep, q, eps_c);
+}
+
+// loss = ((m - ref) + l) U - sum_c u_c (x_c - ref), one pass over the logits and targets.
+template <typename T, int G>
+__global__ void __launch_bounds__(block_threads<G>())
+    cross_entropy_soft_forward_kernel(const T* logits, const T* target, const float* weight, float* loss,
+                                      float* row_max, float* row_logsum, std::int64_t rows, int cols,
+                                      float keep, float smoothing_per_class) {
+  std::int64_t row;
+  int lane;
+  if (!row_of_thread<G>(rows, row, lane)) return;
+  const T* xr = logits + row * cols;
+  const T* qr = target + row * cols;
+  const int head = co_aligned(xr, qr) ? aligned_head(xr, cols) : cols;
+  const float ref = to_float(xr[0]);
+
+  MaxSum acc{-INFINITY, 0.f};
+  float ux = 0.f;  // sum_c u_c (x_c - ref)
+  float us = 0.f;  // sum_c u_c
+  auto visit = [&](int c, float v, float q) {
+    const float u = soft_weight(weight, c, q, keep, smoothing_per_class);
+    ux = fmaf(u, v - ref, ux);
+    us += u;
+  };
+  for_each_col<T, G>(
+      cols, head, lane,
+      [&](int c) {
+        const float v = to_float(xr[c]);
+        acc = update(acc, v);
+        visit(c, v, to_float(qr[c]));
+      },
+      [&](int c) {
+        float v[kVecOf<T>];
+        float q[kVecOf<T>];
+        load_vec(xr + c, v);
+        load_vec(qr + c, q);
+        acc = update(acc, v);
+#pragma unroll
+        for (int j = 0; j < kVecOf<T>; ++j) visit(c + j, v[j], q[j]);
+      });
+  acc = group_max_sum<G>(acc);
+  ux = group_sum<G>(ux);
+  us = group_sum<G>(us);
+  if (lane != 0) return;
+  const float log_s = logf(acc.s);
+  loss[row] = ((acc.m - ref) + log_s) * us - ux;
+  row_max[row] = acc.m;
+  row_logsum[row] = log_s;
+}
+
+// dx_c = g (U p_c - u_c), p_c = exp((x_c - m) - l); U from a first pass over the targets.
+template <typename T, int G>
+__global__ void __launch_bounds__(block_threads<G>())
+    cross_entropy_soft_backward_kernel(const float* grad_loss, const T* logits, const T* target,
+                                       const float* weight, const float* row_max, const float* row_logsum,
+                                       T* grad_logits, std::int64_t rows, int cols, float keep,
+                                       float smoothing_per_class) {
+  std::int64_t row;
+  int lane;
+  if (!row_of_thread<G>(rows, row, lane)) return;
+  const T* xr = logits + row * cols;
+  const T* qr = target + row * cols;
+  T* dr = grad_logits + row * cols;
+  const int head = co_aligned(xr, qr) && co_aligned(xr, dr) ? aligned_head(xr, cols) : cols;
+
+  float us = 0.f;
+  for_each_col<T, G>(
+      cols, head, lane, [&](int c) { us += soft_weight(weight, c, to_float(qr[c]), keep, smoothing_per_class); },
+      [&](int c) {
+        float q[kVecOf<T>];
+        load_vec(qr + c, q);
+#pragma unroll
+        for (int j = 0; j < kVecOf<T>; ++j) us += soft_weight(weight, c + j, q[j], keep, smoothing_per_class);
+      });
+  us = group_sum<G>(us);
+  const float g = grad_loss[row];
+  const float a = g * us;
+  const float shift = row_max[row];
+  const float log_s = row_logsum[row];
+  auto out = [&](int c, float v, float q) {
+    return a * expf((v - shift) - log_s) - g * soft_weight(weight, c, q, keep, smoothing_per_class);
+  };
+  for_each_col<T, G>(
+      cols, head, lane, [&](int c) { dr[c] = from_float<T>(out(c, to_float(xr[c]), to_float(qr[c]))); },
+      [&](int c) {
+        float v[kVecOf<T>];
+        float q[kVecOf<T>];
+        load_vec(xr + c, v);
+        load_vec(qr + c, q);
+#pragma unroll
+        for (int j = 0; j < kVecOf<T>; ++j) v[j] = out(c + j, v[j], q[j]);
+        store_vec(dr + c, v);
+      });
+}
+
 // ---------------------------------------------------------------------------
 // Host side.
 
@@ -568,6 +671,61 @@ void cross_entropy_backward(std::uintptr_t grad_loss, std::uintptr_t logits, std
         as_const<float>(grad_loss), as_const<T>(logits), as_const<std::int64_t>(target), as_const<float>(weight),
         as_const<float>(row_max), as_const<float>(row_logsum), as_mutable<T>(grad_logits), N, static_cast<int>(C), ignore_index,
         static_cast<float>(label_smoothing), static_cast<float>(label_smoothing / static_cast<double>(C)));
+  });
+  check_cuda(cudaGetLastError(), kWhere);
+}
+
+void cross_entropy_soft_forward(std::uintptr_t logits, std::uintptr_t target, std::uintptr_t weight,
+                                std::uintptr_t loss, std::uintptr_t row_max, std::uintptr_t row_logsum, std::int64_t N,
+                                std::int64_t C, double label_smoothing, int dtype, std::uintptr_t stream) {
+  constexpr const char* kWhere = "cross_entropy_soft_forward";
+  check_dtype(kWhere, dtype);
+  check_shape(kWhere, "N", N, C);
+  check_smoothing(kWhere, label_smoothing);
+  if (N == 0) return;
+  check_arg(C >= 1, kWhere, "C must be >= 1 when N > 0, got " + std::to_string(C));
+  check_pointer(kWhere, "logits", logits, N * C);
+  check_pointer(kWhere, "target", target, N * C);
+  check_pointer(kWhere, "loss", loss, N);
+  check_pointer(kWhere, "row_max", row_max, N);
+  check_pointer(kWhere, "row_logsum", row_logsum, N);
+  const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
+  dispatch(dtype, C, [&](auto type, auto group) {
+    using T = typename decltype(type)::type;
+    constexpr int G = decltype(group)::value;
+    const unsigned blocks = row_blocks<G>(kWhere, N);
+    cross_entropy_soft_forward_kernel<T, G><<<blocks, block_threads<G>(), 0, cuda_stream>>>(
+        as_const<T>(logits), as_const<T>(target), as_const<float>(weight), as_mutable<float>(loss),
+        as_mutable<float>(row_max), as_mutable<float>(row_logsum), N, static_cast<int>(C),
+        static_cast<float>(1.0 - label_smoothing), static_cast<float>(label_smoothing / static_cast<double>(C)));
+  });
+  check_cuda(cudaGetLastError(), kWhere);
+}
+
+void cross_entropy_soft_backward(std::uintptr_t grad_loss, std::uintptr_t logits, std::uintptr_t target,
+                                 std::uintptr_t weight, std::uintptr_t row_max, std::uintptr_t row_logsum,
+                                 std::uintptr_t grad_logits, std::int64_t N, std::int64_t C, double label_smoothing,
+                                 int dtype, std::uintptr_t stream) {
+  constexpr const char* kWhere = "cross_entropy_soft_backward";
+  check_dtype(kWhere, dtype);
+  check_shape(kWhere, "N", N, C);
+  check_smoothing(kWhere, label_smoothing);
+  if (N == 0 || C == 0) return;
+  check_pointer(kWhere, "grad_loss", grad_loss, N);
+  check_pointer(kWhere, "logits", logits, N * C);
+  check_pointer(kWhere, "target", target, N * C);
+  check_pointer(kWhere, "row_max", row_max, N);
+  check_pointer(kWhere, "row_logsum", row_logsum, N);
+  check_pointer(kWhere, "grad_logits", grad_logits, N * C);
+  const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
+  dispatch(dtype, C, [&](auto type, auto group) {
+    using T = typename decltype(type)::type;
+    constexpr int G = decltype(group)::value;
+    const unsigned blocks = row_blocks<G>(kWhere, N);
+    cross_entropy_soft_backward_kernel<T, G><<<blocks, block_threads<G>(), 0, cuda_stream>>>(
+        as_const<float>(grad_loss), as_const<T>(logits), as_const<T>(target), as_const<float>(weight),
+        as_const<float>(row_max), as_const<float>(row_logsum), as_mutable<T>(grad_logits), N, static_cast<int>(C),
+        static_cast<float>(1.0 - label_smoothing), static_cast<float>(label_smoothing / static_cast<double>(C)));
   });
   check_cuda(cudaGetLastError(), kWhere);
 }

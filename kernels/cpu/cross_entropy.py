@@ -6,6 +6,11 @@ running sum is rescaled by exp(m_old - m_new), then the chunk adds exp(x - m). A
 per-element online update would be a serial dependency chain that does not vectorize.
 A second pass writes the outputs. float32 and float64; the statistics (row max, row
 log-sum, loss per row) are float32 for float32 input and float64 for float64 input.
+
+Class-probability (soft) targets q (N, C), mixed with label smoothing as torch does,
+q' = (1 - eps) q + eps / C, and weighted, u_c = w_c q'_c:
+loss = sum_c u_c (m - x_c) + l sum_c u_c (each term >= 0: no cancellation at |x| ~ 1e4),
+dx_c = g (p_c sum_c u_c - u_c). Sums over a row of u accumulate in float64.
 """
 
 import numpy as np
@@ -120,6 +125,47 @@ def _ce_backward(grad_loss, x, target, weight, has_weight, row_max, row_logsum, 
         out[t] -= hard
 
 
+@njit(inline="always")
+def _soft_weight(q, weight, has_weight, keep, spread, j):
+    """u_j = w_j ((1 - eps) q_j + eps / C), in float64."""
+    u = keep * np.float64(q[j]) + spread
+    return u * np.float64(weight[j]) if has_weight else u
+
+
+@njit(**KERNEL_OPTIONS)
+def _ce_soft_forward(x, q, weight, has_weight, smoothing, loss, row_max, row_logsum):
+    n, c = x.shape
+    keep, spread = 1.0 - smoothing, smoothing / c
+    for i in prange(n):
+        row, qi = x[i], q[i]
+        m, logsum = _row_stats(row, np.empty(CHUNK, x.dtype))
+        row_max[i], row_logsum[i] = m, logsum
+        spread_sum = 0.0  # sum_c u_c (m - x_c)
+        u_sum = 0.0
+        for j in range(c):
+            u = _soft_weight(qi, weight, has_weight, keep, spread, j)
+            spread_sum += u * np.float64(m - row[j])
+            u_sum += u
+        loss[i] = spread_sum + u_sum * logsum
+
+
+@njit(**KERNEL_OPTIONS)
+def _ce_soft_backward(grad_loss, x, q, weight, has_weight, row_max, row_logsum, smoothing, dx):
+    n, c = x.shape
+    keep, spread = 1.0 - smoothing, smoothing / c
+    for i in prange(n):
+        row, qi, out = x[i], q[i], dx[i]
+        u_sum = 0.0
+        for j in range(c):
+            u_sum += _soft_weight(qi, weight, has_weight, keep, spread, j)
+        g = grad_loss[i]
+        m, logsum = row_max[i], row_logsum[i]
+        p_scale = like(row[0], g * u_sum)
+        for j in range(c):
+            u = like(row[0], g * _soft_weight(qi, weight, has_weight, keep, spread, j))
+            out[j] = p_scale * exp((row[j] - m) - logsum) - u
+
+
 def _stats_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -158,4 +204,24 @@ def cross_entropy_backward(grad_loss, logits, target, weight, row_max, row_logsu
     _ce_backward(grad_loss.to(row_max.dtype).numpy(), logits.numpy(), target.numpy(),
                  _weight_np(weight, logits), weight is not None, row_max.numpy(), row_logsum.numpy(),
                  ignore_index, label_smoothing, dx.numpy())
+    return dx
+
+
+def cross_entropy_soft_forward(logits, target, weight, label_smoothing: float):
+    """(loss, row_max, row_logsum) per row for class-probability targets (N, C) of logits' dtype."""
+    n = logits.shape[0]
+    loss = torch.empty(n, dtype=_stats_dtype(logits.dtype))
+    row_max, row_logsum = torch.empty_like(loss), torch.empty_like(loss)
+    _ce_soft_forward(logits.numpy(), target.numpy(), _weight_np(weight, logits), weight is not None,
+                     label_smoothing, loss.numpy(), row_max.numpy(), row_logsum.numpy())
+    return loss, row_max, row_logsum
+
+
+def cross_entropy_soft_backward(grad_loss, logits, target, weight, row_max, row_logsum,
+                                label_smoothing: float, out=None):
+    """dlogits for class-probability targets, into a new tensor or ``out`` (may be ``logits``)."""
+    dx = torch.empty_like(logits) if out is None else out
+    _ce_soft_backward(grad_loss.to(row_max.dtype).numpy(), logits.numpy(), target.numpy(),
+                      _weight_np(weight, logits), weight is not None, row_max.numpy(), row_logsum.numpy(),
+                      label_smoothing, dx.numpy())
     return dx

@@ -27,6 +27,11 @@ chunks, so any C runs in bounded registers.
   logits (e.g. 1e4 + 3 randn). With (m, l) saved separately, x - m is exact for x near the
   max (Sterbenz) and l is small, so p = exp((x - m) - l) keeps float32 relative accuracy.
   The loss is likewise formed from (m - x) and l without ever rounding m + l.
+* cross_entropy_soft_forward / _backward: class-probability targets q (N, C) of the
+  logits' dtype, mixed as torch does, u_c = w_c ((1 - eps) q_c + eps / C). Forward: one
+  pass keeping m, s, a = sum_c u_c (x_c - m) (moved to each new max by U_seen (m_old -
+  m_new)) and U = sum_c u_c; loss = U l - a, both terms >= 0. Backward: pass 1 sums U,
+  pass 2 writes dx = g (U p - u). The same two statistics are saved.
 
 Ignored rows (target == ignore_index) load nothing (their loads are masked off), get loss 0,
 row_max 0, row_logsum 0 (never NaN) and a zero gradient row. Rows of -inf padding / fully masked chunks never make NaN:
@@ -308,6 +313,100 @@ def _ce_bwd_kernel(
         tl.store(dx_row + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=out_mask)
 
 
+@triton.autotune(configs=_configs(), key=["C", "BLOCK_R", "BLOCK_C", "HAS_WEIGHT"])
+@triton.jit
+def _ce_soft_fwd_kernel(
+    x_ptr, q_ptr, w_ptr, loss_ptr, max_ptr, logsum_ptr,
+    R, C, stride_x, stride_q,
+    keep_hi, keep_lo, smooth_hi, smooth_lo,
+    HAS_WEIGHT: tl.constexpr, ACC_DT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    cols0 = tl.arange(0, BLOCK_C)
+    rows64 = rows.to(tl.int64)[:, None]
+    x_row = x_ptr + rows64 * stride_x
+    q_row = q_ptr + rows64 * stride_q
+    keep = _scalar(keep_hi, keep_lo, ACC_DT)
+    smooth = _scalar(smooth_hi, smooth_lo, ACC_DT)
+
+    m = tl.full((BLOCK_R,), float("-inf"), ACC_DT)
+    s = tl.zeros((BLOCK_R,), ACC_DT)
+    a = tl.zeros((BLOCK_R,), ACC_DT)  # sum_c u_c (x_c - m), <= 0
+    u_seen = tl.zeros((BLOCK_R,), ACC_DT)  # sum of u over the columns seen so far
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + cols0
+        col_mask = cols < C
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(x_row + cols[None, :], mask=mask, other=float("-inf")).to(ACC_DT)
+        q = tl.load(q_row + cols[None, :], mask=mask, other=0.0).to(ACC_DT)
+        u = keep[None, :] * q + smooth[None, :]
+        if HAS_WEIGHT:
+            w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(ACC_DT)
+            u = u * w[None, :]
+        u = tl.where(mask, u, 0.0)
+        m_old = m
+        m, s, shift = _online_update(m, s, x)
+        m_prev = tl.where(m_old == float("-inf"), shift, m_old)
+        d = tl.where(mask, x - shift[:, None], 0.0)
+        a = a + (m_prev - shift) * u_seen + tl.sum(u * d, axis=1)
+        u_seen = u_seen + tl.sum(u, axis=1)
+
+    m_f, log_s = _finish(m, s)
+    loss = u_seen * log_s - a
+    tl.store(loss_ptr + rows, loss.to(loss_ptr.dtype.element_ty), mask=row_mask)
+    tl.store(max_ptr + rows, m_f.to(max_ptr.dtype.element_ty), mask=row_mask)
+    tl.store(logsum_ptr + rows, log_s.to(logsum_ptr.dtype.element_ty), mask=row_mask)
+
+
+@triton.autotune(configs=_configs(), key=["C", "BLOCK_R", "BLOCK_C", "HAS_WEIGHT"])
+@triton.jit
+def _ce_soft_bwd_kernel(
+    g_ptr, x_ptr, q_ptr, w_ptr, max_ptr, logsum_ptr, dx_ptr,
+    R, C, stride_x, stride_q, stride_dx,
+    keep_hi, keep_lo, smooth_hi, smooth_lo,
+    HAS_WEIGHT: tl.constexpr, ACC_DT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    cols0 = tl.arange(0, BLOCK_C)
+    rows64 = rows.to(tl.int64)[:, None]
+    x_row = x_ptr + rows64 * stride_x
+    q_row = q_ptr + rows64 * stride_q
+    dx_row = dx_ptr + rows64 * stride_dx
+    keep = _scalar(keep_hi, keep_lo, ACC_DT)
+    smooth = _scalar(smooth_hi, smooth_lo, ACC_DT)
+    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0).to(ACC_DT)
+    m = tl.load(max_ptr + rows, mask=row_mask, other=0.0).to(ACC_DT)
+    log_s = tl.load(logsum_ptr + rows, mask=row_mask, other=0.0).to(ACC_DT)
+
+    u_total = tl.zeros((BLOCK_R,), ACC_DT)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + cols0
+        col_mask = cols < C
+        mask = row_mask[:, None] & col_mask[None, :]
+        q = tl.load(q_row + cols[None, :], mask=mask, other=0.0).to(ACC_DT)
+        u = keep[None, :] * q + smooth[None, :]
+        if HAS_WEIGHT:
+            w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(ACC_DT)
+            u = u * w[None, :]
+        u_total += tl.sum(tl.where(mask, u, 0.0), axis=1)
+
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + cols0
+        col_mask = cols < C
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(x_row + cols[None, :], mask=mask, other=float("-inf")).to(ACC_DT)
+        q = tl.load(q_row + cols[None, :], mask=mask, other=0.0).to(ACC_DT)
+        u = keep[None, :] * q + smooth[None, :]
+        if HAS_WEIGHT:
+            w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(ACC_DT)
+            u = u * w[None, :]
+        p = tl.exp((x - m[:, None]) - log_s[:, None])
+        dx = g[:, None] * (p * u_total[:, None] - u)
+        tl.store(dx_row + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -393,5 +492,43 @@ def cross_entropy_backward(grad_loss, logits, target, weight, row_max, row_logsu
         N, C, logits.stride(0), dx.stride(0), int(ignore_index), *scalars,
         HAS_WEIGHT=has_weight, HAS_SMOOTH=has_smooth, ACC_DT=tl_acc,
         BLOCK_R=block_r, BLOCK_C=block_c,
+    )
+    return dx
+
+
+def cross_entropy_soft_forward(logits, target, weight, label_smoothing: float):
+    """(loss, row_max, row_logsum) per row of logits (N, C) for class-probability targets (N, C)
+    of the logits' dtype: loss_i = sum_c u_ic ((m_i - x_ic) + l_i), u_ic = w_c ((1-eps) q_ic + eps/C)."""
+    N, C = logits.shape
+    tl_acc, torch_acc = _acc(logits.dtype)
+    loss = torch.empty(N, dtype=torch_acc, device=logits.device)
+    row_max, row_logsum = torch.empty_like(loss), torch.empty_like(loss)
+    if N == 0:
+        return loss, row_max, row_logsum
+    scalars, _ = _ce_scalars(label_smoothing, C)
+    block_r, block_c = _blocks(N, C)
+    _ce_soft_fwd_kernel[(triton.cdiv(N, block_r),)](
+        logits, target, weight if weight is not None else logits, loss, row_max, row_logsum,
+        N, C, logits.stride(0), target.stride(0), *scalars,
+        HAS_WEIGHT=weight is not None, ACC_DT=tl_acc, BLOCK_R=block_r, BLOCK_C=block_c,
+    )
+    return loss, row_max, row_logsum
+
+
+def cross_entropy_soft_backward(grad_loss, logits, target, weight, row_max, row_logsum,
+                                label_smoothing: float, out=None):
+    """dlogits = g (U p - u) for class-probability targets, U = sum_c u_c; into ``out`` when
+    given, which may be ``logits`` itself."""
+    N, C = logits.shape
+    dx = torch.empty_like(logits) if out is None else out
+    if N == 0 or C == 0:
+        return dx
+    tl_acc, _ = _acc(logits.dtype)
+    scalars, _ = _ce_scalars(label_smoothing, C)
+    block_r, block_c = _blocks(N, C)
+    _ce_soft_bwd_kernel[(triton.cdiv(N, block_r),)](
+        grad_loss, logits, target, weight if weight is not None else logits, row_max, row_logsum, dx,
+        N, C, logits.stride(0), target.stride(0), dx.stride(0), *scalars,
+        HAS_WEIGHT=weight is not None, ACC_DT=tl_acc, BLOCK_R=block_r, BLOCK_C=block_c,
     )
     return dx

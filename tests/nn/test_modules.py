@@ -58,19 +58,6 @@ def test_cross_entropy_loss_module_matches_torch_and_its_state_dict():
     assert rel_err(ours(x, t), theirs(x, t)) < 1e-12
 
 
-def test_linear_cross_entropy_loss_is_a_linear_head():
-    head = torch.nn.Linear(6, 13).double()
-    ours = kiln.nn.LinearCrossEntropyLoss(6, 13, label_smoothing=0.1).double()
-    assert ours.state_dict().keys() == head.state_dict().keys()
-    ours.load_state_dict(head.state_dict())
-    hidden = torch.randn(2, 4, 6, dtype=torch.float64)
-    target = torch.randint(0, 13, (2, 4))
-    want = torch.nn.functional.cross_entropy(head(hidden).reshape(8, 13), target.reshape(8),
-                                             label_smoothing=0.1)
-    assert rel_err(ours(hidden, target), want) < 1e-12
-    assert rel_err(ours.logits(hidden), head(hidden)) < 1e-12
-
-
 # --- normalization ---------------------------------------------------------------------
 
 
