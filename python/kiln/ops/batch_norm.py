@@ -27,10 +27,9 @@ no arithmetic: torch's own op gives its output, gradients and (untouched) runnin
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 from typing import Optional
-
-import math
 
 import torch
 import torch.nn.functional as F
