@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -116,6 +118,117 @@ def test_gradcheck_cpu_backend():
             assert torch.autograd.gradcheck(fn, (x, w, b))
 
 
+# --- double backward -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradgradcheck_cpu_backend(training, affine):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    params = (torch.randn(3, dtype=torch.float64, generator=g, requires_grad=True),
+              torch.randn(3, dtype=torch.float64, generator=g, requires_grad=True)) if affine else ()
+    rm, rv = _running(3, torch.float64)
+
+    def fn(x, *wb):
+        return kiln.ops.batch_norm(x, rm.clone(), rv.clone(), *wb, training=training)
+
+    with kiln.backend.use("cpu"):
+        assert torch.autograd.gradgradcheck(fn, (x, *params))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradient_penalty_matches_torch(training):
+    """d/dtheta of L + ||dL/dx||^2 + ||dL/dw||^2 against F.batch_norm."""
+    x, w, b = _randn(5, 3, 4), _randn(3, seed=1), _randn(3, seed=2)
+    results = []
+    for forward in (kiln.ops.batch_norm, F.batch_norm):
+        xi, wi, bi = (t.clone().requires_grad_() for t in (x, w, b))
+        rm, rv = _running(3, torch.float64)
+        with kiln.backend.use("cpu"):
+            y = forward(xi, rm, rv, wi, bi, training)
+            loss = (y * torch.arange(4.0, dtype=torch.float64)).square().sum()
+            dx, dw = torch.autograd.grad(loss, (xi, wi), create_graph=True)
+            (loss + dx.square().sum() + dw.square().sum()).backward()
+        results.append((xi.grad, wi.grad, bi.grad, rm, rv))
+    for got, want in zip(*results):
+        assert rel_err(got, want) < 1e-12
+
+
+# --- autocast and mixed precision --------------------------------------------------------
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_cpu_autocast_output_dtype_and_values_as_torch(training, x_dtype):
+    """torch's autocast lists batch_norm nowhere: it runs in x's dtype, float32 parameters
+    and running statistics with a bfloat16 x included (mixed precision)."""
+    x, w, b = _randn(6, 4, 9, dtype=x_dtype), _randn(4, seed=1, dtype=torch.float32), \
+        _randn(4, seed=2, dtype=torch.float32)
+    ours = [t.clone().requires_grad_() for t in (x, w, b)]
+    theirs = [t.clone().requires_grad_() for t in (x, w, b)]
+    rm, rv = _running(4, torch.float32)
+    rm_t, rv_t = rm.clone(), rv.clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = kiln.ops.batch_norm(ours[0], rm, rv, ours[1], ours[2], training)
+        ref = F.batch_norm(theirs[0], rm_t, rv_t, theirs[1], theirs[2], training)
+    assert y.dtype == ref.dtype == x_dtype
+    dy = _randn(6, 4, 9, seed=3, dtype=x_dtype)
+    y.backward(dy)
+    ref.backward(dy)
+    bound = BOUND[x_dtype]
+    assert rel_err(y, ref) < bound
+    for name, a, r in zip(("dx", "dweight", "dbias"), ours, theirs):
+        assert a.grad.dtype == r.grad.dtype, name
+        assert rel_err(a.grad, r.grad) < bound, name
+    assert rm.dtype == rv.dtype == torch.float32
+    assert rel_err(rm, rm_t) < bound and rel_err(rv, rv_t) < bound
+
+
+# --- zero-size -------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 5), (2, 3, 0), (0, 3, 2, 2)], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", HOST_BACKENDS + ["triton"])
+def test_zero_size_matches_torch_without_a_kernel(monkeypatch, backend, training, shape):
+    """torch's empty output, zero parameter gradients and untouched running statistics."""
+    def no_kernel(*args):
+        raise AssertionError("a kernel was asked to run on an empty input")
+
+    monkeypatch.setattr(importlib.import_module("kiln.ops.batch_norm"), "_implementation", no_kernel)
+    x, w, b = _randn(*shape), _randn(3, seed=1), _randn(3, seed=2)
+    ours = [t.clone().requires_grad_() for t in (x, w, b)]
+    theirs = [t.clone().requires_grad_() for t in (x, w, b)]
+    rm, rv = _running(3, torch.float64)
+    rm_t, rv_t = rm.clone(), rv.clone()
+    with kiln.backend.use(backend):
+        y = kiln.ops.batch_norm(ours[0], rm, rv, ours[1], ours[2], training)
+        y.sum().backward()
+    ref = F.batch_norm(theirs[0], rm_t, rv_t, theirs[1], theirs[2], training)
+    ref.sum().backward()
+    assert y.shape == ref.shape
+    for a, r in zip(ours, theirs):
+        assert a.grad is not None and a.grad.shape == r.grad.shape and torch.equal(a.grad, r.grad)
+    assert torch.equal(rm, rm_t) and torch.equal(rv, rv_t)
+
+
+def test_zero_batch_without_running_statistics_as_torch():
+    for training in (True, False):  # torch returns the empty result even in eval here
+        y = kiln.ops.batch_norm(torch.randn(0, 4), None, None, training=training)
+        assert y.shape == F.batch_norm(torch.randn(0, 4), None, None, training=training).shape
+
+
+def test_zero_channels_with_weight_errs_as_torch():
+    x, w = torch.randn(3, 0), torch.ones(0)
+    with pytest.raises(IndexError) as theirs:
+        F.batch_norm(x, None, None, w, training=True)
+    with pytest.raises(IndexError) as ours:
+        kiln.ops.batch_norm(x, None, None, w, training=True)
+    assert str(ours.value) == str(theirs.value)
+
+
 # --- bad input ------------------------------------------------------------------------
 
 
@@ -137,6 +250,22 @@ def test_eval_needs_running_statistics():
 def test_one_dimensional_input_is_rejected():
     with pytest.raises(ValueError, match=r"at least 2 dims, got \(5,\)"):
         kiln.ops.batch_norm(torch.randn(5), None, None, training=True)
+
+
+def test_running_statistics_on_another_device_name_both():
+    with pytest.raises(ValueError, match=r"running_var is on meta but x is on cpu \(running_var \(4,\), x \(2, 4\)\)"):
+        kiln.ops.batch_norm(torch.randn(2, 4), torch.zeros(4), torch.empty(4, device="meta"))
+
+
+def test_running_statistics_of_another_dtype_name_both():
+    with pytest.raises(TypeError, match=r"running_mean has dtype float64 but weight has dtype float32"):
+        kiln.ops.batch_norm(torch.randn(2, 4), torch.zeros(4, dtype=torch.float64),
+                            torch.ones(4, dtype=torch.float64), torch.ones(4), training=True)
+
+
+def test_running_mean_of_the_wrong_shape_names_both():
+    with pytest.raises(ValueError, match=r"running_mean must have shape \(4,\) for x \(2, 4\).*got \(5,\)"):
+        kiln.ops.batch_norm(torch.randn(2, 4), torch.zeros(5), torch.ones(4))
 
 
 # --- torch.compile ---------------------------------------------------------------------
@@ -176,3 +305,15 @@ def test_matches_torch_gpu(backend, dtype, training, shape):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_large_offset_small_spread_gpu(backend):
     _check(backend, (64, 8, 1000), torch.float32, device="cuda", offset=1e4, scale=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("region", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_autocast_keeps_the_input_dtype_as_torch(backend, region):
+    x = _randn(8, 4, 33, dtype=region, device="cuda")
+    w, b = _randn(4, seed=1, dtype=torch.float32, device="cuda"), _randn(4, seed=2, dtype=torch.float32, device="cuda")
+    with kiln.backend.use(backend), torch.autocast("cuda", dtype=region):
+        y, ref = kiln.ops.batch_norm(x, None, None, w, b, True), F.batch_norm(x, None, None, w, b, True)
+    assert y.dtype == ref.dtype == region
+    assert rel_err(y, ref) < BOUND[region]

@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -122,11 +124,114 @@ def test_deterministic_parameter_grads():
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
+# --- double backward -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("affine", [(True, True), (False, False), (True, False)], ids=str)
+def test_gradgradcheck_cpu_backend(affine):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    params = [torch.randn(3, 5, dtype=torch.float64, generator=g, requires_grad=True) if on else None
+              for on in affine]
+    inputs = (x, *[p for p in params if p is not None])
+
+    def fn(x, *given):
+        it = iter(given)
+        return kiln.ops.layer_norm(x, (3, 5), *[next(it) if on else None for on in affine])
+
+    with kiln.backend.use("cpu"):
+        assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_gradient_penalty_matches_torch():
+    """d/dtheta of L + ||dL/dx||^2 + ||dL/dw||^2 against F.layer_norm."""
+    x, w, b = _randn(6, 9), _randn(9, seed=1), _randn(9, seed=2)
+    results = []
+    for forward in (lambda *a: kiln.ops.layer_norm(a[0], 9, a[1], a[2]),
+                    lambda *a: F.layer_norm(a[0], (9,), a[1], a[2])):
+        xi, wi, bi = (t.clone().requires_grad_() for t in (x, w, b))
+        with kiln.backend.use("cpu"):
+            loss = (forward(xi, wi, bi) * torch.arange(9.0, dtype=torch.float64)).square().sum()
+            dx, dw = torch.autograd.grad(loss, (xi, wi), create_graph=True)
+            (loss + dx.square().sum() + dw.square().sum()).backward()
+        results.append((xi.grad, wi.grad, bi.grad))
+    for got, want in zip(*results):
+        assert rel_err(got, want) < 1e-12
+
+
+# --- autocast and mixed precision --------------------------------------------------------
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_autocast_output_dtype_and_values_as_torch(x_dtype):
+    """torch's CPU autocast leaves layer_norm alone: float32 in, float32 out; a bfloat16
+    activation with float32 parameters is torch's mixed precision, bfloat16 out."""
+    x, w, b = _randn(4, 5, 33, dtype=x_dtype), _randn(33, seed=1, dtype=torch.float32), \
+        _randn(33, seed=2, dtype=torch.float32)
+    ours = [t.clone().requires_grad_() for t in (x, w, b)]
+    theirs = [t.clone().requires_grad_() for t in (x, w, b)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = kiln.ops.layer_norm(ours[0], 33, ours[1], ours[2])
+        ref = F.layer_norm(theirs[0], (33,), theirs[1], theirs[2])
+    assert y.dtype == ref.dtype == x_dtype
+    dy = _randn(4, 5, 33, seed=3, dtype=x_dtype)
+    y.backward(dy)
+    ref.backward(dy)
+    bound = BOUND[x_dtype]
+    assert rel_err(y, ref) < bound
+    for name, a, r in zip(("dx", "dweight", "dbias"), ours, theirs):
+        assert a.grad.dtype == r.grad.dtype, name
+        assert rel_err(a.grad, r.grad) < bound, name
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["reference", "triton"])  # the cpu backend has no half dtypes
+def test_half_input_with_float32_parameters(backend, x_dtype):
+    x = _randn(3, 40, dtype=x_dtype).requires_grad_()
+    w, b = _randn(40, seed=1, dtype=torch.float32).requires_grad_(), _randn(40, seed=2, dtype=torch.float32).requires_grad_()
+    with kiln.backend.use(backend):
+        y = kiln.ops.layer_norm(x, 40, w, b)
+        y.sum().backward()
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = F.layer_norm(x64, (40,), w64, b64)
+    ref.sum().backward()
+    assert y.dtype == x_dtype and x.grad.dtype == x_dtype
+    assert w.grad.dtype == b.grad.dtype == torch.float32
+    for got, want in ((y, ref), (x.grad, x64.grad), (w.grad, w64.grad), (b.grad, b64.grad)):
+        assert rel_err(got, want) < BOUND[x_dtype]
+
+
+# --- zero-size -------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("lead,shape", [((0,), (5,)), ((2, 0), (3, 4)), ((3,), (0,)), ((2,), (3, 0))],
+                         ids=str)
+@pytest.mark.parametrize("backend", HOST_BACKENDS + ["triton"])
+def test_zero_size_matches_torch_without_a_kernel(monkeypatch, backend, lead, shape):
+    """torch's empty output and its zero (not None) parameter gradients, no kernel run."""
+    def no_kernel(*args):
+        raise AssertionError("a kernel was asked to run on an empty input")
+
+    monkeypatch.setattr(importlib.import_module("kiln.ops.layer_norm"), "_implementation", no_kernel)
+    x, w, b = _randn(*lead, *shape), _randn(*shape, seed=1), _randn(*shape, seed=2)
+    ours = [t.clone().requires_grad_() for t in (x, w, b)]
+    theirs = [t.clone().requires_grad_() for t in (x, w, b)]
+    with kiln.backend.use(backend):
+        y = kiln.ops.layer_norm(ours[0], shape, ours[1], ours[2])
+        y.sum().backward()
+    ref = F.layer_norm(theirs[0], shape, theirs[1], theirs[2])
+    ref.sum().backward()
+    assert y.shape == ref.shape
+    for a, r in zip(ours, theirs):
+        assert a.grad is not None and a.grad.shape == r.grad.shape and torch.equal(a.grad, r.grad)
+
+
 # --- bad input ------------------------------------------------------------------------
 
 
 def test_weight_of_the_wrong_shape_names_both():
-    with pytest.raises(ValueError, match=r"weight must have shape normalized_shape \(8,\), got \(7,\)"):
+    with pytest.raises(ValueError, match=r"weight must have shape normalized_shape \(8,\), got \(7,\) \(x \(2, 8\)\)"):
         kiln.ops.layer_norm(torch.randn(2, 8), (8,), torch.ones(7))
 
 
@@ -143,6 +248,27 @@ def test_integer_input_is_rejected():
 def test_mixed_dtypes_name_both():
     with pytest.raises(TypeError, match="weight has dtype float64 but x has dtype float32"):
         kiln.ops.layer_norm(torch.randn(2, 8), 8, torch.ones(8, dtype=torch.float64))
+
+
+def test_parameters_on_another_device_name_both():
+    with pytest.raises(ValueError, match=r"bias is on meta but x is on cpu \(bias \(8,\), x \(2, 8\)\)"):
+        kiln.ops.layer_norm(torch.randn(2, 8), 8, torch.ones(8), torch.empty(8, device="meta"))
+
+
+def test_float32_input_with_half_parameters_is_refused_as_torch():
+    with pytest.raises(TypeError, match=r"weight has dtype bfloat16 but x has dtype float32 .*x's dtype"):
+        kiln.ops.layer_norm(torch.randn(2, 8), 8, torch.ones(8, dtype=torch.bfloat16))
+
+
+def test_mixed_parameter_dtypes_name_both():
+    with pytest.raises(TypeError, match=r"bias has dtype bfloat16 but weight has dtype float32"):
+        kiln.ops.layer_norm(torch.randn(2, 8, dtype=torch.bfloat16), 8, torch.ones(8),
+                            torch.zeros(8, dtype=torch.bfloat16))
+
+
+def test_negative_normalized_shape():
+    with pytest.raises(ValueError, match=r"normalized_shape must be one or more sizes >= 0, got \(-1,\)"):
+        kiln.ops.layer_norm(torch.randn(2, 8), (-1,))
 
 
 # --- torch.compile ---------------------------------------------------------------------
@@ -178,3 +304,16 @@ def test_matches_torch_gpu(backend, dtype, lead, shape):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_large_offset_small_spread_gpu(backend):
     _check(backend, (64,), (5120,), torch.float32, device="cuda", offset=1e4, scale=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("region", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_autocast_runs_float32_as_torch(backend, region):
+    """torch's CUDA autocast runs layer_norm in float32: a half activation comes out float32."""
+    x = _randn(16, 96, dtype=region, device="cuda")
+    w, b = _randn(96, seed=1, dtype=torch.float32, device="cuda"), _randn(96, seed=2, dtype=torch.float32, device="cuda")
+    with kiln.backend.use(backend), torch.autocast("cuda", dtype=region):
+        y, ref = kiln.ops.layer_norm(x, 96, w, b), F.layer_norm(x, (96,), w, b)
+    assert y.dtype == ref.dtype == torch.float32
+    assert rel_err(y, ref) < BOUND[torch.float32]

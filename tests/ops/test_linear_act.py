@@ -141,6 +141,115 @@ def test_large_activations_stay_finite():
         assert rel_err(out, TORCH_ACT[activation](x)) < 1e-14, activation
 
 
+# --- double backward -------------------------------------------------------------------
+
+
+def _double_inputs(seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 3, 5, dtype=torch.float64, generator=g, requires_grad=True),
+            torch.randn(4, 5, dtype=torch.float64, generator=g, requires_grad=True),
+            torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradgradcheck_cpu_backend(activation):
+    # relu's and identity's second derivative in z is 0 (a.e.), but d(dx)/dW etc. are not.
+    with kiln.backend.use("cpu"):
+        assert torch.autograd.gradgradcheck(
+            lambda *a: kiln.ops.linear_act(*a, activation=activation), _double_inputs())
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu", "tanh", "sigmoid", "gelu_tanh"])
+def test_second_derivative_matches_torch(activation):
+    """d/dtheta of ||dL/dx||^2 against torch's own ops, for the activations whose act'' != 0."""
+    x, w, b = _double_inputs(3)
+    ref = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    results = []
+    for (xi, wi, bi), forward in (((x, w, b), lambda *a: kiln.ops.linear_act(*a, activation=activation)),
+                                  (ref, lambda *a: TORCH_ACT[activation](F.linear(*a)))):
+        with kiln.backend.use("cpu"):
+            y = forward(xi, wi, bi)
+            (dx,) = torch.autograd.grad(y.square().sum(), xi, create_graph=True)
+            dx.square().sum().backward()
+        results.append((dx, xi.grad, wi.grad, bi.grad))
+    for got, want in zip(*results):
+        assert rel_err(got, want) < 1e-12
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "sigmoid"])
+def test_create_graph_gradients_equal_the_kernel_gradients(activation):
+    x, w, b = _double_inputs(4)
+    with kiln.backend.use("cpu"):
+        y = kiln.ops.linear_act(x, w, b, activation)
+        dy = torch.randn_like(y)
+        plain = torch.autograd.grad(y, (x, w, b), dy, retain_graph=True)
+        graphed = torch.autograd.grad(y, (x, w, b), dy, create_graph=True)
+    # dx and dW depend on W and x; db = sum(dy act'(z)) is a constant for relu (act'' = 0).
+    assert graphed[0].grad_fn is not None and graphed[1].grad_fn is not None
+    for got, want in zip(graphed, plain):
+        assert rel_err(got, want) < 1e-12
+
+
+# --- autocast --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "tanh"])
+def test_cpu_autocast_runs_in_the_region_dtype_as_torch(activation):
+    (x, w, b, dy), _ = _inputs((2, 7), 19, 33, torch.float32)
+    ours = [t.clone().requires_grad_() for t in (x, w, b)]
+    theirs = [t.clone().requires_grad_() for t in (x, w, b)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = kiln.ops.linear_act(*ours, activation)
+        ref = TORCH_ACT[activation](F.linear(*theirs))
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert rel_err(out, ref) < BOUND[torch.bfloat16]
+    out.backward(dy.to(out.dtype))
+    ref.backward(dy.to(ref.dtype))
+    for a, r in zip(ours, theirs):
+        assert a.grad.dtype == r.grad.dtype == torch.float32
+        assert rel_err(a.grad, r.grad) < BOUND[torch.bfloat16]
+
+
+def test_cpu_autocast_leaves_float64_alone_as_torch():
+    (x, w, b, _), _ = _inputs((5,), 6, 7, torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = kiln.ops.linear_act(x, w, b, "silu"), F.silu(F.linear(x, w, b))
+    assert out.dtype == ref.dtype == torch.float64
+    assert rel_err(out, ref) < 1e-12
+
+
+# --- zero-size -------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("activation", ["relu", "gelu", "sigmoid"])
+@pytest.mark.parametrize("lead,k,n", [((0,), 5, 4), ((3,), 8, 0), ((3,), 0, 4), ((2, 0), 3, 2),
+                                      ((0,), 0, 0)], ids=str)
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+def test_zero_size_matches_torch_without_a_kernel(monkeypatch, backend, lead, k, n, activation):
+    """torch's output (act(bias) broadcast for in size 0) and gradients (zeros, or
+    act'(bias) summed for db) without the custom op, so no kernel, on any backend."""
+    def no_kernel(*args):
+        raise AssertionError("a kernel was asked to run on an empty product")
+
+    monkeypatch.setattr(importlib.import_module("kiln.ops.linear_act"), "_implementation", no_kernel)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*lead, k, dtype=torch.float64, generator=g)
+    w = torch.randn(n, k, dtype=torch.float64, generator=g)
+    b = torch.randn(n, dtype=torch.float64, generator=g)
+    dy = torch.randn(*lead, n, dtype=torch.float64, generator=g)
+    ours = [t.clone().requires_grad_() for t in (x, w, b)]
+    theirs = [t.clone().requires_grad_() for t in (x, w, b)]
+    with kiln.backend.use(backend):
+        out = kiln.ops.linear_act(*ours, activation)
+        out.backward(dy)
+    ref = TORCH_ACT[activation](F.linear(*theirs))
+    ref.backward(dy)
+    assert out.shape == ref.shape and torch.equal(out, ref)
+    for a, r in zip(ours, theirs):
+        assert a.grad.shape == r.grad.shape and torch.equal(a.grad, r.grad)
+
+
 # --- bad input -------------------------------------------------------------------------
 
 
@@ -167,6 +276,21 @@ def test_mixed_dtypes_name_both():
 def test_mixed_devices_name_both():
     with pytest.raises(ValueError, match=r"bias is on meta but x is on cpu"):
         kiln.ops.linear_act(torch.randn(3, 4), torch.randn(5, 4), torch.empty(5, device="meta"))
+
+
+def test_weight_on_another_device_names_both():
+    with pytest.raises(ValueError, match=r"weight is on meta but x is on cpu \(weight \(5, 4\), x \(3, 4\)\)"):
+        kiln.ops.linear_act(torch.randn(3, 4), torch.empty(5, 4, device="meta"))
+
+
+def test_one_dimensional_weight_names_its_shape():
+    with pytest.raises(ValueError, match=r"weight must be 2-D \(out, in\), got shape \(4,\)"):
+        kiln.ops.linear_act(torch.randn(3, 4), torch.randn(4))
+
+
+def test_zero_dim_input_names_both_shapes():
+    with pytest.raises(ValueError, match=r"x \(\) vs weight \(5, 4\)"):
+        kiln.ops.linear_act(torch.tensor(1.0), torch.randn(5, 4))
 
 
 def test_unknown_activation():
@@ -214,3 +338,14 @@ def test_compile_fullgraph_triton_gpu():
     with kiln.backend.use("triton"):
         out = torch.compile(model, fullgraph=True)(x)
         assert rel_err(out, model(x)) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("region", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_autocast_runs_in_the_region_dtype_as_torch(backend, region):
+    (x, w, b, _), _ = _inputs((33,), 64, 48, torch.float32, device="cuda")
+    with kiln.backend.use(backend), torch.autocast("cuda", dtype=region):
+        out, ref = kiln.ops.linear_act(x, w, b, "gelu"), F.gelu(F.linear(x, w, b))
+    assert out.dtype == ref.dtype == region
+    assert rel_err(out, ref) < BOUND[region]

@@ -13,17 +13,18 @@ from kiln import ops
 class Linear(nn.Linear):
     """``torch.nn.Linear`` with the activation fused: y = act(x W^T + b).
 
-    Same parameters, initialization and state_dict keys as torch's Linear, so a
-    torch Linear's state_dict loads as is. ``activation=None`` is a plain affine map.
+    Same constructor and forward arguments, parameters, initialization and state_dict keys
+    as torch's Linear, so a torch Linear's state_dict loads as is; the activation is a
+    keyword-only extra after torch's arguments. ``activation=None`` is a plain affine map.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 activation: str | None = None, device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 dtype=None, *, activation: str | None = None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.activation = activation or "identity"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear_act(x, self.weight, self.bias, self.activation)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return ops.linear_act(input, self.weight, self.bias, self.activation)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation}"

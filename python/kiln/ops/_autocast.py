@@ -20,8 +20,9 @@ POLICIES = ("lower", "fp32")
 
 
 def _cast(value, dtype):
+    # As torch's autocast: float64 tensors are never cast (only float32 / float16 / bfloat16).
     if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
+        return value.to(dtype) if value.is_floating_point() and value.dtype != torch.float64 else value
     if isinstance(value, (list, tuple)):
         return type(value)(_cast(v, dtype) for v in value)
     return value

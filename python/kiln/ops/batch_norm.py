@@ -14,19 +14,30 @@ dweight = sum(dy xhat), dbias = sum(dy); eval: dx = w invstd dy.
 
 Saved for backward: x, weight, and per channel the mean (float64, for the reason in
 layer_norm.py) and invstd (float32; float64 for float64 input).
+
+Double backward (a backward recorded with create_graph=True) runs differentiable PyTorch
+ops from x and weight; in training the batch mean and invstd are recomputed from x (the
+saved ones are outputs without a gradient), in eval they are the running statistics,
+constants. Mixed precision as torch's: a float16 / bfloat16 x takes float32 weight, bias
+and running statistics (the output keeps x's dtype, the parameter gradients are float32).
+Autocast: torch's policy lists batch_norm for neither CPU nor CUDA (it runs in x's dtype,
+mixed precision included), so kiln::batch_norm has no autocast rule either. An empty x has
+no arithmetic: torch's own op gives its output, gradients and (untouched) running statistics.
 """
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from kiln import backend
 
-from ._checks import check_floating, check_same_device_dtype
+from ._checks import check_floating, check_parameters
 from ._cuda_launch import DTYPE_CODE, ptr, stream
 
 OP = "batch_norm"
@@ -133,8 +144,10 @@ def _implementation(t: Tensor):
 def _batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
                 eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (y, mean (float64), invstd, biased batch variance (empty in eval))."""
+    """Returns (y, mean (float64), invstd, biased batch variance (empty in eval)). weight and
+    bias may be float32 for a half-precision x."""
     kernels = _implementation(x)
+    weight, bias = _as_dtype(weight, x.dtype), _as_dtype(bias, x.dtype)
     if training:
         mean, var = kernels.stats(x)
     else:
@@ -156,7 +169,8 @@ def _(x, weight, bias, running_mean, running_var, training, eps):
 def _batch_norm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, invstd: Tensor,
                          training: bool, need_dx: bool, need_dw: bool, need_db: bool
                          ) -> tuple[Tensor, Tensor, Tensor]:
-    grads = _implementation(x).backward(dy, x, mean, invstd, weight, training, need_dx, need_dw, need_db)
+    grads = _implementation(x).backward(dy, x, mean, invstd, _as_dtype(weight, x.dtype), training,
+                                        need_dx, need_dw, need_db)
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
@@ -168,21 +182,58 @@ def _(dy, x, weight, mean, invstd, training, need_dx, need_dw, need_db):
             x.new_empty(C) if need_db else x.new_empty(0))
 
 
+def _as_dtype(t: Optional[Tensor], dtype) -> Optional[Tensor]:
+    return None if t is None else t.to(dtype)
+
+
+def differentiable_backward(dy, x, weight, mean, invstd, training: bool, eps: float,
+                            need_dx: bool, need_dw: bool, need_db: bool):
+    """(dx, dweight, dbias) in differentiable PyTorch ops from x (N, C, L) and weight: the
+    double-backward form. Training recomputes the batch statistics from x; eval's mean and
+    invstd (from the running statistics) are constants."""
+    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    xc, dyc = x.to(compute), dy.to(compute)
+    if training:
+        centered = xc - xc.mean((0, 2), keepdim=True)
+        invstd = torch.rsqrt((centered * centered).mean((0, 2), keepdim=True) + eps)
+    else:
+        centered = xc - mean.detach().to(compute)[:, None]
+        invstd = invstd.detach().to(compute)[:, None]
+    xhat = centered * invstd
+    dx = dw = db = None
+    if need_dx:
+        scale = invstd * weight.to(compute)[:, None] if weight is not None else invstd
+        g = dyc
+        if training:
+            g = g - dyc.mean((0, 2), keepdim=True) - xhat * (dyc * xhat).mean((0, 2), keepdim=True)
+        dx = (scale * g).to(x.dtype)
+    if need_dw:
+        dw = (dyc * xhat).sum((0, 2))
+    if need_db:
+        db = dyc.sum((0, 2))
+    return dx, dw, db
+
+
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, _, _, training, _ = inputs
+    x, weight, bias, _, _, training, eps = inputs
     ctx.save_for_backward(x, weight, output[1], output[2])
-    ctx.training, ctx.has_bias = training, bias is not None
+    ctx.training, ctx.eps = training, eps
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, dy, grad_mean, grad_invstd, grad_var):
     x, weight, mean, invstd = ctx.saved_tensors
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     need_dw = need_dw and weight is not None
-    need_db = need_db and ctx.has_bias
-    dx, dw, db = _batch_norm_backward(dy.contiguous(), x, weight, mean, invstd, ctx.training,
-                                      need_dx, need_dw, need_db)
-    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None,
-            None, None, None, None)
+    need_db = need_db and ctx.bias_dtype is not None
+    if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
+        dx, dw, db = differentiable_backward(dy, x, weight, mean, invstd, ctx.training, ctx.eps,
+                                             need_dx, need_dw, need_db)
+    else:
+        dx, dw, db = _batch_norm_backward(dy.contiguous(), x, weight, mean, invstd, ctx.training,
+                                          need_dx, need_dw, need_db)
+    return (dx if need_dx else None, dw.to(weight.dtype) if need_dw else None,
+            db.to(ctx.bias_dtype) if need_db else None, None, None, None, None)
 
 
 torch.library.register_autograd("kiln::batch_norm", _backward, setup_context=_setup_context)
@@ -200,8 +251,8 @@ def batch_norm(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[
     given) are updated in place: r <- (1 - momentum) r + momentum * batch statistic, with
     the unbiased batch variance; in eval they normalize x."""
     check_floating(OP, x=x)
-    check_same_device_dtype(OP, x=x, weight=weight, bias=bias, running_mean=running_mean,
-                            running_var=running_var)
+    check_parameters(OP, x, weight=weight, bias=bias, running_mean=running_mean,
+                     running_var=running_var)
     if x.dim() < 2:
         raise ValueError(f"{OP}: x must be (N, C, *) with at least 2 dims, got {tuple(x.shape)}")
     N, C = x.shape[0], x.shape[1]
@@ -212,17 +263,17 @@ def batch_norm(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[
                              f"{C} channels, got {tuple(t.shape)}")
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{OP}: give both running_mean and running_var, or neither")
-    values_per_channel = x.numel() // C if C else 0
-    if training and values_per_channel <= 1:
+    values_per_channel = N * math.prod(x.shape[2:])  # as torch counts them, C = 0 included
+    if training and values_per_channel == 1:
         raise ValueError(f"{OP}: training needs more than 1 value per channel to estimate a "
                          f"variance, got x of shape {tuple(x.shape)}")
+    if x.numel() == 0:  # nothing to normalize: torch's op (its gradients, no running update)
+        return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if not training and running_mean is None:
         raise ValueError(f"{OP}: eval mode (training=False) normalizes with running_mean and "
                          f"running_var, which are None")
     if not eps >= 0:
         raise ValueError(f"{OP}: eps must be >= 0, got {eps}")
-    if x.numel() == 0:
-        return x.clone()
     x3 = x.reshape(N, C, -1).contiguous()
     y, mean, _, var = _batch_norm(x3, weight, bias, running_mean, running_var, training, float(eps))
     if training and running_mean is not None:

@@ -14,6 +14,14 @@ every input dtype: a row near 1e4 with std 1e-2 has its mean rounded by ulp(1e4)
 by 5e-2 there). The kernels use it as two float32 parts hi + lo, (x - hi) - lo, so the
 per-element arithmetic stays in the storage precision. rstd is float32 (float64 for
 float64 input).
+
+Double backward (a backward recorded with create_graph=True) runs differentiable PyTorch
+ops from x and weight, the mean and rstd recomputed (the saved ones are outputs without a
+gradient). Mixed precision as torch's: a float16 / bfloat16 x takes float32 weight and bias
+(cast to x's dtype inside the op; their gradients come back float32). Autocast: torch runs
+layer_norm in float32 under CUDA autocast and leaves it alone under CPU autocast (there a
+bfloat16 x with float32 parameters is the mixed case above); kiln::layer_norm does the same.
+An empty x has no arithmetic: torch's own op gives its output and (zero) gradients.
 """
 
 from __future__ import annotations
@@ -23,11 +31,13 @@ from types import SimpleNamespace
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from kiln import backend
 
-from ._checks import check_floating, check_same_device_dtype
+from . import _autocast
+from ._checks import check_floating, check_parameters
 from ._cuda_launch import DTYPE_CODE, ptr, stream
 
 OP = "layer_norm"
@@ -114,8 +124,8 @@ def _implementation(t: Tensor):
 @torch.library.custom_op("kiln::layer_norm", mutates_args=())
 def _layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
                 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (y, mean (float64), rstd)."""
-    return _implementation(x).forward(x, weight, bias, eps)
+    """Returns (y, mean (float64), rstd). weight and bias may be float32 for a half-precision x."""
+    return _implementation(x).forward(x, _as_dtype(weight, x.dtype), _as_dtype(bias, x.dtype), eps)
 
 
 @_layer_norm.register_fake
@@ -128,8 +138,9 @@ def _(x, weight, bias, eps):
 @torch.library.custom_op("kiln::layer_norm_backward", mutates_args=())
 def _layer_norm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
                          need_dx: bool, need_dw: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (dx, dweight, dbias), each empty when not needed."""
-    grads = _implementation(x).backward(dy, x, weight, mean, rstd, need_dx, need_dw, need_db)
+    """Returns (dx, dweight, dbias) in x's dtype, each empty when not needed."""
+    grads = _implementation(x).backward(dy, x, _as_dtype(weight, x.dtype), mean, rstd, need_dx, need_dw,
+                                        need_db)
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
@@ -141,22 +152,54 @@ def _(dy, x, weight, mean, rstd, need_dx, need_dw, need_db):
             x.new_empty(N) if need_db else x.new_empty(0))
 
 
+def _as_dtype(t: Optional[Tensor], dtype) -> Optional[Tensor]:
+    return None if t is None else t.to(dtype)
+
+
+def differentiable_backward(dy, x, weight, eps: float, need_dx: bool, need_dw: bool, need_db: bool):
+    """(dx, dweight, dbias) in differentiable PyTorch ops from x and weight, the mean and
+    rstd recomputed (float32 arithmetic for half-precision input): the double-backward form."""
+    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    xc, dyc = x.to(compute), dy.to(compute)
+    centered = xc - xc.mean(-1, keepdim=True)
+    rstd = torch.rsqrt((centered * centered).mean(-1, keepdim=True) + eps)
+    xhat = centered * rstd
+    wdy = dyc * weight.to(compute) if weight is not None else dyc
+    dx = dw = db = None
+    if need_dx:
+        dx = (rstd * (wdy - xhat * (wdy * xhat).mean(-1, keepdim=True) - wdy.mean(-1, keepdim=True))
+              ).to(x.dtype)
+    if need_dw:
+        dw = (dyc * xhat).sum(0)
+    if need_db:
+        db = dyc.sum(0)
+    return dx, dw, db
+
+
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, _ = inputs
+    x, weight, bias, eps = inputs
     ctx.save_for_backward(x, weight, output[1], output[2])
-    ctx.has_bias = bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.eps = eps
 
 
 def _backward(ctx, dy, grad_mean, grad_rstd):
     x, weight, mean, rstd = ctx.saved_tensors
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     need_dw = need_dw and weight is not None
-    need_db = need_db and ctx.has_bias
-    dx, dw, db = _layer_norm_backward(dy.contiguous(), x, weight, mean, rstd, need_dx, need_dw, need_db)
-    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None, None)
+    need_db = need_db and ctx.bias_dtype is not None
+    if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
+        dx, dw, db = differentiable_backward(dy, x, weight, ctx.eps, need_dx, need_dw, need_db)
+    else:
+        dx, dw, db = _layer_norm_backward(dy.contiguous(), x, weight, mean, rstd, need_dx, need_dw,
+                                          need_db)
+    return (dx if need_dx else None, dw.to(weight.dtype) if need_dw else None,
+            db.to(ctx.bias_dtype) if need_db else None, None)
 
 
 torch.library.register_autograd("kiln::layer_norm", _backward, setup_context=_setup_context)
+# torch's policy: float32 under CUDA autocast; CPU autocast leaves layer_norm alone.
+_autocast.register("kiln::layer_norm", "fp32", device_types=("cuda",))
 
 
 # ---------------------------------------------------------------------------------------
@@ -174,23 +217,23 @@ def layer_norm(x: Tensor, normalized_shape: Union[int, Sequence[int]], weight: O
     """Layer normalization over the trailing ``normalized_shape`` dims of x, as
     ``torch.nn.functional.layer_norm``; weight and bias have shape ``normalized_shape``."""
     check_floating(OP, x=x)
-    check_same_device_dtype(OP, x=x, weight=weight, bias=bias)
+    check_parameters(OP, x, weight=weight, bias=bias)
     shape = _shape_tuple(normalized_shape)
-    if not shape or any(d < 1 for d in shape):
-        raise ValueError(f"{OP}: normalized_shape must be one or more positive sizes, got {normalized_shape}")
+    if not shape or any(d < 0 for d in shape):
+        raise ValueError(f"{OP}: normalized_shape must be one or more sizes >= 0, got {normalized_shape}")
     if x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
         raise ValueError(f"{OP}: x's trailing dims must equal normalized_shape: x {tuple(x.shape)} "
                          f"vs normalized_shape {shape}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"{OP}: {name} must have shape normalized_shape {shape}, got "
-                             f"{tuple(t.shape)}")
+                             f"{tuple(t.shape)} (x {tuple(x.shape)})")
     if not eps >= 0:
         raise ValueError(f"{OP}: eps must be >= 0, got {eps}")
+    if x.numel() == 0:  # nothing to normalize: torch's op, for its zero parameter gradients
+        return F.layer_norm(x, shape, weight, bias, eps)
     N = math.prod(shape)
     rows = x.reshape(-1, N).contiguous()
-    if rows.shape[0] == 0:
-        return x.clone()
     y, _, _ = _layer_norm(rows, None if weight is None else weight.reshape(N).contiguous(),
                           None if bias is None else bias.reshape(N).contiguous(), float(eps))
     return y.reshape(x.shape)

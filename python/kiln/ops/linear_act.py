@@ -8,7 +8,13 @@ dx = dz W, dW = dz^T x, db = sum over rows of dz.
 Saved for backward: x and W (the GEMM operands), and one (M, N) tensor for act':
 the output y itself for relu, tanh, sigmoid (their derivative is a function of y, and
 y exists anyway), the pre-activation z for gelu, gelu_tanh, silu (forward writes it
-as a second output), nothing for identity. Double backward is not supported.
+as a second output), nothing for identity.
+
+Double backward (a backward recorded with create_graph=True, e.g. for a gradient-norm
+penalty) runs differentiable PyTorch ops from x, W and b: z is recomputed (the saved z
+is an output whose gradient the backward does not take). Autocast: "lower", as torch's
+F.linear (the region's dtype). An empty product (a zero batch, in or out size) has no
+work for a kernel: torch's F.linear and activation give its result and gradients.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from torch import Tensor
 from kiln import backend
 from kiln.kernels.activations import ACTIVATIONS, CODE, SAVED
 
+from . import _autocast
 from ._checks import check_floating, check_same_device_dtype
 from ._cuda_launch import DTYPE_CODE, ptr, stream
 
@@ -155,26 +162,44 @@ def _(grad_out, x, weight, saved, activation, need_dx, need_dw, need_db):
             x.new_empty(weight.shape[0]) if need_db else x.new_empty(0))
 
 
+def differentiable_backward(grad_out, x, weight, bias, activation: str, need_dx, need_dw, need_db):
+    """(dx, dW, db) in differentiable PyTorch ops from the inputs, z recomputed: the
+    double-backward form."""
+    z = F.linear(x, weight, bias)
+    if SAVED[activation] is None:
+        dz = grad_out
+    else:  # act' from what _act_grad_reference takes: z, or act(z) for relu / tanh / sigmoid
+        saved = z if SAVED[activation] == "preact" else TORCH_ACTIVATIONS[activation](z)
+        dz = grad_out * _act_grad_reference(saved, activation)
+    return (dz @ weight if need_dx else None,
+            dz.t() @ x if need_dw else None,
+            dz.sum(0) if need_db else None)
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, bias, activation, _ = inputs
     out, preact = output
     kind = SAVED[activation]
     saved = {"output": out, "preact": preact, None: None}[kind]
-    ctx.save_for_backward(x, weight, saved)
+    ctx.save_for_backward(x, weight, bias, saved)
     ctx.activation = activation
-    ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad_out, grad_preact):
-    x, weight, saved = ctx.saved_tensors
+    x, weight, bias, saved = ctx.saved_tensors
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-    need_db = need_db and ctx.has_bias
-    dx, dw, db = _linear_act_backward(grad_out.contiguous(), x, weight, saved, ctx.activation,
-                                      need_dx, need_dw, need_db)
+    need_db = need_db and bias is not None
+    if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
+        dx, dw, db = differentiable_backward(grad_out, x, weight, bias, ctx.activation,
+                                             need_dx, need_dw, need_db)
+    else:
+        dx, dw, db = _linear_act_backward(grad_out.contiguous(), x, weight, saved, ctx.activation,
+                                          need_dx, need_dw, need_db)
     return (dx if need_dx else None, dw if need_dw else None, db if need_db else None, None, None)
 
 
 torch.library.register_autograd("kiln::linear_act", _backward, setup_context=_setup_context)
+_autocast.register("kiln::linear_act", "lower")
 
 
 # ---------------------------------------------------------------------------------------
@@ -200,6 +225,8 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(f"linear_act: bias must have shape ({weight.shape[0]},) to match weight "
                          f"{tuple(weight.shape)}, got {tuple(bias.shape)}")
+    if x.numel() == 0 or weight.numel() == 0:  # a zero batch, in or out size: no kernel
+        return TORCH_ACTIVATIONS[activation](F.linear(x, weight, bias))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     # Inference (no grad wanted) never writes z, even for the activations that save it.
