@@ -430,6 +430,11 @@ def test_autocast_runs_in_the_regions_dtype(dtype):
             out = kiln.ops.attention(q, k, v, attn_bias=bias)
     assert out.dtype == ref.dtype == dtype
     assert rel_err(out, ref) < BOUND[dtype]
+    with torch.autocast("cpu", dtype=dtype):  # mixed float inputs, as SDPA takes them
+        ref = F.scaled_dot_product_attention(q.to(dtype), k, v, attn_mask=bias)
+        out = kiln.ops.attention(q.to(dtype), k, v, attn_bias=bias)
+    assert out.dtype == ref.dtype == dtype
+    assert rel_err(out, ref) < BOUND[dtype]
 
 
 @pytest.mark.parametrize("shape", [(0, 2, 5, 5), (2, 2, 0, 5), (2, 2, 5, 0)], ids=["B0", "Tq0", "Tk0"])

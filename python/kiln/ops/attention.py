@@ -328,6 +328,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False,
     with torch's RNG and runs the explicit PyTorch path (``composite``), not a kernel.
     """
     check_floating(OP, q=q, k=k, v=v)
+    if torch.is_autocast_enabled(q.device.type):
+        # torch's SDPA casts mixed float inputs to the region's dtype; so do we, before the checks
+        # (kiln::attention's autocast rule does the same at dispatch, for torch.ops callers)
+        region = torch.get_autocast_dtype(q.device.type)
+        q, k, v = (t.to(region) for t in (q, k, v))
+        if attn_bias is not None and attn_bias.is_floating_point():
+            attn_bias = attn_bias.to(region)
     check_same_device_dtype(OP, q=q, k=k, v=v)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"{OP}: q, k, v must be 4-D (batch, heads, T, head_dim), got q {tuple(q.shape)}, "
