@@ -13,6 +13,10 @@ row sees. Forward keeps a running row max m, sum l and unnormalized output per q
 block (the FlashAttention recurrence); lse = m + log l. Backward loops over query
 blocks and, inside, key blocks; dk and dv accumulate over query blocks in order,
 dq over key blocks: deterministic.
+
+``attn_bias`` (an additive mask broadcastable to (B, Hq, Tq, Tk)) is added to each score
+block right after its product, divided by ``scale`` because the numba passes scale the
+whole block (s * scale + bias); -inf stays -inf, so a hidden key gets p = 0 as above.
 """
 
 import math
@@ -110,9 +114,18 @@ def _mask_np(key_padding_mask):
     return key_padding_mask.numpy(), True
 
 
-def forward(q, k, v, causal: bool, key_padding_mask, scale: float):
+def _add_bias(s, attn_bias, q0, q1, k0, k1, scale):
+    """s (B * Hq, bq, bk) += attn_bias's tile / scale (the numba passes then scale s)."""
+    if attn_bias is not None:
+        B, Hq = attn_bias.shape[:2]
+        s.view(B, Hq, q1 - q0, k1 - k0).add_(attn_bias[:, :, q0:q1, k0:k1], alpha=1.0 / scale)
+
+
+def forward(q, k, v, causal: bool, key_padding_mask, scale: float, attn_bias=None):
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
+    if attn_bias is not None:
+        attn_bias = attn_bias.expand(B, Hq, Tq, Tk)
     qf, kf, vf = _heads_flat(q, k, v)
     BH = B * Hq
     stats = _stats_dtype(q.dtype)
@@ -128,6 +141,7 @@ def forward(q, k, v, causal: bool, key_padding_mask, scale: float):
         for k0 in range(0, _key_end(q1, Tq, Tk, causal), BLOCK_K):
             k1 = min(Tk, k0 + BLOCK_K)
             s = torch.bmm(qf[:, q0:q1], kf[:, k0:k1].transpose(1, 2))
+            _add_bias(s, attn_bias, q0, q1, k0, k1, scale)
             _online_softmax_block(s.numpy(), scale, mask, has_mask, causal, q0, k0, Tk - Tq, Hq, m, l, alpha)
             acc.mul_(torch.from_numpy(alpha).to(q.dtype)[..., None]).baddbmm_(s, vf[:, k0:k1])
         seen = l > 0
@@ -137,9 +151,11 @@ def forward(q, k, v, causal: bool, key_padding_mask, scale: float):
     return o.reshape(q.shape), lse.reshape(B, Hq, Tq)
 
 
-def backward(do, q, k, v, o, lse, causal: bool, key_padding_mask, scale: float):
+def backward(do, q, k, v, o, lse, causal: bool, key_padding_mask, scale: float, attn_bias=None):
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
+    if attn_bias is not None:
+        attn_bias = attn_bias.expand(B, Hq, Tq, Tk)
     qf, kf, vf = _heads_flat(q, k, v)
     BH = B * Hq
     dof = do.reshape(BH, Tq, D)
@@ -155,6 +171,7 @@ def backward(do, q, k, v, o, lse, causal: bool, key_padding_mask, scale: float):
         for k0 in range(0, _key_end(q1, Tq, Tk, causal), BLOCK_K):
             k1 = min(Tk, k0 + BLOCK_K)
             s = torch.bmm(q_blk, kf[:, k0:k1].transpose(1, 2))
+            _add_bias(s, attn_bias, q0, q1, k0, k1, scale)
             dp = torch.bmm(do_blk, vf[:, k0:k1].transpose(1, 2))
             _probs_and_grad_scores(s.numpy(), dp.numpy(), lse_np[:, q0:q1], delta[:, q0:q1], scale, mask,
                                    has_mask, causal, q0, k0, Tk - Tq, Hq)

@@ -10,8 +10,10 @@ forward computes, per query row i of every (batch, query head),
     s_ij = scale * q_i . k_j        for the keys j the row may see,
     o_i  = sum_j softmax_j(s_i) v_j,       lse_i = log sum_j exp(s_ij)   (natural log).
 
-Key j is hidden from row i when key_padding_mask[b, j] is True, or, with ``causal``, when
-j > i + (Tk - Tq) (bottom-right alignment, as FlashAttention and a KV cache need). A row that
+With ``attn_bias`` (an additive mask broadcastable to (B, Hq, Tq, Tk), read through its
+strides, 0 along broadcast dims) s_ij += bias[b, h, i, j] (times log2(e) in log2 units), tile
+by tile, in forward, dq and dkdv alike. Key j is hidden from row i when key_padding_mask[b, j]
+is True, or, with ``causal``, when j > i + (Tk - Tq) (bottom-right alignment, as FlashAttention and a KV cache need). A row that
 sees no key at all gets o_i = 0 exactly and lse_i = +inf, so that backward's
 p_ij = exp(s_ij - lse_i) is 0 there with no special case. It returns (o, lse): the op saves
 q, k, v, o and lse (float32; float64 for float64 inputs) for backward and nothing of size
@@ -146,7 +148,7 @@ def _pruner(kernel):
     return {"early_config_prune": prune}
 
 
-_TUNE_KEY = ["TUNE_TQ", "TUNE_TK", "HEAD_DIM", "CAUSAL", "HAS_KPM"]
+_TUNE_KEY = ["TUNE_TQ", "TUNE_TK", "HEAD_DIM", "CAUSAL", "HAS_KPM", "HAS_BIAS"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -189,6 +191,17 @@ def _store(ptrs, x, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _bias_tile(bias_base, rows, n_rows, cols, n_cols, stride_r, stride_c, EXP2: tl.constexpr,
+               ACC_DT: tl.constexpr):
+    # The (rows, cols) tile of the additive mask, in the scores' units; 0 out of bounds.
+    b = tl.load(bias_base + rows.to(tl.int64)[:, None] * stride_r + cols.to(tl.int64)[None, :] * stride_c,
+                mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0).to(ACC_DT)
+    if EXP2:
+        b = b * _LOG2E
+    return b
+
+
+@triton.jit
 def _key_range(start_m, Tq, Tk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # For the query block at start_m: (n_full, hi). Key blocks [0, n_full) are seen whole by
     # every query of the block (no causal / Tk mask needed); [n_full, hi) need the mask; keys
@@ -209,9 +222,10 @@ def _key_range(start_m, Tq, Tk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLO
 
 @triton.jit
 def _fwd_inner(
-    acc, m_i, l_i, q, k_base, v_base, kpm_base, qk_scale,
-    offs_m, offs_d, lo, hi, Tq, Tk, stride_kt, stride_vt,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EXP2: tl.constexpr,
+    acc, m_i, l_i, q, k_base, v_base, kpm_base, bias_base, qk_scale,
+    offs_m, offs_d, lo, hi, Tq, Tk, stride_kt, stride_vt, stride_bq, stride_bk,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EXP2: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ACC_DT: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -222,6 +236,8 @@ def _fwd_inner(
         rows = offs_n.to(tl.int64)[:, None]
         k = _load(k_base + rows * stride_kt + offs_d[None, :], offs_n, Tk, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         s = _dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), ACC_DT), ACC_DT, PREC) * qk_scale
+        if HAS_BIAS:
+            s = s + _bias_tile(bias_base, offs_m, Tq, offs_n, Tk, stride_bq, stride_bk, EXP2, ACC_DT)
         if MASKED:
             keep = offs_n[None, :] < Tk
             if CAUSAL:
@@ -245,14 +261,15 @@ def _fwd_inner(
 @triton.autotune(configs=_configs("fwd"), key=_TUNE_KEY, prune_configs_by=_pruner("fwd"))
 @triton.jit
 def _fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kpm_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kpm_ptr, bias_ptr,
     qk_hi, qk_lo,
     Hq, Tq, Tk, GROUP,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot, stride_kpm,
+    stride_bb, stride_bh, stride_bq, stride_bk,
     TUNE_TQ, TUNE_TK,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    EXP2: tl.constexpr, ACC_DT: tl.constexpr, PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EXP2: tl.constexpr, ACC_DT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -272,6 +289,7 @@ def _fwd_kernel(
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
     kpm_base = kpm_ptr + b * stride_kpm
+    bias_base = bias_ptr + b * stride_bb + h * stride_bh
     qk_scale = _scalar(qk_hi, qk_lo, ACC_DT)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DT)
@@ -279,13 +297,13 @@ def _fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), ACC_DT)
     n_full, hi = _key_range(start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
     acc, m_i, l_i = _fwd_inner(
-        acc, m_i, l_i, q, k_base, v_base, kpm_base, qk_scale, offs_m, offs_d, 0, n_full,
-        Tq, Tk, stride_kt, stride_vt, False, CAUSAL, HAS_KPM, EXP2,
+        acc, m_i, l_i, q, k_base, v_base, kpm_base, bias_base, qk_scale, offs_m, offs_d, 0, n_full,
+        Tq, Tk, stride_kt, stride_vt, stride_bq, stride_bk, False, CAUSAL, HAS_KPM, HAS_BIAS, EXP2,
         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ACC_DT, PREC,
     )
     acc, m_i, l_i = _fwd_inner(
-        acc, m_i, l_i, q, k_base, v_base, kpm_base, qk_scale, offs_m, offs_d, n_full, hi,
-        Tq, Tk, stride_kt, stride_vt, True, CAUSAL, HAS_KPM, EXP2,
+        acc, m_i, l_i, q, k_base, v_base, kpm_base, bias_base, qk_scale, offs_m, offs_d, n_full, hi,
+        Tq, Tk, stride_kt, stride_vt, stride_bq, stride_bk, True, CAUSAL, HAS_KPM, HAS_BIAS, EXP2,
         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ACC_DT, PREC,
     )
 
@@ -326,9 +344,9 @@ def _bwd_delta_kernel(
 
 @triton.jit
 def _dkdv_inner(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, qk_scale,
-    offs_n, offs_d, lo, hi, Tq, Tk, stride_qt, stride_dot,
-    MASKED: tl.constexpr, EXP2: tl.constexpr,
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, qk_scale,
+    offs_n, offs_d, lo, hi, Tq, Tk, stride_qt, stride_dot, stride_bq, stride_bk,
+    MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, EXP2: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ACC_DT: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -344,6 +362,8 @@ def _dkdv_inner(
         if EXP2:
             lse = lse * _LOG2E
         s_t = _dot(k, tl.trans(q), tl.zeros((BLOCK_N, BLOCK_M), ACC_DT), ACC_DT, PREC) * qk_scale
+        if HAS_BIAS:
+            s_t = s_t + _bias_tile(bias_base, offs_n, Tk, offs_m, Tq, stride_bk, stride_bq, EXP2, ACC_DT)
         p_t = _exp(s_t - lse[None, :], EXP2)
         if MASKED:  # causal diagonal
             p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + (Tk - Tq), p_t, 0.0)
@@ -359,15 +379,16 @@ def _dkdv_inner(
 @triton.autotune(configs=_configs("dkdv"), key=_TUNE_KEY, prune_configs_by=_pruner("dkdv"))
 @triton.jit
 def _bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, kpm_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, kpm_ptr, bias_ptr,
     qk_hi, qk_lo, sm_hi, sm_lo,
     Hq, Tq, Tk, GROUP,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
     stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt, stride_kpm,
+    stride_bb, stride_bh, stride_bq, stride_bk,
     TUNE_TQ, TUNE_TK,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    EXP2: tl.constexpr, ACC_DT: tl.constexpr, PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EXP2: tl.constexpr, ACC_DT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
@@ -406,15 +427,16 @@ def _bwd_dkdv_kernel(
         q_base = q_ptr + b * stride_qb + h * stride_qh
         do_base = do_ptr + b * stride_dob + h * stride_doh
         stat = (b * Hq + h) * Tq
+        bias_base = bias_ptr + b * stride_bb + h * stride_bh
         if CAUSAL:
             dk, dv = _dkdv_inner(
-                dk, dv, k, v, q_base, do_base, lse_ptr + stat, delta_ptr + stat, qk_scale,
-                offs_n, offs_d, lo, mid, Tq, Tk, stride_qt, stride_dot, True, EXP2,
-                HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ACC_DT, PREC,
+                dk, dv, k, v, q_base, do_base, lse_ptr + stat, delta_ptr + stat, bias_base, qk_scale,
+                offs_n, offs_d, lo, mid, Tq, Tk, stride_qt, stride_dot, stride_bq, stride_bk, True, HAS_BIAS,
+                EXP2, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ACC_DT, PREC,
             )
         dk, dv = _dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_ptr + stat, delta_ptr + stat, qk_scale,
-            offs_n, offs_d, mid, Tq, Tq, Tk, stride_qt, stride_dot, False, EXP2,
+            dk, dv, k, v, q_base, do_base, lse_ptr + stat, delta_ptr + stat, bias_base, qk_scale,
+            offs_n, offs_d, mid, Tq, Tq, Tk, stride_qt, stride_dot, stride_bq, stride_bk, False, HAS_BIAS, EXP2,
             HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ACC_DT, PREC,
         )
     dk = dk * _scalar(sm_hi, sm_lo, ACC_DT)
@@ -429,9 +451,10 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_inner(
-    dq, q, do, lse, delta, k_base, v_base, kpm_base, qk_scale,
-    offs_m, offs_d, lo, hi, Tq, Tk, stride_kt, stride_vt,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EXP2: tl.constexpr,
+    dq, q, do, lse, delta, k_base, v_base, kpm_base, bias_base, qk_scale,
+    offs_m, offs_d, lo, hi, Tq, Tk, stride_kt, stride_vt, stride_bq, stride_bk,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EXP2: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ACC_DT: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -442,6 +465,8 @@ def _dq_inner(
         rows = offs_n.to(tl.int64)[:, None]
         k = _load(k_base + rows * stride_kt + offs_d[None, :], offs_n, Tk, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         s = _dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), ACC_DT), ACC_DT, PREC) * qk_scale
+        if HAS_BIAS:
+            s = s + _bias_tile(bias_base, offs_m, Tq, offs_n, Tk, stride_bq, stride_bk, EXP2, ACC_DT)
         p = _exp(s - lse[:, None], EXP2)
         if MASKED:
             keep = offs_n[None, :] < Tk
@@ -461,15 +486,16 @@ def _dq_inner(
 @triton.autotune(configs=_configs("dq"), key=_TUNE_KEY, prune_configs_by=_pruner("dq"))
 @triton.jit
 def _bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kpm_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kpm_ptr, bias_ptr,
     qk_hi, qk_lo, sm_hi, sm_lo,
     Hq, Tq, Tk, GROUP,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
     stride_dqb, stride_dqh, stride_dqt, stride_kpm,
+    stride_bb, stride_bh, stride_bq, stride_bk,
     TUNE_TQ, TUNE_TK,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    EXP2: tl.constexpr, ACC_DT: tl.constexpr, PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EXP2: tl.constexpr, ACC_DT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -497,18 +523,19 @@ def _bwd_dq_kernel(
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
     kpm_base = kpm_ptr + b * stride_kpm
+    bias_base = bias_ptr + b * stride_bb + h * stride_bh
     qk_scale = _scalar(qk_hi, qk_lo, ACC_DT)
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), ACC_DT)
     n_full, hi = _key_range(start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, kpm_base, qk_scale, offs_m, offs_d, 0, n_full,
-        Tq, Tk, stride_kt, stride_vt, False, CAUSAL, HAS_KPM, EXP2,
+        dq, q, do, lse, delta, k_base, v_base, kpm_base, bias_base, qk_scale, offs_m, offs_d, 0, n_full,
+        Tq, Tk, stride_kt, stride_vt, stride_bq, stride_bk, False, CAUSAL, HAS_KPM, HAS_BIAS, EXP2,
         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ACC_DT, PREC,
     )
     dq = _dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, kpm_base, qk_scale, offs_m, offs_d, n_full, hi,
-        Tq, Tk, stride_kt, stride_vt, True, CAUSAL, HAS_KPM, EXP2,
+        dq, q, do, lse, delta, k_base, v_base, kpm_base, bias_base, qk_scale, offs_m, offs_d, n_full, hi,
+        Tq, Tk, stride_kt, stride_vt, stride_bq, stride_bk, True, CAUSAL, HAS_KPM, HAS_BIAS, EXP2,
         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ACC_DT, PREC,
     )
     dq = dq * _scalar(sm_hi, sm_lo, ACC_DT)
@@ -523,6 +550,14 @@ def _split(v: float):
     """A Python float as a float32 hi + lo pair (hi + lo == v to ~48 bits)."""
     hi = struct.unpack("f", struct.pack("f", v))[0]
     return hi, float(v - hi)
+
+
+def _bias_args(q, k, attn_bias):
+    """(pointer, 4 strides): the bias viewed as (B, Hq, Tq, Tk), stride 0 where it broadcasts."""
+    if attn_bias is None:
+        return q, (0, 0, 0, 0)
+    B, Hq, Tq, _ = q.shape
+    return attn_bias, attn_bias.expand(B, Hq, Tq, k.shape[2]).stride()
 
 
 def _common(q, k, causal, key_padding_mask, scale):
@@ -557,14 +592,16 @@ def _s3(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def forward(q, k, v, causal: bool, key_padding_mask, scale: float):
+def forward(q, k, v, causal: bool, key_padding_mask, scale: float, attn_bias=None):
     """(o, lse) of attention: o = softmax(q k^T * scale + mask) v, lse its row log-sum-exp.
 
     q (B, Hq, Tq, D); k, v (B, Hkv, Tk, D); key_padding_mask None or (B, Tk) bool (True =
-    hidden); causal aligns bottom-right. o has q's dtype and shape, lse (B, Hq, Tq) float32
+    hidden); attn_bias None or broadcastable to (B, Hq, Tq, Tk), added to the scaled scores;
+    causal aligns bottom-right. o has q's dtype and shape, lse (B, Hq, Tq) float32
     (float64 for float64 inputs); rows that see no key get o = 0 and lse = +inf.
     """
     B, Hq, Hkv, Tq, Tk, kpm, s_kpm, qk, _, meta = _common(q, k, causal, key_padding_mask, scale)
+    bias, s_bias = _bias_args(q, k, attn_bias)
     o = torch.empty_like(q)
     lse = torch.empty((B, Hq, Tq), device=q.device,
                       dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
@@ -572,16 +609,18 @@ def forward(q, k, v, causal: bool, key_padding_mask, scale: float):
         return o.zero_(), lse.fill_(float("inf"))
     grid = lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), Hq, B)
     _fwd_kernel[grid](
-        q, k, v, o, lse, kpm, *qk, Hq, Tq, Tk, Hq // Hkv,
-        *_s3(q), *_s3(k), *_s3(v), *_s3(o), s_kpm,
-        **meta, **_blocks(),
+        q, k, v, o, lse, kpm, bias, *qk, Hq, Tq, Tk, Hq // Hkv,
+        *_s3(q), *_s3(k), *_s3(v), *_s3(o), s_kpm, *s_bias,
+        HAS_BIAS=attn_bias is not None, **meta, **_blocks(),
     )
     return o, lse
 
 
-def backward(do, q, k, v, o, lse, causal: bool, key_padding_mask, scale: float):
+def backward(do, q, k, v, o, lse, causal: bool, key_padding_mask, scale: float, attn_bias=None):
     """(dq, dk, dv) of attention from forward's o and lse; shapes and dtypes of q, k, v."""
     B, Hq, Hkv, Tq, Tk, kpm, s_kpm, qk, sm, meta = _common(q, k, causal, key_padding_mask, scale)
+    bias, s_bias = _bias_args(q, k, attn_bias)
+    meta = {**meta, "HAS_BIAS": attn_bias is not None}
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -596,14 +635,14 @@ def backward(do, q, k, v, o, lse, causal: bool, key_padding_mask, scale: float):
     )
     grid = lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), Hkv, B)
     _bwd_dkdv_kernel[grid](
-        q, k, v, do, lse, delta, dk, dv, kpm, *qk, *sm, Hq, Tq, Tk, Hq // Hkv,
-        *_s3(q), *_s3(k), *_s3(v), *_s3(do), *_s3(dk), *_s3(dv), s_kpm,
+        q, k, v, do, lse, delta, dk, dv, kpm, bias, *qk, *sm, Hq, Tq, Tk, Hq // Hkv,
+        *_s3(q), *_s3(k), *_s3(v), *_s3(do), *_s3(dk), *_s3(dv), s_kpm, *s_bias,
         **meta, **_blocks(),
     )
     grid = lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), Hq, B)
     _bwd_dq_kernel[grid](
-        q, k, v, do, lse, delta, dq, kpm, *qk, *sm, Hq, Tq, Tk, Hq // Hkv,
-        *_s3(q), *_s3(k), *_s3(v), *_s3(do), *_s3(dq), s_kpm,
+        q, k, v, do, lse, delta, dq, kpm, bias, *qk, *sm, Hq, Tq, Tk, Hq // Hkv,
+        *_s3(q), *_s3(k), *_s3(v), *_s3(do), *_s3(dq), s_kpm, *s_bias,
         **meta, **_blocks(),
     )
     return dq, dk, dv

@@ -333,17 +333,6 @@ def test_mha_cross_attention_with_other_kv_dims():
     assert rel_err(out, ref) < 1e-12
 
 
-def test_mha_refuses_what_it_does_not_implement():
-    mha = kiln.nn.MultiheadAttention(8, 2)
-    x = torch.randn(1, 4, 8)
-    with pytest.raises(ValueError, match="need_weights=False"):
-        mha(x, x, x, need_weights=True)
-    with pytest.raises(NotImplementedError, match="causal attn_mask"):
-        mha(x, x, x, attn_mask=torch.zeros(4, 4, dtype=torch.bool).fill_diagonal_(True))
-    with pytest.raises(NotImplementedError, match="dropout"):
-        kiln.nn.MultiheadAttention(8, 2, dropout=0.1)(x, x, x)
-
-
 def test_sinusoidal_encoding_is_the_notes_formula():
     pe = kiln.nn.SinusoidalPositionalEncoding(6, max_len=20)
     x = torch.zeros(2, 5, 6)

@@ -2,44 +2,69 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kiln import ops
+from kiln.ops.attention import composite
 
 
-def _is_causal_mask(attn_mask: Tensor, L: int, S: int) -> bool:
-    """True when attn_mask hides exactly the keys above the (bottom-right) diagonal, as
-    torch.nn.Transformer.generate_square_subsequent_mask (float -inf) or a bool triu do."""
-    if attn_mask.shape != (L, S):
-        return False
-    hidden = torch.ones(L, S, dtype=torch.bool, device=attn_mask.device).triu(S - L + 1)
-    if attn_mask.dtype == torch.bool:
-        return bool(torch.equal(attn_mask, hidden))
-    return bool(torch.equal(torch.isneginf(attn_mask), hidden) and (attn_mask[~hidden] == 0).all())
+def _additive(mask: Tensor, name: str, dtype) -> Tensor:
+    """A bool mask (True = hidden) as a float one (-inf = hidden); a float mask as is."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, -math.inf)
+    if not mask.is_floating_point():
+        raise TypeError(f"kiln.nn.MultiheadAttention: only bool and floating types of {name} are supported, "
+                        f"got {str(mask.dtype).removeprefix('torch.')}")
+    return mask.to(dtype)
+
+
+def _pad_keys(mask: Optional[Tensor]) -> Optional[Tensor]:
+    """One more key, visible: the mask padded by one column of 0 / False (torch's F.pad)."""
+    return None if mask is None else F.pad(mask, (0, 1))
 
 
 class MultiheadAttention(nn.MultiheadAttention):
     """``torch.nn.MultiheadAttention`` on kiln.ops (linear_act projections, flash attention).
 
-    Same constructor, parameters (in_proj_weight, in_proj_bias, or q/k/v_proj_weight when
-    kdim / vdim differ; out_proj) and state_dict keys, so a torch state_dict loads and the
-    outputs match. Differences, all explicit: ``batch_first`` defaults to True; attention
-    weights are never formed (``need_weights`` must be False, the default here); masks are
-    ``key_padding_mask`` (bool) and causality (``is_causal=True`` or an ``attn_mask`` that is
-    the causal mask), other attn_masks raise; dropout on the attention weights, add_bias_kv
-    and add_zero_attn are not implemented (refused, not ignored).
+    Same constructor and forward arguments (names, defaults, ``batch_first=False``,
+    ``need_weights=True``), parameters (in_proj_weight, in_proj_bias, or q/k/v_proj_weight
+    when kdim / vdim differ; bias_k, bias_v with add_bias_kv; out_proj) and state_dict keys,
+    so a torch state_dict loads and the outputs and gradients match torch's. Returns
+    ``(attn_output, attn_weights)``, weights None when ``need_weights=False``.
+
+    Masks as torch: ``attn_mask`` (L, S) or (batch * num_heads, L, S), bool (True = not
+    allowed) or float (added); ``key_padding_mask`` (batch, S) bool or float; ``is_causal``
+    is torch's hint that attn_mask is the causal mask (torch also requires the mask): with
+    L == S (and no add_bias_kv / add_zero_attn) kiln then runs its causal kernel and never
+    reads the mask, otherwise the mask runs as given. Every other mask goes to
+    kiln.ops.attention as an additive ``attn_bias`` (bool key padding as its
+    key_padding_mask): no value of any mask is read in Python, so torch.compile traces this
+    without a graph break. A query that sees no key gives 0 (and zero gradients), as torch's
+    SDPA path (need_weights=False) gives; torch's need_weights=True path gives NaN there,
+    kiln 0 (weights included).
+
+    Run by the explicit PyTorch path (kiln.ops.attention's ``composite``: T x T
+    probabilities), not the flash kernels: ``need_weights=True`` (torch's default: pass
+    need_weights=False for the kernels), and dropout in training (on the probabilities with
+    torch's RNG, as torch's slow path; eval ignores ``dropout``). ``add_bias_kv`` appends
+    bias_k / bias_v as one more key and value, ``add_zero_attn`` one zero key and value per
+    head, both with the masks padded by a visible column, as torch.
+
+    A torch module whose attention is swapped for this one (e.g. torch's
+    TransformerEncoderLayer.self_attn) may still take torch's fused fast path in eval and
+    never call it: use kiln.nn.TransformerEncoderLayer and friends.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
-                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: Optional[int] = None,
-                 vdim: Optional[int] = None, batch_first: bool = True, device=None, dtype=None):
-        if add_bias_kv or add_zero_attn:
-            raise NotImplementedError("kiln.nn.MultiheadAttention: add_bias_kv / add_zero_attn are not implemented")
-        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, kdim=kdim, vdim=vdim,
-                         batch_first=batch_first, device=device, dtype=dtype)
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
+                 kdim=None, vdim=None, batch_first=False, device=None, dtype=None) -> None:
+        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
+                         add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
+                         device=device, dtype=dtype)
 
     def _projections(self):
         E = self.embed_dim
@@ -52,16 +77,49 @@ class MultiheadAttention(nn.MultiheadAttention):
             b_q, b_k, b_v = self.in_proj_bias.split(E)
         return (w_q, b_q), (w_k, b_k), (w_v, b_v)
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
-                need_weights: bool = False, attn_mask: Optional[Tensor] = None,
-                average_attn_weights: bool = True, is_causal: bool = False) -> tuple[Tensor, None]:
-        if need_weights:
-            raise ValueError("kiln.nn.MultiheadAttention never forms the attention weights; pass need_weights=False")
-        if self.training and self.dropout > 0:
-            raise NotImplementedError(f"kiln.nn.MultiheadAttention: attention dropout ({self.dropout}) is "
-                                      "not implemented; use dropout=0.0 or eval()")
-        self_attention = query is key and key is value
+    def _check(self, query, key, value, key_padding_mask, attn_mask):
+        name = "kiln.nn.MultiheadAttention"
         unbatched = query.dim() == 2
+        if query.dim() not in (2, 3):
+            raise ValueError(f"{name}: query should be unbatched 2D or batched 3D, got {query.dim()}-D "
+                             f"{tuple(query.shape)}")
+        if key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(f"{name}: key and value must be {query.dim()}-D like query: query "
+                             f"{tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}")
+        if query.shape[-1] != self.embed_dim:
+            raise ValueError(f"{name}: query's last dim must be embed_dim {self.embed_dim}, got query "
+                             f"{tuple(query.shape)}")
+        if key.shape[:-1] != value.shape[:-1]:
+            raise ValueError(f"{name}: key and value must have one batch and sequence length: key "
+                             f"{tuple(key.shape)} vs value {tuple(value.shape)}")
+        if key.shape[-1] != self.kdim or value.shape[-1] != self.vdim:
+            raise ValueError(f"{name}: key's last dim must be kdim {self.kdim} and value's vdim {self.vdim}: "
+                             f"key {tuple(key.shape)}, value {tuple(value.shape)}")
+        batch_dim = 0 if self.batch_first else 1
+        if not unbatched and key.shape[batch_dim] != query.shape[batch_dim]:
+            raise ValueError(f"{name}: key's batch size must match query's: query {tuple(query.shape)} vs key "
+                             f"{tuple(key.shape)} (batch_first={self.batch_first})")
+        if key_padding_mask is not None:
+            B = None if unbatched else query.shape[batch_dim]
+            S = key.shape[0 if unbatched else 1 - batch_dim]
+            want = (S,) if unbatched else (B, S)
+            if tuple(key_padding_mask.shape) != want:
+                raise ValueError(f"{name}: key_padding_mask must have shape {want} (batch, source length), got "
+                                 f"{tuple(key_padding_mask.shape)} (query {tuple(query.shape)}, key "
+                                 f"{tuple(key.shape)})")
+        if attn_mask is not None and attn_mask.dim() not in (2, 3):
+            raise ValueError(f"{name}: attn_mask must be 2-D (L, S) or 3-D (batch * num_heads, L, S), got "
+                             f"{tuple(attn_mask.shape)}")
+        return unbatched
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
+                need_weights: bool = True, attn_mask: Optional[Tensor] = None,
+                average_attn_weights: bool = True, is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        unbatched = self._check(query, key, value, key_padding_mask, attn_mask)
+        if is_causal and attn_mask is None:
+            raise RuntimeError("kiln.nn.MultiheadAttention: need attn_mask if specifying the is_causal hint "
+                               "(as torch); torch.nn.Transformer.generate_square_subsequent_mask makes it")
+        self_attention = query is key and key is value
         if unbatched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
             if key_padding_mask is not None:
@@ -70,16 +128,15 @@ class MultiheadAttention(nn.MultiheadAttention):
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         B, L, E = query.shape
         S = key.shape[1]
-        causal = is_causal
-        if attn_mask is not None:
-            if not _is_causal_mask(attn_mask, L, S):
-                raise NotImplementedError("kiln.nn.MultiheadAttention takes only the causal attn_mask "
-                                          f"(or is_causal=True); got a {tuple(attn_mask.shape)} mask")
-            causal = True
-        if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
-            raise TypeError("kiln.nn.MultiheadAttention: key_padding_mask must be bool (True = ignore)")
-        (w_q, b_q), (w_k, b_k), (w_v, b_v) = self._projections()
         H, hd = self.num_heads, self.head_dim
+        if attn_mask is not None:
+            want = (L, S) if attn_mask.dim() == 2 else ((1 if unbatched else B) * H, L, S)
+            if tuple(attn_mask.shape) != want:
+                raise ValueError(f"kiln.nn.MultiheadAttention: attn_mask should have shape {want}, got "
+                                 f"{tuple(attn_mask.shape)} (query {tuple(query.shape)}, key length {S}, "
+                                 f"num_heads {H})")
+
+        (w_q, b_q), (w_k, b_k), (w_v, b_v) = self._projections()
         if self._qkv_same_embed_dim and self_attention:
             # self-attention: one GEMM for q, k and v
             qkv = ops.linear_act(query, self.in_proj_weight, self.in_proj_bias, "identity")
@@ -88,16 +145,49 @@ class MultiheadAttention(nn.MultiheadAttention):
             q = ops.linear_act(query, w_q, b_q, "identity")
             k = ops.linear_act(key, w_k, b_k, "identity")
             v = ops.linear_act(value, w_v, b_v, "identity")
-        heads = lambda t, T: t.reshape(B, T, H, hd).transpose(1, 2)
-        out = ops.attention(heads(q, L), heads(k, S), heads(v, S), causal=causal,
-                            key_padding_mask=key_padding_mask)
+        dtype = q.dtype
+
+        # Masks: causality from the is_causal hint only; the rest additive (bool padding stays bool).
+        causal = is_causal and L == S and self.bias_k is None and not self.add_zero_attn
+        bias = None if attn_mask is None or causal else _additive(attn_mask, "attn_mask", dtype)
+        padding = key_padding_mask
+        if padding is not None and padding.dtype != torch.bool:
+            padding = _additive(padding, "key_padding_mask", dtype)
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.expand(B, 1, E).to(dtype)], 1)
+            v = torch.cat([v, self.bias_v.expand(B, 1, E).to(dtype)], 1)
+            bias, padding = _pad_keys(bias), _pad_keys(padding)
+        heads = lambda t: t.reshape(B, t.shape[1], H, hd).transpose(1, 2)
+        q, k, v = heads(q), heads(k), heads(v)
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(B, H, 1, hd)], 2)
+            v = torch.cat([v, v.new_zeros(B, H, 1, hd)], 2)
+            bias, padding = _pad_keys(bias), _pad_keys(padding)
+        S = k.shape[2]
+        if bias is not None and bias.dim() == 3:  # (B * H, L, S): per batch and head
+            bias = bias.reshape(B, H, L, S)
+        if padding is not None and padding.dtype != torch.bool:
+            padding = padding.reshape(B, 1, 1, S)
+            bias, padding = (padding if bias is None else bias + padding), None
+
+        dropout_p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            out, weights = composite(q, k, v, causal, padding, bias, None, dropout_p, need_weights=True)
+            if average_attn_weights:
+                weights = weights.mean(1)
+            if unbatched:
+                weights = weights.squeeze(0)
+        else:
+            out = ops.attention(q, k, v, causal=causal, key_padding_mask=padding, dropout_p=dropout_p,
+                                attn_bias=bias)
         out = ops.linear_act(out.transpose(1, 2).reshape(B, L, E), self.out_proj.weight, self.out_proj.bias,
                              "identity")
         if unbatched:
             out = out.squeeze(0)
         elif not self.batch_first:
             out = out.transpose(0, 1)
-        return out, None
+        return out, weights
 
 
 class SinusoidalPositionalEncoding(nn.Module):
