@@ -78,6 +78,12 @@ def set_rng_state(state: dict) -> None:
             _EXTRA_RNG[name][1](value)
 
 
+def error_line(e: BaseException) -> str:
+    """``Type: first line of the message``, for one-line reports."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 def _fsync_dir(folder: str) -> None:
     if os.name != "posix":  # Windows cannot open a directory; its rename is durable on its own
         return
@@ -117,9 +123,8 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [""])[0]
         raise CheckpointError(f"checkpoint {path!r} is corrupt or not a torch checkpoint "
-                              f"({type(e).__name__}: {reason})") from None
+                              f"({error_line(e)})") from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"checkpoint {path!r} holds a {type(checkpoint).__name__}, not a kiln checkpoint dict")
     missing = [key for key in REQUIRED_KEYS if key not in checkpoint]

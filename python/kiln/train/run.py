@@ -146,12 +146,12 @@ def train(task: str | Task, model: str | None = None, *, epochs: int | None = No
         try:
             trainer.load_state_dict(ckpt)
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
-            reason = (str(e).strip().splitlines() or [""])[0]
             raise CheckpointError(f"checkpoint {resume!r} does not fit {task.name} {model} "
-                                  f"({type(e).__name__}: {reason})") from None
+                                  f"({checkpoint.error_line(e)})") from None
 
     os.makedirs(out, exist_ok=True)
     trainer.fit()
+    trainer.restore_best_weights()  # after fit's last checkpoint, which keeps the last step's
     test = trainer.evaluate(splits.test)
     results = {
         "task": task.name, "model": model, "seed": settings["seed"],

@@ -1,7 +1,8 @@
 """The training loop. It knows nothing about any task: a model, an optimizer, a loss and data.
 
     trainer = Trainer(model, optimizer, loss_fn, train_data, val_data, epochs=10)
-    trainer.fit()                       # the model ends with its best validation weights
+    trainer.fit()                       # stops at the budget, or when patience runs out
+    trainer.restore_best_weights()      # the weights of the best validation loss
     trainer.evaluate(test_data)         # {"loss": ..., metric_name: ...}
 
 ``loss_fn(model, batch)`` returns the mean loss of a mini-batch (a scalar tensor) and
@@ -18,7 +19,7 @@ validating (at epoch ends, or at a stop mid-epoch) never shifts the training str
 
 Callbacks are objects with any of ``on_step_end(trainer)``, ``on_epoch_end(trainer)``
 (``trainer.history[-1]`` is the new row, ``trainer.improved`` says whether it is the best
-so far) and ``on_train_end(trainer)``; they run before the model gets its best weights back.
+so far) and ``on_train_end(trainer)``.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class Trainer:
                  batch_size: int = 64, eval_batch_size: int = 1024,
                  epochs: int = 1, max_steps: int | None = None,
                  clip_grad_norm: float | None = None,
-                 patience: int | None = None, restore_best: bool = True,
+                 patience: int | None = None,
                  seed: int = 0, device: str | torch.device = "cpu",
                  progress: bool = True, description: str = "train",
                  callbacks: Sequence[object] = ()):
@@ -82,7 +83,7 @@ class Trainer:
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.epochs, self.max_steps = epochs, max_steps
         self.clip_grad_norm = clip_grad_norm
-        self.patience, self.restore_best = patience, restore_best
+        self.patience = patience
         self.device = torch.device(device)
         self.progress, self.description = progress, description
         self.callbacks = list(callbacks)
@@ -118,8 +119,8 @@ class Trainer:
     def fit(self) -> list[dict]:
         """Train until ``epochs`` are done, ``max_steps`` are taken or patience runs out.
 
-        Returns the metrics rows. The model ends in eval mode with its best validation
-        weights (when there was validation and ``restore_best``).
+        Returns the metrics rows. The model ends in eval mode with the weights of the last
+        step (what ``state_dict`` saves); ``restore_best_weights`` swaps in the best ones.
         """
         started = time.perf_counter() - self.elapsed
         total = self.epochs * self.steps_per_epoch
@@ -145,10 +146,16 @@ class Trainer:
         for callback in self.callbacks:
             if hasattr(callback, "on_train_end"):
                 callback.on_train_end(self)
-        if self.restore_best and self.best_model is not None:
-            self.model.load_state_dict(self.best_model)
         self.model.eval()
         return self.history
+
+    def restore_best_weights(self) -> bool:
+        """Load the weights of the epoch with the best validation loss; False if none was
+        validated. (Do it after the last checkpoint: training goes on from the last step.)"""
+        if self.best_model is None:
+            return False
+        self.model.load_state_dict(self.best_model)
+        return True
 
     def _epoch_batches(self) -> Iterator:
         """The rest of the current epoch's batches, in the order of an uninterrupted run."""
