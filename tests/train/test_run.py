@@ -121,3 +121,16 @@ def test_bad_input_is_one_line_status_2_and_writes_nothing(capsys, tmp_path, fin
     _refused(capsys, out, ["train", "nosuchtask", "--out", str(out)], "unknown task 'nosuchtask'; tasks: digits")
     _refused(capsys, out, [*train, "--model", "resnet"], "no model 'resnet'; its models: logistic, mlp")
     _refused(capsys, out, ["train", "--out", str(out)], "name a TASK")
+
+
+@pytest.mark.gpu
+def test_a_cuda_run_saves_cuda_rng_and_loads_on_cpu(capsys, tmp_path):
+    out = tmp_path / "cuda"
+    _train(capsys, out, "--device", "cuda", "--max-steps", "3")
+    state = checkpoint.load(out / "last.pt")
+    assert len(state["rng"]["cuda"]) == torch.cuda.device_count()
+    assert all(v.device.type == "cpu" for v in state["model"].values())
+    model = kiln.train.load(out / "last.pt")
+    assert next(model.parameters()).device.type == "cpu"
+    results = json.loads((out / "results.json").read_text())
+    assert results["device"] == "cuda" and results["backend"] == "triton" and results["steps"] == 3
