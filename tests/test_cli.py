@@ -31,7 +31,9 @@ def test_cuda_device_without_a_gpu_is_one_line_status_2(capsys, monkeypatch):
 def test_bad_flag_values_are_one_line_status_2(capsys):
     _one_line_error(capsys, ["train", "digits", "--epochs", "x"], "--epochs")
     _one_line_error(capsys, ["train", "digits", "--epochs", "0"], "must be >= 1")
-    _one_line_error(capsys, ["train", "digits", "--activation", "relux"], "--activation")
+    _one_line_error(capsys, ["train", "digits", "--lr", "-1"], "--lr")
+    _one_line_error(capsys, ["train", "digits", "--max-steps", "0"], "--max-steps")
+    _one_line_error(capsys, ["train", "digits", "--model", "relux"], "no model 'relux'")
     _one_line_error(capsys, ["nope"], "invalid choice")
 
 

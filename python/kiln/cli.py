@@ -1,4 +1,4 @@
-"""The `kiln` command: `kiln info`, `kiln train digits`."""
+"""The `kiln` command: `kiln info`, `kiln train TASK` (`kiln train --list` shows the tasks)."""
 
 from __future__ import annotations
 
@@ -80,30 +80,79 @@ def _check_device(device: str) -> str:
     return device
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+_positive_float.__name__ = "number"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kiln.backend import BACKENDS
-    from kiln.kernels.activations import ACTIVATIONS
 
     parser = _Parser(prog="kiln", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("info", help="versions, the CUDA extension, the GPU and each op's backend",
                    description="Print versions, whether kiln._cuda is built, the GPU and the "
                                "backend each op would use.")
-    train = sub.add_parser("train", help="run an end-to-end training job",
-                           description="Train a model end to end and print its test metric.")
-    train.add_argument("job", choices=["digits"], help="digits: an MLP on scikit-learn's digits")
-    train.add_argument("--epochs", type=_positive_int, default=40, help="passes over the training set")
-    train.add_argument("--hidden", type=_positive_int, default=256, help="width of the hidden layers")
-    train.add_argument("--activation", default="relu", choices=ACTIVATIONS,
-                       help="activation of the hidden layers")
-    train.add_argument("--seed", type=int, default=0, help="seed of the split, the weights and the data order")
+    train = sub.add_parser("train", help="train a task's model end to end into a run folder",
+                           description="Train a model of a task end to end. The run folder receives "
+                                       "last.pt, best.pt, metrics.csv, results.json and curves.png.")
+    train.add_argument("task", nargs="?", help="the task to train (kiln train --list shows them)")
+    train.add_argument("--list", action="store_true", help="print the tasks and their models, then exit")
+    train.add_argument("--model", default=None, help="the task's model (default: the task's first choice)")
+    train.add_argument("--epochs", type=_positive_int, default=None,
+                       help="passes over the training set (default: the task's)")
+    train.add_argument("--max-steps", type=_positive_int, default=None,
+                       help="stop after this many optimizer steps in all, even mid-epoch")
+    train.add_argument("--batch-size", type=_positive_int, default=None,
+                       help="examples per optimizer step (default: the task's)")
+    train.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate (default: the task's)")
+    train.add_argument("--seed", type=int, default=None,
+                       help="seed of the weights, dropout and the data order (default 0)")
+    train.add_argument("--out", default=None, help="the run folder (default runs/TASK-MODEL)")
+    train.add_argument("--resume", default=None, metavar="CKPT",
+                       help="continue the run saved in this checkpoint, exactly where it stopped")
     train.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     train.add_argument("--backend", default=None, choices=BACKENDS,
                        help="kiln backend for every op (default: by device)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar (none when not a tty)")
     from kiln import bench
 
     bench.add_parser(sub)
     return parser
+
+
+def list_tasks() -> None:
+    from kiln.train.tasks import all_tasks
+
+    for name, task in all_tasks().items():
+        print(f"{name}: {task.description} (metric: {task.headline})")
+        for model, entry in task.models.items():
+            default = "  [default]" if model == task.default_model else ""
+            print(f"  --model {model:<12} {entry.description}{default}")
+
+
+def train(args) -> None:
+    import kiln
+    from kiln.train import run
+    from kiln.train.tasks import get_task
+
+    if args.task is None:
+        raise UsageError("train: name a TASK (kiln train --list shows them)", "kiln train")
+    task = get_task(args.task)
+    task.model_entry(args.model or task.default_model)  # an unknown model fails before any work
+    device = _check_device(args.device)
+    with kiln.backend.use(args.backend):
+        result = run.train(task, args.model, epochs=args.epochs, max_steps=args.max_steps,
+                           batch_size=args.batch_size, lr=args.lr, seed=args.seed, out=args.out,
+                           resume=args.resume, device=device, progress=not args.no_progress)
+    out = args.out or f"runs/{task.name}-{result['model']}"
+    print(f"{task.name} {result['model']}: {task.headline} {result[task.headline]:.4f}  "
+          f"(backend {result['backend']}, {result['steps']} steps, {result['wall_s']:.1f} s) -> {out}")
 
 
 def _run(argv: list[str] | None) -> int:
@@ -127,27 +176,26 @@ def _run(argv: list[str] | None) -> int:
         except ValueError as e:
             raise UsageError(str(e), "kiln bench") from None
         return bench.run_from_args(args)
-    from kiln.train import digits
-
-    device = _check_device(args.device)
-    with kiln.backend.use(args.backend):
-        result = digits.train(epochs=args.epochs, hidden=args.hidden, activation=args.activation,
-                              seed=args.seed, device=device)
-    print(f"backend: {result['backend']}  test accuracy: {result['test_accuracy']:.4f}  "
-          f"(train {result['train_accuracy']:.4f}, {result['seconds']:.1f} s)")
+    if args.list:
+        list_tasks()
+    else:
+        train(args)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: a usage error or a backend that cannot run is one line on stderr, status 2."""
     from kiln.backend import BackendError
+    from kiln.train.checkpoint import CheckpointError
+    from kiln.train.run import RunError
+    from kiln.train.tasks import TaskError
 
     try:
         return _run(argv)
     except UsageError as e:
         print(f"{e.prog}: error: {e}", file=sys.stderr)
         return 2
-    except BackendError as e:
+    except (BackendError, CheckpointError, TaskError, RunError) as e:
         print(f"kiln: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,26 +1,65 @@
-"""Data that ships with a package: nothing is downloaded at run time."""
+"""Data: the datasets that ship with a package (nothing is downloaded at run time), and the
+resumable shuffling that makes a resumed run see the same batches as an uninterrupted one."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import NamedTuple
+
 import torch
+from torch.utils.data import Dataset, Sampler, TensorDataset
 
 
-def digits(test_fraction: float = 0.2, seed: int = 0, dtype=torch.float32):
-    """scikit-learn's 8x8 digits (1797 images, 10 classes), standardized, split in two.
+class Splits(NamedTuple):
+    train: Dataset
+    val: Dataset
+    test: Dataset
 
-    Returns ((x_train, y_train), (x_test, y_test)); x is (n, 64), y holds class indices.
-    Mean and std come from the training split only.
+
+class EpochShuffler(Sampler[int]):
+    """A fresh permutation of ``range(num_samples)`` per epoch, drawn from ``generator``.
+
+    Resuming mid-epoch: restore ``generator`` to its state at the start of the epoch and set
+    ``skip`` to the number of samples already seen; the next iteration draws the same
+    permutation and starts after them. ``skip`` applies to one iteration only.
+    """
+
+    def __init__(self, num_samples: int, generator: torch.Generator):
+        self.num_samples = num_samples
+        self.generator = generator
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.num_samples, generator=self.generator)
+        skip, self.skip = self.skip, 0
+        yield from order[skip:].tolist()
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def digits(seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15,
+           dtype: torch.dtype = torch.float32) -> Splits:
+    """scikit-learn's 8x8 digits (1797 images, 10 classes) in stratified train / val / test splits.
+
+    Each split is a TensorDataset of (x, y): x is (n, 64), standardized with the mean and std
+    of the training split only (std floored at 1); y holds class indices. ``seed`` fixes the split, so every
+    model of a task is compared on the same examples.
     """
     try:
         from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
     except ImportError as e:
         raise ImportError("the digits data ships with scikit-learn: pip install scikit-learn") from e
     data = load_digits()
+    index = torch.arange(len(data.target)).numpy()
+    rest, test = train_test_split(index, test_size=test_fraction, stratify=data.target, random_state=seed)
+    train, val = train_test_split(rest, test_size=val_fraction / (1 - test_fraction),
+                                  stratify=data.target[rest], random_state=seed)
     x = torch.tensor(data.data, dtype=torch.float64)
     y = torch.tensor(data.target, dtype=torch.long)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    n_test = int(round(len(x) * test_fraction))
-    test, train = order[:n_test], order[n_test:]
-    mean, std = x[train].mean(0), x[train].std(0).clamp_min(1e-6)
+    # std floored at one grey level: a pixel (nearly) constant in training must not blow up
+    # on a test image where it is not (a corner pixel lit once gives |x| ~ 1e4 otherwise).
+    mean, std = x[train].mean(0), x[train].std(0).clamp_min(1.0)
     x = ((x - mean) / std).to(dtype)
-    return (x[train], y[train]), (x[test], y[test])
+    return Splits(*(TensorDataset(x[split], y[split]) for split in (train, val, test)))

@@ -1,0 +1,171 @@
+"""One `kiln train` run: a task's model trained by the Trainer into a run folder.
+
+The folder (default ``runs/TASK-MODEL``) receives ``last.pt`` after every epoch and at the
+end, ``best.pt`` at each new best validation loss, ``metrics.csv`` (a row per epoch),
+``results.json`` and ``curves.png``. Every check of the input (task, model, checkpoint,
+flags that a resumed run cannot change) happens before anything in the folder is written.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+
+import numpy as np
+import torch
+
+import kiln
+from kiln.train import checkpoint, plots
+from kiln.train.checkpoint import CheckpointError
+from kiln.train.optimizers import make_optimizer
+from kiln.train.tasks import Task, TaskError, get_task
+from kiln.train.trainer import Trainer
+
+
+class RunError(ValueError):
+    """Settings that cannot run, e.g. a resumed run asked to change its batch size."""
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_metrics(history: list[dict], path: str) -> None:
+    columns = list(dict.fromkeys(key for row in history for key in row))
+    lines = [",".join(columns)]
+    for row in history:
+        lines.append(",".join("" if row.get(c) is None else f"{row[c]:.6g}" for c in columns))
+    _write_atomic(path, "\n".join(lines) + "\n")
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+class RunFolder:
+    """Trainer callback: checkpoints and metrics.csv into ``out``."""
+
+    def __init__(self, out: str, config: dict):
+        self.out, self.config = out, config
+
+    def _checkpoint(self, trainer: Trainer) -> dict:
+        return {**trainer.state_dict(), "config": self.config, "kiln_version": kiln.__version__}
+
+    def on_epoch_end(self, trainer: Trainer) -> None:
+        state = self._checkpoint(trainer)
+        checkpoint.save(state, os.path.join(self.out, "last.pt"))
+        if trainer.improved:
+            checkpoint.save(state, os.path.join(self.out, "best.pt"))
+        write_metrics(trainer.history, os.path.join(self.out, "metrics.csv"))
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        checkpoint.save(self._checkpoint(trainer), os.path.join(self.out, "last.pt"))
+        write_metrics(trainer.history, os.path.join(self.out, "metrics.csv"))
+
+
+def _checkpoint_config(ckpt: dict, path: str) -> dict:
+    config = ckpt["config"]
+    if not isinstance(config, dict) or not {"task", "model", "model_config", "train"} <= set(config):
+        raise CheckpointError(f"checkpoint {path!r} has no task/model/model_config/train config")
+    return config
+
+
+def load(path: str, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """The model of a checkpoint, rebuilt from the task and model config it holds, in eval mode."""
+    ckpt = checkpoint.load(path, map_location=map_location)
+    config = _checkpoint_config(ckpt, path)
+    entry = get_task(config["task"]).model_entry(config["model"])
+    model = entry.build(config["model_config"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(map_location).eval()
+
+
+def backend_of(device: torch.device) -> str:
+    """The kiln backend that runs linear_act (every kiln model's workhorse) on ``device``."""
+    return kiln.backend.select("linear_act", device, torch.float32, kiln.ops.BACKEND_DTYPES["linear_act"])
+
+
+def train(task: str | Task, model: str | None = None, *, epochs: int | None = None,
+          max_steps: int | None = None, batch_size: int | None = None, lr: float | None = None,
+          seed: int | None = None, out: str | None = None, resume: str | None = None,
+          device: str = "cpu", progress: bool = True) -> dict:
+    """Train ``model`` of ``task`` into the folder ``out`` and return results.json's dict.
+
+    Settings left None come from the task (and model entry), or from the checkpoint when
+    resuming; a resumed run may change ``epochs`` and ``max_steps`` only (``max_steps`` counts
+    every step since the start of the first run).
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    model = model or task.default_model
+    entry = task.model_entry(model)
+    settings = {**task.train_settings(model), "seed": 0}
+    given = {key: value for key, value in
+             {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}.items() if value is not None}
+    model_config, ckpt = entry.config_dict(), None
+    if resume is not None:
+        ckpt = checkpoint.load(resume, map_location="cpu")
+        checkpoint.check_matches(ckpt, resume, task.name, model)
+        saved = _checkpoint_config(ckpt, resume)
+        for key in ("batch_size", "lr", "seed"):
+            if key in given and given[key] != saved["train"][key]:
+                raise RunError(f"--{key.replace('_', '-')} {given[key]} differs from the checkpoint's "
+                               f"{saved['train'][key]}; a resumed run keeps it")
+        settings.update(saved["train"])
+        model_config = saved["model_config"]
+    settings.update(given)
+    settings["max_steps"] = max_steps
+    out = out or os.path.join("runs", f"{task.name}-{model}")
+    device = torch.device(device)
+
+    splits = task.splits()
+    random.seed(settings["seed"])
+    np.random.seed(settings["seed"])
+    torch.manual_seed(settings["seed"])
+    net = entry.build(model_config).to(device)
+    optimizer = make_optimizer(settings["optimizer"], net.parameters(), settings["lr"],
+                               **settings["optimizer_kwargs"])
+    steps_per_epoch = math.ceil(len(splits.train) / settings["batch_size"])
+    scheduler = task.scheduler(optimizer, settings["epochs"] * steps_per_epoch)
+    config = {"task": task.name, "model": model, "model_config": model_config, "train": settings}
+    backend = backend_of(device)
+    trainer = Trainer(net, optimizer, task.loss, splits.train, splits.val, scheduler=scheduler,
+                      metric_fn=task.metric_value, metric_name=task.metric,
+                      batch_size=settings["batch_size"], epochs=settings["epochs"], max_steps=max_steps,
+                      clip_grad_norm=settings["clip_grad_norm"], patience=settings["patience"],
+                      seed=settings["seed"], device=device, progress=progress,
+                      description=f"{task.name} {model} [{backend}]",
+                      callbacks=[RunFolder(out, config)])
+    if ckpt is not None:
+        try:
+            trainer.load_state_dict(ckpt)
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {resume!r} does not fit {task.name} {model} "
+                                  f"({checkpoint.error_line(e)})") from None
+
+    os.makedirs(out, exist_ok=True)
+    trainer.fit()
+    trainer.restore_best_weights()  # after fit's last checkpoint, which keeps the last step's
+    test = trainer.evaluate(splits.test)
+    results = {
+        "task": task.name, "model": model, "seed": settings["seed"],
+        "steps": trainer.step, "epochs": trainer.epoch, "stop_reason": trainer.stop_reason,
+        "parameters": sum(p.numel() for p in net.parameters()),
+        "wall_s": round(trainer.elapsed, 3), "backend": backend, "device": str(device),
+        "best_epoch": trainer.best_epoch, "test_loss": test["loss"],
+        task.headline: test[task.metric],
+    }
+    _write_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=2) + "\n")
+    if trainer.history:
+        plots.curves(trainer.history, f"val_{task.metric}", os.path.join(out, "curves.png"))
+    task.plots(out, net, splits)
+    return results
+
+
+__all__ = ["train", "load", "RunError", "TaskError", "CheckpointError", "RunFolder"]

@@ -1,0 +1,136 @@
+"""The `kiln train` contract: the run folder, exact resume through the command line, bad input."""
+
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+import kiln
+from kiln import cli
+from kiln.train import checkpoint
+
+# ceil(1257 / 256) = 5 steps per epoch: a few steps, every file of the folder
+FAST = ["--batch-size", "256", "--no-progress"]
+
+
+def _train(capsys, out, *flags):
+    code = cli.main(["train", "digits", "--out", str(out), *FAST, *flags])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out
+
+
+def test_list_prints_tasks_and_their_models(capsys):
+    assert cli.main(["train", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "digits" in out and "--model logistic" in out and "--model mlp" in out and "[default]" in out
+
+
+def test_the_run_folder_holds_checkpoints_metrics_results_and_curves(capsys, tmp_path):
+    out = tmp_path / "run"
+    printed = _train(capsys, out, "--epochs", "2", "--model", "logistic")
+    assert "test_accuracy" in printed and str(out) in printed
+    assert sorted(os.listdir(out)) == ["best.pt", "curves.png", "last.pt", "metrics.csv", "results.json"]
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["epoch", "step", "train_loss", "val_loss", "val_accuracy", "lr", "seconds"]
+    assert [(r["epoch"], r["step"]) for r in rows] == [("1", "5"), ("2", "10")]
+    assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
+    results = json.loads((out / "results.json").read_text())
+    for key in ("task", "model", "seed", "steps", "parameters", "wall_s", "backend", "test_accuracy"):
+        assert key in results, key
+    assert (results["task"], results["model"], results["seed"], results["steps"]) == ("digits", "logistic", 0, 10)
+    assert results["parameters"] == 64 * 10 + 10 and results["backend"] == "cpu"
+    assert 0.5 < results["test_accuracy"] <= 1
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    last = checkpoint.load(out / "last.pt")
+    assert last["config"]["task"] == "digits" and last["config"]["model"] == "logistic"
+    assert last["kiln_version"] == kiln.__version__ and last["step"] == 10 and last["epoch"] == 2
+    assert {"torch", "cuda", "numpy", "python", "data", "extra"} <= set(last["rng"])
+
+
+def test_kiln_train_load_rebuilds_the_model_without_flags(capsys, tmp_path):
+    out = tmp_path / "run"
+    _train(capsys, out, "--max-steps", "2")
+    model = kiln.train.load(out / "last.pt")
+    state = checkpoint.load(out / "last.pt")["model"]
+    assert not model.training and state.keys() == model.state_dict().keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_resume_through_the_command_line_is_bit_exact_mid_epoch(capsys, tmp_path):
+    # the default mlp has dropout: the masks must come out the same too
+    _train(capsys, tmp_path / "whole", "--epochs", "3", "--max-steps", "8")
+    _train(capsys, tmp_path / "cut", "--epochs", "3", "--max-steps", "4")
+    _train(capsys, tmp_path / "cut", "--epochs", "3", "--max-steps", "8", "--resume", str(tmp_path / "cut" / "last.pt"))
+    whole, resumed = (checkpoint.load(tmp_path / name / "last.pt") for name in ("whole", "cut"))
+    assert whole["step"] == resumed["step"] == 8 and whole["trainer"]["batches_done"] == 3
+    assert whole["model"].keys() == resumed["model"].keys()
+    for key, value in whole["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    for index, state in whole["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, resumed["optimizer"]["state"][index][key]), (index, key)
+    assert whole["scheduler"] == resumed["scheduler"]
+    assert torch.equal(whole["rng"]["torch"], resumed["rng"]["torch"])
+
+
+def _snapshot(folder):
+    return {name: ((folder / name).read_bytes(), os.stat(folder / name).st_mtime_ns) for name in os.listdir(folder)}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A logistic run of 2 steps, and its folder's bytes."""
+    out = tmp_path_factory.mktemp("runs") / "logistic"
+    assert cli.main(["train", "digits", "--model", "logistic", "--out", str(out), "--max-steps", "2", *FAST]) == 0
+    return out
+
+
+def _refused(capsys, out, argv, needle):
+    before = _snapshot(out)
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and needle in err, err
+    assert _snapshot(out) == before  # nothing in the folder written
+
+
+def test_bad_input_is_one_line_status_2_and_writes_nothing(capsys, tmp_path, finished_run):
+    out = finished_run
+    train = ["train", "digits", "--out", str(out), *FAST]
+    last = str(out / "last.pt")
+    _refused(capsys, out, [*train, "--resume", str(out / "nope.pt")], "no such file")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint at all")
+    _refused(capsys, out, [*train, "--resume", str(junk)], "corrupt")
+    cut = tmp_path / "cut.pt"
+    data = (out / "last.pt").read_bytes()
+    cut.write_bytes(data[: len(data) // 3])
+    _refused(capsys, out, [*train, "--resume", str(cut)], "corrupt")
+    _refused(capsys, out, [*train, "--model", "mlp", "--resume", last], "model 'logistic', not task 'digits' model 'mlp'")
+    other = checkpoint.load(last)
+    other["config"]["task"] = "curve"
+    checkpoint.save(other, tmp_path / "other_task.pt")
+    _refused(capsys, out, [*train, "--model", "logistic", "--resume", str(tmp_path / "other_task.pt")],
+             "of task 'curve'")
+    _refused(capsys, out, [*train, "--model", "logistic", "--resume", last, "--batch-size", "32"],
+             "--batch-size 32 differs from the checkpoint's 256")
+    _refused(capsys, out, ["train", "nosuchtask", "--out", str(out)], "unknown task 'nosuchtask'; tasks: digits")
+    _refused(capsys, out, [*train, "--model", "resnet"], "no model 'resnet'; its models: logistic, mlp")
+    _refused(capsys, out, ["train", "--out", str(out)], "name a TASK")
+
+
+@pytest.mark.gpu
+def test_a_cuda_run_saves_cuda_rng_and_loads_on_cpu(capsys, tmp_path):
+    out = tmp_path / "cuda"
+    _train(capsys, out, "--device", "cuda", "--max-steps", "3")
+    state = checkpoint.load(out / "last.pt")
+    assert len(state["rng"]["cuda"]) == torch.cuda.device_count()
+    assert all(v.device.type == "cpu" for v in state["model"].values())
+    model = kiln.train.load(out / "last.pt")
+    assert next(model.parameters()).device.type == "cpu"
+    results = json.loads((out / "results.json").read_text())
+    assert results["device"] == "cuda" and results["backend"] == "triton" and results["steps"] == 3
