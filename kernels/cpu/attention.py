@@ -11,8 +11,7 @@ plus that, never O(T^2); within it, blocks are as large as possible, because eve
 block costs three parallel regions (six in backward) and each ends in a barrier. The
 scores live in one scratch buffer per call (fresh 8 MiB blocks cost page faults). With
 ``causal``, key blocks wholly above the diagonal are skipped and the last key block
-stops at the last key the block's last query sees. Forward writes p v straight into o,
-keeps the running row max m and sum l for every row, and normalizes o and writes
+stops at the last key the block's last query sees. keeps the running row max m and sum l for every row, and normalizes o and writes
 lse = m + log l in one pass at the end. Backward loops over query blocks and, inside,
 key blocks; dk and dv accumulate over query blocks in order, dq over key blocks:
 deterministic.
@@ -51,8 +50,8 @@ def _hide_masked(row, limit, mask_row, k0, value):
 def _online_softmax_block(s, acc, first, scale, mask, has_mask, causal, h0, q0, k0, offset, heads, m, l):
     """s (nh, nq, nk): scores of keys k0.. for queries q0.. of heads h0..; in place ->
     exp(s*scale - m_new), 0 for hidden keys. m, l (BH, Tq): running max and sum (float64),
-    updated; with ``first`` they start here. acc (BH, Tq, D): the unnormalized output, its
-    rows rescaled here by exp(m_old - m_new) unless ``first`` (the caller overwrites them)."""
+    updated; with ``first`` they start here. acc (nh, nq, D): the block's unnormalized
+    output, rescaled here by exp(m_old - m_new) unless ``first`` (the caller overwrites it)."""
     nh, nq, nk = s.shape
     for r in prange(nh * nq):
         h, i = r // nq, r % nq
@@ -82,7 +81,7 @@ def _online_softmax_block(s, acc, first, scale, mask, has_mask, causal, h0, q0, 
             a = math.exp(m_old - m_new)
             m[hg, ig], l[hg, ig] = m_new, l[hg, ig] * a + total
             if a != 1.0:
-                out = acc[hg, ig]
+                out = acc[h, i]
                 a_x = like(row[0], a)
                 for d in range(out.size):
                     out[d] *= a_x
@@ -187,7 +186,7 @@ def forward(q, k, v, causal: bool, key_padding_mask, scale: float):
         return o.reshape(q.shape), lse.reshape(B, Hq, Tq)
     mask, has_mask = _mask_np(key_padding_mask)
     bq, bk, hc = _blocks(BH, Tq, Tk, q.element_size())
-    scores = _Scratch(hc * bq * bk, q.dtype)
+    scores, acc = _Scratch(hc * bq * bk, q.dtype), _Scratch(hc * bq * D, q.dtype)
     m = np.full((BH, Tq), -np.inf)
     l = np.zeros((BH, Tq))
     o_np = o.numpy()
@@ -195,19 +194,21 @@ def forward(q, k, v, causal: bool, key_padding_mask, scale: float):
         h1 = min(BH, h0 + hc)
         for q0 in range(0, Tq, bq):
             q1 = min(Tq, q0 + bq)
-            q_blk, o_blk = qf[h0:h1, q0:q1], o[h0:h1, q0:q1]
+            q_blk, acc_blk = qf[h0:h1, q0:q1], acc.view(h1 - h0, q1 - q0, D)
             key_end = _key_end(q1, Tq, Tk, causal)
             for k0 in range(0, key_end, bk):
                 k1 = min(key_end, k0 + bk)
                 s = scores.view(h1 - h0, q1 - q0, k1 - k0)
                 torch.bmm(q_blk, kf[h0:h1, k0:k1].transpose(1, 2), out=s)
                 first = k0 == 0
-                _online_softmax_block(s.numpy(), o_np, first, scale, mask, has_mask, causal, h0, q0, k0, Tk - Tq,
+                _online_softmax_block(s.numpy(), acc_blk.numpy(), first, scale, mask, has_mask, causal, h0, q0, k0, Tk - Tq,
                                       Hq, m, l)
                 if first:
-                    torch.bmm(s, vf[h0:h1, k0:k1], out=o_blk)
+                    torch.bmm(s, vf[h0:h1, k0:k1], out=acc_blk)
                 else:
-                    o_blk.baddbmm_(s, vf[h0:h1, k0:k1])
+                    acc_blk.baddbmm_(s, vf[h0:h1, k0:k1])
+            if key_end > 0:
+                o[h0:h1, q0:q1] = acc_blk
     _finish_rows(m, l, o_np, lse.numpy())
     return o.reshape(q.shape), lse.reshape(B, Hq, Tq)
 
