@@ -15,7 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import kiln
 
-SHAPES = [(4, 8, 1024, 64), (1, 8, 4096, 64)]  # (B, H, T, D)
+SHAPES = [(8, 8, 512, 64), (4, 8, 1024, 64), (1, 8, 4096, 64)]  # (B, H, T, D); the first is issue 14's
 IMPLS = {"kiln": None, "sdpa math": SDPBackend.MATH, "sdpa flash": SDPBackend.FLASH_ATTENTION}
 
 

@@ -1,18 +1,20 @@
 """CPU form of attention: query blocks against key blocks, numba around torch's BLAS.
 
 The block products (q k^T, p v, and in backward do v^T, p^T do, ds k, ds^T q) are
-batched matmuls over every (batch, head) at once from torch (MKL); numba does the
-rest in one pass over each score block, in place: scale, masks and the online-softmax
-update in forward, p = exp(s - lse) and ds = p (dp - delta) in backward.
+batched matmuls over a chunk of (batch, head) pairs at once from torch (MKL); numba does
+the rest in one pass over each score block, in place: scale, masks and the online-softmax
+update in forward (with the rescaling of the output rows), p = exp(s - lse) and
+ds = p (dp - delta) in backward. Row max and sums are vectorized reductions (lanes.py).
 
-Blocks: BLOCK_Q query rows against BLOCK_K keys for all heads, so the scores held at
-any time are BH x BLOCK_Q x BLOCK_K (8 MiB in float32 for 16 heads): memory is
-O(T * D) plus that, never O(T^2). With ``causal``, key blocks wholly above the
-diagonal are skipped (loop bound) and a query block stops at the last key its last
-row sees. Forward keeps a running row max m, sum l and unnormalized output per query
-block (the FlashAttention recurrence); lse = m + log l. Backward loops over query
-blocks and, inside, key blocks; dk and dv accumulate over query blocks in order,
-dq over key blocks: deterministic.
+Blocks (``_blocks``): at most SCORE_BYTES of scores at a time, so memory is O(T * D)
+plus that, never O(T^2); within it, blocks are as large as possible, because every
+block costs three parallel regions (six in backward) and each ends in a barrier. The
+scores live in one scratch buffer per call (fresh 8 MiB blocks cost page faults). With
+``causal``, key blocks wholly above the diagonal are skipped and the last key block
+stops at the last key the block's last query sees. keeps the running row max m and sum l for every row, and normalizes o and writes
+lse = m + log l in one pass at the end. Backward loops over query blocks and, inside,
+key blocks; dk and dv accumulate over query blocks in order, dq over key blocks:
+deterministic.
 
 ``attn_bias`` (an additive mask broadcastable to (B, Hq, Tq, Tk)) is added to each score
 block right after its product, divided by ``scale`` because the numba passes scale the
@@ -26,68 +28,108 @@ import torch
 from numba import njit, prange
 
 from .fastmath import KERNEL_OPTIONS, exp, like
-from .lanes import lane_max
+from .lanes import lane_max, lane_sum_f64
+from .memory import empty
 
-BLOCK_Q = 128
-BLOCK_K = 256
+BLOCK_Q = 128  # query rows per block, at least (grown in multiples of it)
+BLOCK_K = 512
+# Scores held at a time, in bytes (one float32 block over 64 heads x 128 x 512).
+SCORE_BYTES = 16 << 20
+
+
+@njit(inline="always")
+def _visible(causal, nk, q, k0, offset):
+    """Keys k0 + j with j < the result are not hidden by causality from query q."""
+    return nk if not causal else min(nk, max(0, q + offset + 1 - k0))
+
+
+@njit(inline="always")
+def _hide_masked(row, limit, mask_row, k0, value):
+    for j in range(limit):
+        if mask_row[k0 + j]:
+            row[j] = value
 
 
 @njit(**KERNEL_OPTIONS)
-def _online_softmax_block(s, scale, mask, has_mask, causal, q0, k0, offset, heads, m, l, alpha):
-    """s (BH, bq, bk) scores of keys k0.. for queries q0..: in place -> exp(s*scale - m_new).
-
-    m, l (BH, bq): running max and sum, updated; alpha (BH, bq): exp(m_old - m_new), the
-    factor the caller rescales its output accumulator by. Hidden keys get p = 0.
-    """
-    bh_count, bq, bk = s.shape
-    for r in prange(bh_count * bq):
-        bh, i = r // bq, r % bq
-        row = s[bh, i]
-        b = bh // heads
-        # keys k0 + j with j < limit are not hidden by causality
-        limit = bk if not causal else min(bk, max(0, q0 + i + offset + 1 - k0))
-        neg_inf = like(row[0], -np.inf)
+def _online_softmax_block(s, acc, first, scale, mask, has_mask, causal, h0, q0, k0, offset, heads, m, l):
+    """s (nh, nq, nk): scores of keys k0.. for queries q0.. of heads h0..; in place ->
+    exp(s*scale - m_new), 0 for hidden keys. m, l (BH, Tq): running max and sum (float64),
+    updated; with ``first`` they start here. acc (nh, nq, D): the block's unnormalized
+    output, rescaled here by exp(m_old - m_new) unless ``first`` (the caller overwrites it)."""
+    nh, nq, nk = s.shape
+    for r in prange(nh * nq):
+        h, i = r // nq, r % nq
+        row = s[h, i]
+        limit = _visible(causal, nk, q0 + i, k0, offset)
         sc = like(row[0], scale)
-        for j in range(bk):
-            hidden = j >= limit or (has_mask and mask[b, k0 + j])
-            row[j] = neg_inf if hidden else row[j] * sc
-        m_block = lane_max(row)
-        m_old = m[bh, i]
-        m_new = max(m_old, m_block)
+        for j in range(limit):
+            row[j] = row[j] * sc
+        if has_mask:
+            _hide_masked(row, limit, mask[(h0 + h) // heads], k0, like(row[0], -np.inf))
+        hg, ig = h0 + h, q0 + i
+        m_old = -np.inf if first else m[hg, ig]
+        m_new = max(m_old, np.float64(lane_max(row[:limit])))
         if m_new == -np.inf:  # nothing seen yet in this row
-            for j in range(bk):
-                row[j] = 0
-            alpha[bh, i] = 1.0
+            row[:] = 0
+            if first:
+                m[hg, ig], l[hg, ig] = -np.inf, 0.0
             continue
         mn = like(row[0], m_new)
-        total = 0.0
-        for j in range(bk):
+        for j in range(limit):
             row[j] = exp(row[j] - mn)
-        for j in range(bk):
-            total += row[j]
-        a = math.exp(m_old - m_new)
-        alpha[bh, i] = a
-        l[bh, i] = l[bh, i] * a + total
-        m[bh, i] = m_new
+        row[limit:] = 0
+        total = lane_sum_f64(row[:limit])
+        if first:
+            m[hg, ig], l[hg, ig] = m_new, total
+        else:
+            a = math.exp(m_old - m_new)
+            m[hg, ig], l[hg, ig] = m_new, l[hg, ig] * a + total
+            if a != 1.0:
+                out = acc[h, i]
+                a_x = like(row[0], a)
+                for d in range(out.size):
+                    out[d] *= a_x
 
 
 @njit(**KERNEL_OPTIONS)
-def _probs_and_grad_scores(s, dp, lse, delta, scale, mask, has_mask, causal, q0, k0, offset, heads):
-    """In place: s -> p = exp(s*scale - lse), dp -> ds = scale * p * (dp - delta)."""
-    bh_count, bq, bk = s.shape
-    for r in prange(bh_count * bq):
-        bh, i = r // bq, r % bq
-        row, g = s[bh, i], dp[bh, i]
-        b = bh // heads
-        limit = bk if not causal else min(bk, max(0, q0 + i + offset + 1 - k0))
+def _finish_rows(m, l, o, lse):
+    """o /= l and lse = m + log l, every row; a row that saw no key (l = 0) gets o = 0 and
+    lse = +inf."""
+    BH, Tq, D = o.shape
+    for r in prange(BH * Tq):
+        h, i = r // Tq, r % Tq
+        out = o[h, i]
+        if l[h, i] > 0:
+            inv = like(out[0], 1.0 / l[h, i])
+            for d in range(D):
+                out[d] *= inv
+            lse[h, i] = m[h, i] + np.log(l[h, i])
+        else:
+            out[:] = 0
+            lse[h, i] = np.inf
+
+
+@njit(**KERNEL_OPTIONS)
+def _probs_and_grad_scores(s, dp, lse, delta, scale, mask, has_mask, causal, h0, q0, k0, offset, heads):
+    """In place: s -> p = exp(s*scale - lse), dp -> ds = scale * p * (dp - delta); 0 for
+    hidden keys. lse and delta are the whole (BH, Tq) arrays."""
+    nh, nq, nk = s.shape
+    for r in prange(nh * nq):
+        h, i = r // nq, r % nq
+        row, g = s[h, i], dp[h, i]
+        limit = _visible(causal, nk, q0 + i, k0, offset)
         sc = like(row[0], scale)
-        lse_i = like(row[0], lse[bh, i])
-        d = like(row[0], delta[bh, i])
-        for j in range(bk):
-            hidden = j >= limit or (has_mask and mask[b, k0 + j])
-            p = like(row[0], 0.0) if hidden else exp(row[j] * sc - lse_i)
+        lse_i = like(row[0], lse[h0 + h, q0 + i])
+        d = like(row[0], delta[h0 + h, q0 + i])
+        for j in range(limit):
+            p = exp(row[j] * sc - lse_i)
             row[j] = p
             g[j] = sc * p * (g[j] - d)
+        if has_mask:
+            _hide_masked(row, limit, mask[(h0 + h) // heads], k0, like(row[0], 0.0))
+            _hide_masked(g, limit, mask[(h0 + h) // heads], k0, like(row[0], 0.0))
+        row[limit:] = 0
+        g[limit:] = 0
 
 
 def _stats_dtype(dtype):
@@ -114,40 +156,77 @@ def _mask_np(key_padding_mask):
     return key_padding_mask.numpy(), True
 
 
-def _add_bias(s, attn_bias, q0, q1, k0, k1, scale):
-    """s (B * Hq, bq, bk) += attn_bias's tile / scale (the numba passes then scale s)."""
-    if attn_bias is not None:
-        B, Hq = attn_bias.shape[:2]
-        s.view(B, Hq, q1 - q0, k1 - k0).add_(attn_bias[:, :, q0:q1, k0:k1], alpha=1.0 / scale)
+def _blocks(BH, Tq, Tk, itemsize):
+    """(query rows, keys, heads) per block. Every block is three or more parallel regions
+    (torch's GEMMs, the numba pass), each ending in a barrier that waits for the slowest
+    thread, which on a busy machine can be a scheduler time slice: blocks are as large as
+    SCORE_BYTES of scores allows. Heads first (all of them if BLOCK_Q rows fit), then
+    query rows in multiples of BLOCK_Q."""
+    bk = max(1, min(BLOCK_K, Tk))
+    row_bytes = bk * itemsize
+    heads = max(1, min(BH, SCORE_BYTES // max(1, BLOCK_Q * row_bytes)))
+    bq = max(BLOCK_Q, SCORE_BYTES // max(1, heads * row_bytes) // BLOCK_Q * BLOCK_Q)
+    return max(1, min(bq, Tq)), bk, heads
+
+
+class _Scratch:
+    """One allocation per call, handed out as contiguous views of the shape asked for."""
+
+    def __init__(self, numel, dtype):
+        self.flat = empty((max(1, numel),), dtype)
+
+    def view(self, *shape):
+        return self.flat[:math.prod(shape)].view(shape)
+
+
+def _add_bias(s, attn_bias, h0, h1, q0, q1, k0, k1, scale):
+    """s (flat heads h0..h1, bq, bk) += attn_bias's tile / scale (the numba passes then scale s).
+    Per (batch, head) slice: a broadcast bias is never materialised over B x Hq."""
+    if attn_bias is None:
+        return
+    B, Hq = attn_bias.shape[:2]
+    for i, h in enumerate(range(h0, h1)):
+        s[i].add_(attn_bias[h // Hq, h % Hq, q0:q1, k0:k1], alpha=1.0 / scale)
 
 
 def forward(q, k, v, causal: bool, key_padding_mask, scale: float, attn_bias=None):
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
     if attn_bias is not None:
-        attn_bias = attn_bias.expand(B, Hq, Tq, Tk)
+        attn_bias = attn_bias.expand(B, Hq, Tq, Tk)   # a view: broadcast dims keep stride 0
     qf, kf, vf = _heads_flat(q, k, v)
     BH = B * Hq
-    stats = _stats_dtype(q.dtype)
-    o = torch.empty_like(qf)
-    lse = torch.empty(BH, Tq, dtype=stats)
+    o = empty(qf.shape, q.dtype)
+    lse = empty((BH, Tq), _stats_dtype(q.dtype))
+    if o.numel() == 0 and lse.numel() == 0:
+        return o.reshape(q.shape), lse.reshape(B, Hq, Tq)
     mask, has_mask = _mask_np(key_padding_mask)
-    for q0 in range(0, Tq, BLOCK_Q):
-        q1 = min(Tq, q0 + BLOCK_Q)
-        m = np.full((BH, q1 - q0), -np.inf, np.float64)
-        l = np.zeros((BH, q1 - q0), np.float64)
-        alpha = np.empty((BH, q1 - q0), np.float64)
-        acc = torch.zeros(BH, q1 - q0, D, dtype=q.dtype)
-        for k0 in range(0, _key_end(q1, Tq, Tk, causal), BLOCK_K):
-            k1 = min(Tk, k0 + BLOCK_K)
-            s = torch.bmm(qf[:, q0:q1], kf[:, k0:k1].transpose(1, 2))
-            _add_bias(s, attn_bias, q0, q1, k0, k1, scale)
-            _online_softmax_block(s.numpy(), scale, mask, has_mask, causal, q0, k0, Tk - Tq, Hq, m, l, alpha)
-            acc.mul_(torch.from_numpy(alpha).to(q.dtype)[..., None]).baddbmm_(s, vf[:, k0:k1])
-        seen = l > 0
-        inv_l = np.where(seen, 1.0 / np.where(seen, l, 1.0), 0.0)
-        o[:, q0:q1] = acc * torch.from_numpy(inv_l).to(q.dtype)[..., None]
-        lse[:, q0:q1] = torch.from_numpy(np.where(seen, m + np.log(np.where(seen, l, 1.0)), np.inf))
+    bq, bk, hc = _blocks(BH, Tq, Tk, q.element_size())
+    scores, acc = _Scratch(hc * bq * bk, q.dtype), _Scratch(hc * bq * D, q.dtype)
+    m = np.full((BH, Tq), -np.inf)
+    l = np.zeros((BH, Tq))
+    o_np = o.numpy()
+    for h0 in range(0, BH, hc):
+        h1 = min(BH, h0 + hc)
+        for q0 in range(0, Tq, bq):
+            q1 = min(Tq, q0 + bq)
+            q_blk, acc_blk = qf[h0:h1, q0:q1], acc.view(h1 - h0, q1 - q0, D)
+            key_end = _key_end(q1, Tq, Tk, causal)
+            for k0 in range(0, key_end, bk):
+                k1 = min(key_end, k0 + bk)
+                s = scores.view(h1 - h0, q1 - q0, k1 - k0)
+                torch.bmm(q_blk, kf[h0:h1, k0:k1].transpose(1, 2), out=s)
+                _add_bias(s, attn_bias, h0, h1, q0, q1, k0, k1, scale)
+                first = k0 == 0
+                _online_softmax_block(s.numpy(), acc_blk.numpy(), first, scale, mask, has_mask, causal, h0, q0, k0, Tk - Tq,
+                                      Hq, m, l)
+                if first:
+                    torch.bmm(s, vf[h0:h1, k0:k1], out=acc_blk)
+                else:
+                    acc_blk.baddbmm_(s, vf[h0:h1, k0:k1])
+            if key_end > 0:
+                o[h0:h1, q0:q1] = acc_blk
+    _finish_rows(m, l, o_np, lse.numpy())
     return o.reshape(q.shape), lse.reshape(B, Hq, Tq)
 
 
@@ -165,19 +244,26 @@ def backward(do, q, k, v, o, lse, causal: bool, key_padding_mask, scale: float, 
     dk = torch.zeros(BH, Tk, D, dtype=q.dtype)
     dv = torch.zeros(BH, Tk, D, dtype=q.dtype)
     mask, has_mask = _mask_np(key_padding_mask)
-    for q0 in range(0, Tq, BLOCK_Q):
-        q1 = min(Tq, q0 + BLOCK_Q)
-        q_blk, do_blk = qf[:, q0:q1], dof[:, q0:q1]
-        for k0 in range(0, _key_end(q1, Tq, Tk, causal), BLOCK_K):
-            k1 = min(Tk, k0 + BLOCK_K)
-            s = torch.bmm(q_blk, kf[:, k0:k1].transpose(1, 2))
-            _add_bias(s, attn_bias, q0, q1, k0, k1, scale)
-            dp = torch.bmm(do_blk, vf[:, k0:k1].transpose(1, 2))
-            _probs_and_grad_scores(s.numpy(), dp.numpy(), lse_np[:, q0:q1], delta[:, q0:q1], scale, mask,
-                                   has_mask, causal, q0, k0, Tk - Tq, Hq)
-            dv[:, k0:k1].baddbmm_(s.transpose(1, 2), do_blk)
-            dk[:, k0:k1].baddbmm_(dp.transpose(1, 2), q_blk)
-            dq[:, q0:q1].baddbmm_(dp, kf[:, k0:k1])
+    bq, bk, hc = _blocks(BH, Tq, Tk, q.element_size())
+    scores, grads = _Scratch(hc * bq * bk, q.dtype), _Scratch(hc * bq * bk, q.dtype)
+    for h0 in range(0, BH, hc):
+        h1 = min(BH, h0 + hc)
+        for q0 in range(0, Tq, bq):
+            q1 = min(Tq, q0 + bq)
+            q_blk, do_blk = qf[h0:h1, q0:q1], dof[h0:h1, q0:q1]
+            key_end = _key_end(q1, Tq, Tk, causal)
+            for k0 in range(0, key_end, bk):
+                k1 = min(key_end, k0 + bk)
+                s = scores.view(h1 - h0, q1 - q0, k1 - k0)
+                dp = grads.view(h1 - h0, q1 - q0, k1 - k0)
+                torch.bmm(q_blk, kf[h0:h1, k0:k1].transpose(1, 2), out=s)
+                _add_bias(s, attn_bias, h0, h1, q0, q1, k0, k1, scale)
+                torch.bmm(do_blk, vf[h0:h1, k0:k1].transpose(1, 2), out=dp)
+                _probs_and_grad_scores(s.numpy(), dp.numpy(), lse_np, delta, scale, mask, has_mask, causal, h0,
+                                       q0, k0, Tk - Tq, Hq)
+                dv[h0:h1, k0:k1].baddbmm_(s.transpose(1, 2), do_blk)
+                dk[h0:h1, k0:k1].baddbmm_(dp.transpose(1, 2), q_blk)
+                dq[h0:h1, q0:q1].baddbmm_(dp, kf[h0:h1, k0:k1])
     group = Hq // Hkv
     dk = dk.reshape(B, Hkv, group, Tk, D).sum(2)
     dv = dv.reshape(B, Hkv, group, Tk, D).sum(2)

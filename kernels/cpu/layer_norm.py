@@ -9,6 +9,9 @@ kiln/ops/layer_norm.py for why): y uses it as hi + lo, two float32 parts, so tha
 Backward: fixed row parts (_PARTS, whatever the thread count: deterministic), each
 part writes dx for its rows and adds dy * xhat and dy into its own float64 column
 partials for dweight and dbias; the partials are summed in a fixed order at the end.
+
+y and dx come from memory.empty (2 MiB pages when large): at these sizes the page faults
+of a fresh 4 KiB-page output cost more than the kernel (see memory.py).
 """
 
 import numpy as np
@@ -16,7 +19,8 @@ import torch
 from numba import njit, prange
 
 from .fastmath import KERNEL_OPTIONS, like
-from .lanes import lane_dot_f64, lane_sum_f64, lane_sum_sq_dev_f64
+from .lanes import lane_sum_f64, lane_sum_sq_dev_f64
+from .memory import empty_like
 
 _PARTS = 16
 
@@ -42,6 +46,21 @@ def _forward(x, w, b, eps, y, mean, rstd):
             out[j] = ((row[j] - hi) - lo) * r_x * w[j] + b[j]
 
 
+@njit(fastmath={"reassoc"}, error_model="numpy", cache=True)
+def _accumulate_row(g, xhat, wdy, dw_acc, db_acc):
+    """dy xhat and dy into the float64 column partials; returns sum(w dy xhat) and
+    sum(w dy) in float64. A function of its own so that reassociation (what lets LLVM
+    vectorize the two sums) applies to these products and sums only: in the caller it
+    could rewrite (x - hi) - lo as x - (hi + lo), which is the float32 mean again."""
+    s_xhat, s_one = 0.0, 0.0
+    for j in range(g.size):
+        dw_acc[j] += np.float64(g[j]) * np.float64(xhat[j])
+        db_acc[j] += np.float64(g[j])
+        s_xhat += np.float64(wdy[j]) * np.float64(xhat[j])
+        s_one += np.float64(wdy[j])
+    return s_xhat, s_one
+
+
 @njit(**KERNEL_OPTIONS)
 def _backward(dy, x, w, mean, rstd, need_dx, dx, dw_parts, db_parts):
     M, N = x.shape
@@ -57,12 +76,10 @@ def _backward(dy, x, w, mean, rstd, need_dx, dx, dw_parts, db_parts):
             for j in range(N):
                 xhat[j] = ((row[j] - hi) - lo) * r_x
                 wdy[j] = g[j] * w[j]
-            for j in range(N):
-                dw_acc[j] += np.float64(g[j]) * xhat[j]
-                db_acc[j] += g[j]
+            s_xhat, s_one = _accumulate_row(g, xhat, wdy, dw_acc, db_acc)
             if need_dx:
-                c_xhat = like(row[0], lane_dot_f64(wdy, xhat) / N)
-                c_one = like(row[0], lane_sum_f64(wdy) / N)
+                c_xhat = like(row[0], s_xhat / N)
+                c_one = like(row[0], s_one / N)
                 out = dx[i]
                 for j in range(N):
                     out[j] = r_x * ((wdy[j] - xhat[j] * c_xhat) - c_one)
@@ -74,7 +91,7 @@ def _stats_dtype(dtype):
 
 def forward(x, weight, bias, eps: float):
     M, N = x.shape
-    y = torch.empty_like(x)
+    y = empty_like(x)
     mean = torch.empty(M, dtype=torch.float64)
     rstd = torch.empty(M, dtype=_stats_dtype(x.dtype))
     w = weight if weight is not None else x.new_ones(N)
@@ -85,7 +102,7 @@ def forward(x, weight, bias, eps: float):
 
 def backward(dy, x, weight, mean, rstd, need_dx: bool, need_dw: bool, need_db: bool):
     M, N = x.shape
-    dx = torch.empty_like(x) if need_dx else x.new_empty((1, 1))
+    dx = empty_like(x) if need_dx else x.new_empty((1, 1))
     w = weight if weight is not None else x.new_ones(N)
     dw_parts = np.zeros((_PARTS, N), np.float64)
     db_parts = np.zeros((_PARTS, N), np.float64)
