@@ -134,3 +134,13 @@ def test_a_cuda_run_saves_cuda_rng_and_loads_on_cpu(capsys, tmp_path):
     assert next(model.parameters()).device.type == "cpu"
     results = json.loads((out / "results.json").read_text())
     assert results["device"] == "cuda" and results["backend"] == "triton" and results["steps"] == 3
+
+
+@pytest.mark.parametrize("model", ["cnn", "vit"])
+def test_the_vision_models_train_two_steps_and_reload(capsys, tmp_path, model):
+    out = tmp_path / model
+    _train(capsys, out, "--model", model, "--max-steps", "2")
+    rebuilt = kiln.train.load(out / "last.pt")
+    assert type(rebuilt).__name__.lower() == model
+    results = json.loads((out / "results.json").read_text())
+    assert results["model"] == model and results["steps"] == 2

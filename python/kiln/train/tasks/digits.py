@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 import kiln
+from kiln.models.cnn import CNN, CNNConfig
 from kiln.models.mlp import MLP, MLPConfig
+from kiln.models.vit import ViT, ViTConfig
 from kiln.train import data
 from kiln.train.tasks import ModelEntry, Task
 
@@ -22,6 +24,11 @@ class Digits(Task):
         "logistic": ModelEntry(MLP, MLPConfig(hidden=[]), "multinomial logistic regression",
                                train={"lr": 1e-2}),
         "mlp": ModelEntry(MLP, MLPConfig(hidden=[256, 256], dropout=0.3), "MLP 64-256-256-10, ReLU, dropout 0.3"),
+        "cnn": ModelEntry(CNN, CNNConfig(), "2 blocks of conv-BN-ReLU x2 + max pool (32, 64 channels), MLP head",
+                          train={"epochs": 30}),
+        "vit": ModelEntry(ViT, ViTConfig(), "ViT: 2x2 patches, dim 64, depth 4, 4 heads, [CLS], stochastic depth",
+                          train={"epochs": 60, "lr": 2e-3, "optimizer": "adamw",
+                                 "optimizer_kwargs": {"weight_decay": 0.05}}),
     }
     default_model = "mlp"
     metric = "accuracy"
