@@ -3,6 +3,7 @@
 from . import attention as _attention_family
 from . import batch_norm as _batch_norm_family
 from . import cross_entropy as _cross_entropy_family
+from . import gated as _gated_family
 from . import layer_norm as _layer_norm_family
 from . import linear_act as _linear_act_family
 from . import rms_norm as _rms_norm_family
@@ -10,6 +11,7 @@ from . import rnn as _rnn_family
 from .attention import attention
 from .batch_norm import batch_norm
 from .cross_entropy import cross_entropy, log_softmax, softmax
+from .gated import geglu, swiglu
 from .layer_norm import layer_norm
 from .linear_act import linear_act
 from .linear_cross_entropy import linear_cross_entropy
@@ -29,8 +31,10 @@ BACKEND_DTYPES = {
     "lstm": _rnn_family.DTYPES,
     "gru": _rnn_family.DTYPES,
     "rms_norm": _rms_norm_family.DTYPES,
+    "swiglu": _gated_family.DTYPES,
+    "geglu": _gated_family.DTYPES,
 }
 
 __all__ = ["linear_act", "softmax", "log_softmax", "cross_entropy", "linear_cross_entropy",
            "layer_norm", "batch_norm", "attention",
-           "lstm", "gru", "lstm_cell", "gru_cell", "rms_norm", "BACKEND_DTYPES"]
+           "lstm", "gru", "lstm_cell", "gru_cell", "rms_norm", "swiglu", "geglu", "BACKEND_DTYPES"]
