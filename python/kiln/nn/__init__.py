@@ -7,7 +7,7 @@ from torch.nn import AvgPool2d, Flatten, MaxPool2d, Upsample
 from .attention import LearnedPositionalEmbedding, MultiheadAttention, SinusoidalPositionalEncoding
 from .conv import Conv2d, ConvTranspose2d, MaxOverShifts
 from .linear import MLP, Linear
-from .llm import RMSNorm
+from .llm import GatedMLP, RMSNorm, RotaryEmbedding
 from .loss import CrossEntropyLoss, LinearCrossEntropyLoss
 from .norm import BatchNorm1d, BatchNorm2d, LayerNorm
 from .rnn import GRU, LSTM, RNN, GRUCell, HighwayRNNCell, LSTMCell, ResidualRNNCell, RNNCell
@@ -16,4 +16,5 @@ __all__ = ["Linear", "MLP", "Conv2d", "ConvTranspose2d", "MaxOverShifts", "MaxPo
            "Flatten", "Upsample", "CrossEntropyLoss", "LinearCrossEntropyLoss", "LayerNorm",
            "BatchNorm1d", "BatchNorm2d", "MultiheadAttention",
            "SinusoidalPositionalEncoding", "LearnedPositionalEmbedding", "LSTM", "GRU",
-           "LSTMCell", "GRUCell", "RNNCell", "ResidualRNNCell", "HighwayRNNCell", "RNN", "RMSNorm"]
+           "LSTMCell", "GRUCell", "RNNCell", "ResidualRNNCell", "HighwayRNNCell", "RNN",
+           "RMSNorm", "GatedMLP", "RotaryEmbedding"]

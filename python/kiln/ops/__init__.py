@@ -8,6 +8,7 @@ from . import layer_norm as _layer_norm_family
 from . import linear_act as _linear_act_family
 from . import rms_norm as _rms_norm_family
 from . import rnn as _rnn_family
+from . import rotary as _rotary_family
 from .attention import attention
 from .batch_norm import batch_norm
 from .cross_entropy import cross_entropy, log_softmax, softmax
@@ -17,6 +18,7 @@ from .linear_act import linear_act
 from .linear_cross_entropy import linear_cross_entropy
 from .rms_norm import rms_norm
 from .rnn import gru, gru_cell, lstm, lstm_cell
+from .rotary import rotary_embedding
 
 # op name (as kiln.backend.use(..., ops=[...]) takes it) -> {backend: dtypes it covers};
 # what `kiln info` and the dispatcher consult. linear_cross_entropy runs on the kernels
@@ -33,8 +35,9 @@ BACKEND_DTYPES = {
     "rms_norm": _rms_norm_family.DTYPES,
     "swiglu": _gated_family.DTYPES,
     "geglu": _gated_family.DTYPES,
+    "rotary_embedding": _rotary_family.DTYPES,
 }
 
 __all__ = ["linear_act", "softmax", "log_softmax", "cross_entropy", "linear_cross_entropy",
            "layer_norm", "batch_norm", "attention",
-           "lstm", "gru", "lstm_cell", "gru_cell", "rms_norm", "swiglu", "geglu", "BACKEND_DTYPES"]
+           "lstm", "gru", "lstm_cell", "gru_cell", "rms_norm", "swiglu", "geglu", "rotary_embedding", "BACKEND_DTYPES"]
