@@ -21,20 +21,8 @@ _PARTS = 16
 
 
 @njit(inline="always")
-def _sum_sq(x):
-    lanes = np.zeros(LANES, x.dtype)
-    n_full = x.size - x.size % LANES
-    for j0 in range(0, n_full, LANES):
-        for k in range(LANES):
-            lanes[k] += x[j0 + k] * x[j0 + k]
-    total = lanes.sum()
-    for j in range(n_full, x.size):
-        total += x[j] * x[j]
-    return total
-
-
-@njit(inline="always")
 def _dot(a, b):
+    """sum(a * b) in a's dtype, in LANES independent lanes (they vectorize)."""
     lanes = np.zeros(LANES, a.dtype)
     n_full = a.size - a.size % LANES
     for j0 in range(0, n_full, LANES):
@@ -51,7 +39,7 @@ def _forward(x, scale, eps, y, rstd):
     M, N = x.shape
     for i in prange(M):
         row = x[i]
-        r = like(row[0], 1.0) / np.sqrt(_sum_sq(row) / like(row[0], N) + like(row[0], eps))
+        r = like(row[0], 1.0) / np.sqrt(_dot(row, row) / like(row[0], N) + like(row[0], eps))
         rstd[i] = r
         out = y[i]
         for j in range(N):

@@ -177,3 +177,59 @@ def test_misaligned_views_gpu(backend):
     with kiln.backend.use(backend):
         y = kiln.ops.swiglu(g, u)
     assert rel_err(y, F.silu(g.double()) * u.double()) < BOUND[torch.float32]
+
+
+# --- the module ------------------------------------------------------------------------
+
+
+class _LlamaMLP(torch.nn.Module):
+    """Hugging Face's LlamaMLP / GemmaMLP, written out."""
+
+    def __init__(self, hidden, inter, act, bias):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(hidden, inter, bias=bias, dtype=torch.float64)
+        self.up_proj = torch.nn.Linear(hidden, inter, bias=bias, dtype=torch.float64)
+        self.down_proj = torch.nn.Linear(inter, hidden, bias=bias, dtype=torch.float64)
+        self.act = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[act]
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
+def test_gated_mlp_matches_llama_mlp(activation, bias):
+    torch.manual_seed(0)
+    theirs = _LlamaMLP(12, 20, activation, bias)
+    via_load_from = kiln.nn.GatedMLP(12, 20, activation, bias=bias, dtype=torch.float64)
+    via_load_from.load_from(theirs.gate_proj, theirs.up_proj, theirs.down_proj)
+    via_state_dict = kiln.nn.GatedMLP(12, 20, activation, bias=bias, dtype=torch.float64)
+    via_state_dict.load_state_dict(theirs.state_dict())
+    x = _randn(2, 3, 12, scale=1.0)
+    dy = _randn(2, 3, 12, seed=5, scale=1.0)
+    ref = theirs(x.requires_grad_())
+    ref.backward(dy)
+    for ours in (via_load_from, via_state_dict):
+        x2 = x.detach().clone().requires_grad_()
+        with kiln.backend.use("cpu"):
+            y = ours(x2)
+            y.backward(dy)
+        assert rel_err(y, ref) < 1e-10
+        assert rel_err(x2.grad, x.grad) < 1e-10
+        I = 20
+        assert rel_err(ours.gate_up_weight.grad[:I], theirs.gate_proj.weight.grad) < 1e-10
+        assert rel_err(ours.gate_up_weight.grad[I:], theirs.up_proj.weight.grad) < 1e-10
+        assert rel_err(ours.down_weight.grad, theirs.down_proj.weight.grad) < 1e-10
+        ours.zero_grad()
+
+
+def test_gated_mlp_state_dict_and_errors():
+    mlp = kiln.nn.GatedMLP(8, 16)
+    assert list(mlp.state_dict()) == ["gate_up_weight", "down_weight"]
+    assert "activation='silu'" in repr(mlp)
+    with pytest.raises(ValueError, match="activation must be one of 'silu', 'gelu', 'gelu_tanh', got 'relu'"):
+        kiln.nn.GatedMLP(8, 16, activation="relu")
+    with pytest.raises(ValueError, match=r"up_proj's weight must be \(16, 8\), got \(16, 9\)"):
+        mlp.load_from(torch.zeros(16, 8), torch.zeros(16, 9), torch.zeros(8, 16))
+    with pytest.raises(ValueError, match="has bias=False"):
+        mlp.load_from(torch.nn.Linear(8, 16), torch.nn.Linear(8, 16), torch.nn.Linear(16, 8))
