@@ -18,22 +18,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import copy_bandwidth, markdown_table  # noqa: E402
+from llm_ops_common import hf_rope  # noqa: E402
 
 import kiln  # noqa: E402
 
 RMS_SHAPES = [(4096, 4096), (16384, 4096), (8192, 8192)]
 GATED_SHAPES = [(4096, 11008), (16384, 14336)]
 ROPE_CASES = [(2, 32, 32, 2048, 128), (4, 32, 8, 4096, 128)]  # B, Hq, Hk, T, D
-
-
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _hf_rope(q, k, cos, sin):
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def _impls(kiln_fn, torch_fn):
@@ -87,7 +78,7 @@ def _cases(dtype):
         cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
         size = (q.numel() + k.numel()) * q.element_size()
         yield ("rotary", f"B{B} Hq{Hq} Hk{Hk} T{T} D{D}",
-               _impls(lambda q, k, c, s: kiln.ops.rotary_embedding(q, k, c, s), _hf_rope), (q, k, cos, sin),
+               _impls(lambda q, k, c, s: kiln.ops.rotary_embedding(q, k, c, s), hf_rope), (q, k, cos, sin),
                (2 * size, 4 * size))
 
 

@@ -1,11 +1,21 @@
-"""What the LLM-op CPU benchmarks (test_rms_norm_cpu.py, test_gated_cpu.py,
-test_rotary_cpu.py) share: the kiln cpu wrapper and the timing of one case."""
+"""What the LLM-op benchmarks (test_rms_norm_cpu.py, test_gated_cpu.py, test_rotary_cpu.py,
+gpu_llm_ops.py) share: the kiln cpu wrapper, the timing of one CPU case, HF's RoPE."""
 
 import torch
 
 import kiln
 
 ROUNDS, WARMUP = 5, 1
+
+
+def hf_rope(q, k, cos, sin):
+    """Hugging Face's apply_rotary_pos_emb (unsqueeze_dim=1): the torch baseline."""
+    def rotate_half(x):
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 def on_kiln_cpu(fn):

@@ -15,27 +15,17 @@ import pytest
 import torch
 
 import kiln
-from llm_ops_common import on_kiln_cpu, time_case
+from llm_ops_common import hf_rope, on_kiln_cpu, time_case
 
 CASES = [(2, 32, 32, 2048, 128), (2, 32, 8, 2048, 128)]  # B, Hq, Hk, T, D
 IMPLS = ["kiln", "torch", "torch.compile"]
 _compiled = {}
 
 
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _hf(q, k, cos, sin):
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
 def _fn(impl):
     if impl == "kiln":
         return on_kiln_cpu(lambda q, k, cos, sin: kiln.ops.rotary_embedding(q, k, cos, sin))
-    return _hf if impl == "torch" else _compiled.setdefault("rope", torch.compile(_hf))
+    return hf_rope if impl == "torch" else _compiled.setdefault("rope", torch.compile(hf_rope))
 
 
 @pytest.mark.parametrize("impl", IMPLS)

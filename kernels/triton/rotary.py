@@ -46,9 +46,11 @@ def _kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, rows, S1, S2, T, HALF,
         table = t * (2 * HALF)
     i = tl.arange(0, BLOCK_H)
     if INTERLEAVED:
-        ca, cb = 2 * i, 2 * i + 1
+        ca = 2 * i
+        cb = 2 * i + 1
     else:
-        ca, cb = i, i + HALF
+        ca = i
+        cb = i + HALF
     mask = row_mask[:, None] & (i < HALF)[None, :]
     xrow = r[:, None] * (2 * HALF)
     xa = tl.load(x_ptr + xrow + ca[None, :], mask=mask, other=0.0).to(ACC_DT)
