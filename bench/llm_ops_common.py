@@ -25,19 +25,19 @@ def on_kiln_cpu(fn):
     return run
 
 
-def _loss(out):
-    """A scalar whose gradient is 1 in every output element (one or several outputs)."""
-    outs = out if isinstance(out, tuple) else (out,)
-    return sum(o.sum() for o in outs)
-
-
 def time_case(benchmark, fn, args, mode):
-    """forward under no_grad, or forward + backward of the sum of the outputs."""
+    """forward under no_grad, or forward + backward with a dense random gradient for each
+    output (as bench/test_norm_cpu.py: a .sum() would hand backward a broadcast scalar
+    that torch's own backward uses without materializing it, unlike a real upstream grad)."""
     if mode == "forward":
         with torch.no_grad():
             fn(*args)
             benchmark.pedantic(fn, args=args, rounds=ROUNDS, warmup_rounds=WARMUP)
     else:
-        step = lambda: _loss(fn(*args)).backward()
+        with torch.no_grad():
+            outs = fn(*args)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        grads = [torch.randn_like(o) for o in outs]
+        step = lambda: torch.autograd.backward(fn(*args), grads)
         step()
         benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP)
