@@ -9,6 +9,7 @@
 #include "kiln/api.h"
 #include "kiln/attention.h"
 #include "kiln/cross_entropy.h"
+#include "kiln/llm_ops.h"
 #include "kiln/rnn.h"
 
 #ifndef KILN_CUDA_ARCHS
@@ -222,4 +223,36 @@ PYBIND11_MODULE(_cuda, m) {
         "h0 (B, H), h_all (T, B, H) float32, w_hh (3H, H) of dtype -> dgx_all, dgh_all (T, B, 3H), dh0 (B, H)\n"
         "float32, as the step loop over gru_step_backward. Returns False, doing nothing, when\n"
         "rnn_sequence_fits(3, B, H, dtype) is false; T == 0: nothing written, returns True.");
+
+  m.def("rms_norm_forward", &kiln::rms_norm_forward, py::arg("x"), py::arg("w"), py::arg("y"), py::arg("rstd"),
+        py::arg("M"), py::arg("N"), py::arg("eps"), py::arg("offset"), py::arg("dtype"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "y = x * rstd * (offset + w), rstd = 1 / sqrt(mean(x^2) + eps) per row of x (M, N); w (N) or 0.\n"
+        "rstd (M) float32 or 0. x, y, w of dtype (0 float32, 1 float16, 2 bfloat16), contiguous.");
+
+  m.def("rms_norm_backward_workspace", &kiln::rms_norm_backward_workspace, py::arg("M"), py::arg("N"),
+        "Float32 elements of the workspace rms_norm_backward needs for dw at (M, N).");
+
+  m.def("rms_norm_backward", &kiln::rms_norm_backward, py::arg("dy"), py::arg("x"), py::arg("w"), py::arg("rstd"),
+        py::arg("dx"), py::arg("dw"), py::arg("workspace"), py::arg("M"), py::arg("N"), py::arg("offset"),
+        py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "dx = rstd (g - xhat mean(g xhat)), g = dy (offset + w), xhat = x rstd; dw = sum_rows dy xhat\n"
+        "(deterministic; needs w and the workspace). A 0 output pointer skips that gradient.");
+
+  m.def("gated_forward", &kiln::gated_forward, py::arg("gate"), py::arg("up"), py::arg("y"), py::arg("n"),
+        py::arg("activation"), py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "y = act(gate) * up over n contiguous values; activation: silu (6), gelu (2) or gelu_tanh (3).");
+
+  m.def("gated_backward", &kiln::gated_backward, py::arg("dy"), py::arg("gate"), py::arg("up"), py::arg("dgate"),
+        py::arg("dup"), py::arg("n"), py::arg("activation"), py::arg("dtype"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "dgate = dy * up * act'(gate), dup = dy * act(gate), act recomputed from gate; a 0 output skips it.");
+
+  m.def("rotary_apply", &kiln::rotary_apply, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("y"),
+        py::arg("B"), py::arg("S1"), py::arg("S2"), py::arg("D"), py::arg("CB"), py::arg("seq_dim"),
+        py::arg("interleaved"), py::arg("inverse"), py::arg("dtype"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Rotary embedding of x (B, S1, S2, D) into y (may be x) with cos, sin (CB, T, D), CB 1 or B; the\n"
+        "position is s2 (seq_dim 2) or s1 (seq_dim 1). Pairs (i, i + D/2), or (2i, 2i + 1) when interleaved:\n"
+        "y_a = x_a c_a - x_b s_a, y_b = x_b c_b + x_a s_b; inverse applies the transpose (backward).");
 }

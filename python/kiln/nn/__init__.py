@@ -8,6 +8,7 @@ from .attention import LearnedPositionalEmbedding, MultiheadAttention, Sinusoida
 from .cached_attention import CausalSelfAttention, CrossAttention, KVCache, LayerCache
 from .conv import Conv2d, ConvTranspose2d, MaxOverShifts
 from .linear import MLP, Linear
+from .llm import GatedMLP, RMSNorm, RotaryEmbedding
 from .loss import CrossEntropyLoss, LinearCrossEntropyLoss
 from .norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, LayerNorm
 from .rnn import GRU, LSTM, RNN, GRUCell, HighwayRNNCell, LSTMCell, ResidualRNNCell, RNNCell
@@ -20,4 +21,5 @@ __all__ = ["Linear", "MLP", "Conv2d", "ConvTranspose2d", "MaxOverShifts", "MaxPo
            "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "MultiheadAttention",
            "SinusoidalPositionalEncoding", "LearnedPositionalEmbedding", "LSTM", "GRU",
            "LSTMCell", "GRUCell", "RNNCell", "ResidualRNNCell", "HighwayRNNCell", "RNN",
-           "TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder", "TransformerDecoder"]
+           "TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder", "TransformerDecoder",
+           "RMSNorm", "GatedMLP", "RotaryEmbedding"]

@@ -3,16 +3,22 @@
 from . import attention as _attention_family
 from . import batch_norm as _batch_norm_family
 from . import cross_entropy as _cross_entropy_family
+from . import gated as _gated_family
 from . import layer_norm as _layer_norm_family
 from . import linear_act as _linear_act_family
+from . import rms_norm as _rms_norm_family
 from . import rnn as _rnn_family
+from . import rotary as _rotary_family
 from .attention import attention
 from .batch_norm import batch_norm
 from .cross_entropy import cross_entropy, log_softmax, softmax
+from .gated import geglu, swiglu
 from .layer_norm import layer_norm
 from .linear_act import linear_act
 from .linear_cross_entropy import linear_cross_entropy
+from .rms_norm import rms_norm
 from .rnn import gru, gru_cell, lstm, lstm_cell
+from .rotary import rotary_embedding
 
 # op name (as kiln.backend.use(..., ops=[...]) takes it) -> {backend: dtypes it covers};
 # what `kiln info` and the dispatcher consult. linear_cross_entropy runs on the kernels
@@ -26,8 +32,12 @@ BACKEND_DTYPES = {
     "attention": _attention_family.DTYPES,
     "lstm": _rnn_family.DTYPES,
     "gru": _rnn_family.DTYPES,
+    "rms_norm": _rms_norm_family.DTYPES,
+    "swiglu": _gated_family.DTYPES,
+    "geglu": _gated_family.DTYPES,
+    "rotary_embedding": _rotary_family.DTYPES,
 }
 
 __all__ = ["linear_act", "softmax", "log_softmax", "cross_entropy", "linear_cross_entropy",
            "layer_norm", "batch_norm", "attention",
-           "lstm", "gru", "lstm_cell", "gru_cell", "BACKEND_DTYPES"]
+           "lstm", "gru", "lstm_cell", "gru_cell", "rms_norm", "swiglu", "geglu", "rotary_embedding", "BACKEND_DTYPES"]
