@@ -12,7 +12,7 @@ from .cross_entropy import cross_entropy, log_softmax, softmax
 from .layer_norm import layer_norm
 from .linear_act import linear_act
 from .linear_cross_entropy import linear_cross_entropy
-from .rnn import gru, gru_cell, lstm, lstm_cell
+from .rnn import gru, gru_cell, lstm, lstm_cell, rnn_relu, rnn_relu_cell, rnn_tanh, rnn_tanh_cell
 
 # op name (as kiln.backend.use(..., ops=[...]) takes it) -> {backend: dtypes it covers};
 # what `kiln info` and the dispatcher consult. linear_cross_entropy runs on the kernels
@@ -26,8 +26,10 @@ BACKEND_DTYPES = {
     "attention": _attention_family.DTYPES,
     "lstm": _rnn_family.DTYPES,
     "gru": _rnn_family.DTYPES,
+    "rnn": _rnn_family.DTYPES,
 }
 
 __all__ = ["linear_act", "softmax", "log_softmax", "cross_entropy", "linear_cross_entropy",
            "layer_norm", "batch_norm", "attention",
-           "lstm", "gru", "lstm_cell", "gru_cell", "BACKEND_DTYPES"]
+           "lstm", "gru", "lstm_cell", "gru_cell", "rnn_tanh", "rnn_relu", "rnn_tanh_cell",
+           "rnn_relu_cell", "BACKEND_DTYPES"]
