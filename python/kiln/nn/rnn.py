@@ -367,11 +367,6 @@ def _gru_arguments(input_size, hidden_size, num_layers=1, bias=True, batch_first
     pass
 
 
-def _rnn_arguments(input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True, batch_first=False,
-                   dropout=0.0, bidirectional=False, device=None, dtype=None):
-    pass
-
-
 class LSTM(_RNNBase):
     """``torch.nn.LSTM`` (num_layers, bias, batch_first, dropout, bidirectional, proj_size;
     tensor, unbatched or PackedSequence input) on kiln.ops.lstm.
@@ -447,14 +442,18 @@ class RNN(_RNNBase):
     def __init__(self, *args, **kwargs):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
-        arguments = _bind(_rnn_arguments, args, kwargs)
-        self.nonlinearity = arguments.pop("nonlinearity")
+        if len(args) > 3:  # torch's order: nonlinearity first, then the other arguments
+            self.nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
         if self.nonlinearity == "tanh":
             mode = "RNN_TANH"
         elif self.nonlinearity == "relu":
             mode = "RNN_RELU"
         else:
             raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
+        arguments = _bind(_gru_arguments, args, kwargs)  # RNN's arguments but nonlinearity
         super().__init__(mode, **arguments)
 
     def _layer(self, x, states, weights, reverse, batch_sizes):
