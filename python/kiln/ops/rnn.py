@@ -478,7 +478,7 @@ def _lstm_sequence_backward(dh_all: Tensor, dc_all: Tensor, gates: Tensor, h0: T
     """-> (dgx (T, B, 4H), dh0, dc0, dw_hh)."""
     backward = _sequence_function(_implementation("lstm", w_hh), "lstm_sequence_backward")
     dpre_all, dh, dc = backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh)
-    h_prev = torch.cat([h0[None], h_all[:-1]]).reshape(-1, h0.shape[1])
+    h_prev = torch.cat([h0[None], h_all])[:h_all.shape[0]].reshape(-1, h0.shape[1])
     dw_hh = dpre_all.reshape(-1, gates.shape[2]).t() @ h_prev
     return dpre_all, dh, dc, dw_hh.to(w_hh.dtype)
 
@@ -527,7 +527,7 @@ def _gru_sequence_backward(dh_all: Tensor, saved: Tensor, h0: Tensor, h_all: Ten
     H = h0.shape[1]
     backward = _sequence_function(_implementation("gru", w_hh), "gru_sequence_backward")
     dgx_all, dgh_all, dh = backward(dh_all, saved, h0, h_all, w_hh)
-    h_prev = torch.cat([h0[None], h_all[:-1]]).reshape(-1, H)
+    h_prev = torch.cat([h0[None], h_all])[:h_all.shape[0]].reshape(-1, H)
     dgh = dgh_all.reshape(-1, 3 * H)
     db = dgh.sum(0).to(w_hh.dtype) if need_db else h0.new_empty(0)
     return dgx_all, dh, (dgh.t() @ h_prev).to(w_hh.dtype), db
@@ -580,7 +580,7 @@ def _rnn_sequence_backward(dh_all: Tensor, h0: Tensor, h_all: Tensor, w_hh: Tens
     """-> (dgx (T, B, H), dh0, dw_hh)."""
     backward = _sequence_function(_implementation("rnn", w_hh), "rnn_sequence_backward")
     dpre_all, dh = backward(dh_all, h0, h_all, w_hh, relu)
-    h_prev = torch.cat([h0[None], h_all[:-1]]).reshape(-1, h0.shape[1])
+    h_prev = torch.cat([h0[None], h_all])[:h_all.shape[0]].reshape(-1, h0.shape[1])
     return dpre_all, dh, (dpre_all.reshape(-1, h0.shape[1]).t() @ h_prev).to(w_hh.dtype)
 
 
@@ -670,10 +670,13 @@ def _autocast_dtype(x: Tensor):
 
 
 def _autocast(x, *tensors):
-    dtype = _autocast_dtype(x)
-    if dtype is None or not x.is_floating_point():
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         return (x, *tensors)
-    return tuple(t if t is None or not t.is_floating_point() else t.to(dtype) for t in (x, *tensors))
+    dtype = _autocast_dtype(x)
+    if dtype is None:
+        return (x, *tensors)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                 for t in (x, *tensors))
 
 
 def _input_projection(x, w_ih, bias):
@@ -764,6 +767,7 @@ def lstm(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Op
     runs the first batch_sizes[t] rows (rows sorted by length); out is zero past a row's
     length and h_n, c_n are each row's state after its own last step."""
     op = "lstm"
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _autocast(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     if x.dim() != 3:
         raise ValueError(f"{op}: x must be (T, batch, input), got {tuple(x.shape)}")
     H, S = _check_weights(op, x, w_ih, w_hh, b_ih, b_hh, 4, w_hr)
@@ -772,7 +776,6 @@ def lstm(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Op
     _check_state(op, "c0", c0, B, H, x)
     if batch_sizes is not None:
         batch_sizes = _check_batch_sizes(op, batch_sizes, x)
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _autocast(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     bias = _sum_biases(b_ih, b_hh)
     sd = _state_dtype(x.dtype)
 
@@ -797,13 +800,13 @@ def gru(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor
     """One GRU layer, one direction, over x (T, B, input): returns (out (T, B, H), h_n);
     ``reverse`` and ``batch_sizes`` as lstm's."""
     op = "gru"
+    x, h0, w_ih, w_hh, b_ih, b_hh = _autocast(x, h0, w_ih, w_hh, b_ih, b_hh)
     if x.dim() != 3:
         raise ValueError(f"{op}: x must be (T, batch, input), got {tuple(x.shape)}")
     H, _ = _check_weights(op, x, w_ih, w_hh, b_ih, b_hh, 3)
     _check_state(op, "h0", h0, x.shape[1], H, x)
     if batch_sizes is not None:
         batch_sizes = _check_batch_sizes(op, batch_sizes, x)
-    x, h0, w_ih, w_hh, b_ih, b_hh = _autocast(x, h0, w_ih, w_hh, b_ih, b_hh)
     sd = _state_dtype(x.dtype)
 
     def run(xs, states):
@@ -819,13 +822,13 @@ def gru(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor
 
 
 def _elman(op, relu, x, h0, w_ih, w_hh, b_ih, b_hh, reverse, batch_sizes):
+    x, h0, w_ih, w_hh, b_ih, b_hh = _autocast(x, h0, w_ih, w_hh, b_ih, b_hh)
     if x.dim() != 3:
         raise ValueError(f"{op}: x must be (T, batch, input), got {tuple(x.shape)}")
     H, _ = _check_weights(op, x, w_ih, w_hh, b_ih, b_hh, 1)
     _check_state(op, "h0", h0, x.shape[1], H, x)
     if batch_sizes is not None:
         batch_sizes = _check_batch_sizes(op, batch_sizes, x)
-    x, h0, w_ih, w_hh, b_ih, b_hh = _autocast(x, h0, w_ih, w_hh, b_ih, b_hh)
     bias = _sum_biases(b_ih, b_hh)
     sd = _state_dtype(x.dtype)
 
