@@ -65,8 +65,7 @@ def test_layers_match_torch(backend, kind, dtype, layers, bidirectional, batch_f
 
 
 @pytest.mark.usefixtures("poison_empty")
-@pytest.mark.parametrize("T", [1, 11])
-@pytest.mark.parametrize("layers,bidirectional,batch_first", [(1, False, False), (2, True, True)], ids=str)
+@pytest.mark.parametrize("T,layers,bidirectional,batch_first", [(1, 1, False, False), (11, 2, True, True)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
