@@ -1,11 +1,13 @@
-"""GPU benchmark of kiln.nn.LSTM / GRU (triton and cuda) vs torch.nn.LSTM / GRU (cuDNN), fp32 and bf16.
+"""GPU benchmark of kiln.nn.LSTM / GRU / RNN (triton and cuda) vs torch.nn.LSTM / GRU / RNN (cuDNN),
+fp32 and bf16.
 
     python bench/gpu_rnn.py [--out bench/results/rnn_gpu_<gpu>.md]
 
 Shapes of issue 6 and a batch sweep 1..256 at T 128, in 256, hidden 512. The triton form
 is one launch per step; the cuda form's forward and backward are the persistent kernels (W_hh
 in shared memory, one launch for all T steps) where kiln._cuda.rnn_sequence_fits says so
-(column "cuda fwd"), else step loops over the cuda step kernels.
+(column "cuda fwd"), else step loops over the cuda step kernels. The Elman RNN (tanh) has no
+persistent kernel: both forms are one launch per step.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ SHAPES = [(128, 32, 256, 512), (512, 8, 128, 256)] + [(128, b, 256, 512) for b i
 
 def _cuda_forward_kind(kind, B, H, dtype) -> str:
     """Which forward the cuda form runs for this shape: persistent or the step loop."""
+    if kind == "RNN":
+        return "step loop"
     try:
         from kiln.ops import rnn
 
@@ -45,7 +49,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("gpu_rnn.py needs a CUDA GPU")
     rows = []
-    for kind in ("LSTM", "GRU"):
+    for kind in ("LSTM", "GRU", "RNN"):
         for dtype in (torch.float32, torch.bfloat16):
             for T, B, I, H in SHAPES:
                 theirs = getattr(torch.nn, kind)(I, H).cuda().to(dtype)

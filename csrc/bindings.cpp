@@ -185,6 +185,18 @@ PYBIND11_MODULE(_cuda, m) {
         "Gradients of one GRU step from saved = [r|z|n|gh_n]: dgx (B, 3H) = [dr|dz|dn], dgh (B, 3H) = [dr|dz|dn r],\n"
         "dh = dh_next z + dgh @ w_hh (B, H). All float32 but w_hh (3H, H) of dtype; outputs must not overlap inputs.");
 
+  m.def("rnn_step_forward", &kiln::rnn_step_forward, py::arg("gx"), py::arg("h"), py::arg("w_hh"), py::arg("h_next"),
+        py::arg("B"), py::arg("H"), py::arg("relu"), py::arg("dtype"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "One Elman RNN step: h_next (B, H) = act(gx + h @ w_hh^T), act relu if relu else tanh.\n"
+        "gx, h, h_next float32 (B, H); w_hh (H, H) of dtype.");
+
+  m.def("rnn_step_backward", &kiln::rnn_step_backward, py::arg("dh_next"), py::arg("h_next"), py::arg("w_hh"),
+        py::arg("dpre"), py::arg("dh"), py::arg("B"), py::arg("H"), py::arg("relu"), py::arg("dtype"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "Gradients of one Elman step: dpre = dh_next act' (from h_next), dh = dpre @ w_hh, both (B, H) float32;\n"
+        "w_hh (H, H) of dtype; outputs must not overlap inputs.");
+
   m.def("rnn_sequence_fits", &kiln::rnn_sequence_fits, py::arg("gates"), py::arg("B"), py::arg("H"), py::arg("dtype"),
         py::call_guard<py::gil_scoped_release>(),
         "Whether the persistent whole-sequence forward and backward run on the current device for gates\n"

@@ -1,4 +1,5 @@
-// LSTM and GRU: the fused step kernels and a persistent whole-sequence forward and backward.
+// LSTM, GRU and the Elman RNN: the fused step kernels (all three) and a persistent
+// whole-sequence forward and backward (LSTM and GRU).
 //
 // The op layer (python/kiln/ops/rnn.py) forms the input projection gx of every step with
 // one big GEMM up front and dW_hh with one big GEMM at the end; what runs here is the
@@ -8,7 +9,9 @@
 //
 // Step kernels: a block of 256 threads owns a tile of kTileRows (16) batch rows x
 // kTileUnits (32) hidden units j; grid (cdiv(H, 32), cdiv(B, 16)).
-//   forward   the GEMM h w_hh^T with G (4 LSTM, 3 GRU) accumulators per (row, unit), the
+//   (The Elman RNN is G = 1: its forward epilogue is act(acc + gx), tanh or relu, its
+//   backward prologue dpre = dh_next act' read from h_next; it has no persistent kernel.)
+//   forward   the GEMM h w_hh^T with G (4 LSTM, 3 GRU, 1 Elman) accumulators per (row, unit), the
 //             columns j, H + j, 2H + j (, 3H + j) of w_hh^T; the reduction over k runs in
 //             slices of kTileK (32) staged in shared memory, and the epilogue does the
 //             whole cell update. Lane = unit j of the tile, warp w = rows 2w, 2w + 1, so a
@@ -131,7 +134,9 @@ __device__ __forceinline__ void step_forward_gemm(const float* __restrict__ h, c
     }
     stage_w<T, G, true>(w, H, j0, k0, ws);
     __syncthreads();
-#pragma unroll 8  // 2 and 4 left one 4-byte spill on sm_80 or sm_90 (ptxas 13.0); 8 has none
+    // 2 and 4 left one 4-byte spill on sm_80 or sm_90 (ptxas 13.0), 8 has none; G = 1 (Elman)
+    // spilled 4 bytes at 8, none at 16
+#pragma unroll (G == 1 ? 16 : 8)
     for (int kk = 0; kk < kTileK; ++kk) {
       float wv[G];
 #pragma unroll
@@ -350,6 +355,57 @@ __global__ void __launch_bounds__(kThreads)
     const std::int64_t s = static_cast<std::int64_t>(b) * H + j;
     const float z = saved[static_cast<std::int64_t>(b) * 4 * H + H + j];
     dh[s] = acc[i] + dh_next[s] * z;
+  }
+}
+
+// Elman: h_next = act(gx + h w_hh^T), act tanh or relu (kRelu).
+template <typename T, bool kRelu>
+__global__ void __launch_bounds__(kThreads)
+    rnn_step_forward_kernel(const float* __restrict__ gx, const float* __restrict__ h, const T* __restrict__ w,
+                            float* __restrict__ h_next, int B, int H) {
+  __shared__ float hs[kTileRows * kTileK];
+  __shared__ float ws[kTileK * kLdW];
+  const int b0 = static_cast<int>(blockIdx.y) * kTileRows;
+  const int j0 = static_cast<int>(blockIdx.x) * kTileUnits;
+  float acc[kRowsPerThread][1];
+  step_forward_gemm<T, 1>(h, w, B, H, b0, j0, acc, hs, ws);
+
+  const int j = j0 + static_cast<int>(threadIdx.x) % 32;
+  if (j >= H) return;  // after the last barrier
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i) {
+    const int b = b0 + static_cast<int>(threadIdx.x) / 32 * kRowsPerThread + i;
+    if (b >= B) continue;
+    const std::int64_t s = static_cast<std::int64_t>(b) * H + j;
+    const float pre = acc[i][0] + gx[s];
+    h_next[s] = kRelu ? (pre < 0.f ? 0.f : pre) : tanhf(pre);  // relu: NaN passes, as torch's
+  }
+}
+
+// Elman backward: dpre = dh_next act'(pre) (from h_next: 1 - h^2, or h > 0), dh = dpre w_hh.
+template <typename T, bool kRelu>
+__global__ void __launch_bounds__(kThreads)
+    rnn_step_backward_kernel(const float* __restrict__ dh_next, const float* __restrict__ h_next,
+                             const T* __restrict__ w, float* __restrict__ dpre, float* __restrict__ dh, int B,
+                             int H) {
+  __shared__ float ds[kTileRows * kTileK];  // ds[row][kk]: the slice's dpre
+  __shared__ float ws[kTileK * kLdW];
+  const int b0 = static_cast<int>(blockIdx.y) * kTileRows;
+  const int j0 = static_cast<int>(blockIdx.x) * kTileUnits;
+  float acc[kRowsPerThread];
+  step_backward_gemm<T, 1>(w, B, H, b0, j0, ds, ws, acc, [&](int b, int k, bool owner, float (&d)[1]) {
+    const std::int64_t s = static_cast<std::int64_t>(b) * H + k;
+    const float hn = h_next[s];
+    d[0] = dh_next[s] * (kRelu ? (hn > 0.f ? 1.f : 0.f) : 1.f - hn * hn);
+    if (owner) dpre[s] = d[0];
+  });
+
+  const int j = j0 + static_cast<int>(threadIdx.x) % 32;
+  if (j >= H) return;
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i) {
+    const int b = b0 + static_cast<int>(threadIdx.x) / 32 * kRowsPerThread + i;
+    if (b < B) dh[static_cast<std::int64_t>(b) * H + j] = acc[i];
   }
 }
 
@@ -848,6 +904,44 @@ void gru_step_backward(std::uintptr_t dh_next, std::uintptr_t saved, std::uintpt
         as_const<float>(dh_next), as_const<float>(saved), as_const<float>(h), as_const<T>(w_hh),
         as_mutable<float>(dgx), as_mutable<float>(dgh), as_mutable<float>(dh), static_cast<int>(B),
         static_cast<int>(H));
+  });
+  check_cuda(cudaGetLastError(), kWhere);
+}
+
+void rnn_step_forward(std::uintptr_t gx, std::uintptr_t h, std::uintptr_t w_hh, std::uintptr_t h_next,
+                      std::int64_t B, std::int64_t H, bool relu, int dtype, std::uintptr_t stream) {
+  constexpr const char* kWhere = "rnn_step_forward";
+  check_dtype_code(kWhere, dtype);
+  check_sizes(kWhere, B, H);
+  if (B == 0 || H == 0) return;
+  check_pointers(kWhere, {{"gx", gx}, {"h", h}, {"w_hh", w_hh}, {"h_next", h_next}});
+  const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
+  dispatch_dtype(dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    auto kernel = relu ? &rnn_step_forward_kernel<T, true> : &rnn_step_forward_kernel<T, false>;
+    kernel<<<step_grid(B, H), kThreads, 0, cuda_stream>>>(as_const<float>(gx), as_const<float>(h), as_const<T>(w_hh),
+                                                          as_mutable<float>(h_next), static_cast<int>(B),
+                                                          static_cast<int>(H));
+  });
+  check_cuda(cudaGetLastError(), kWhere);
+}
+
+void rnn_step_backward(std::uintptr_t dh_next, std::uintptr_t h_next, std::uintptr_t w_hh, std::uintptr_t dpre,
+                       std::uintptr_t dh, std::int64_t B, std::int64_t H, bool relu, int dtype,
+                       std::uintptr_t stream) {
+  constexpr const char* kWhere = "rnn_step_backward";
+  check_dtype_code(kWhere, dtype);
+  check_sizes(kWhere, B, H);
+  if (B == 0 || H == 0) return;
+  check_pointers(kWhere, {{"dh_next", dh_next}, {"h_next", h_next}, {"w_hh", w_hh}, {"dpre", dpre}, {"dh", dh}});
+  const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
+  dispatch_dtype(dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    auto kernel = relu ? &rnn_step_backward_kernel<T, true> : &rnn_step_backward_kernel<T, false>;
+    kernel<<<step_grid(B, H), kThreads, 0, cuda_stream>>>(as_const<float>(dh_next), as_const<float>(h_next),
+                                                          as_const<T>(w_hh), as_mutable<float>(dpre),
+                                                          as_mutable<float>(dh), static_cast<int>(B),
+                                                          static_cast<int>(H));
   });
   check_cuda(cudaGetLastError(), kWhere);
 }

@@ -1,4 +1,4 @@
-"""CPU form of LSTM and GRU layers: torch's BLAS for the recurrent GEMM, numba for
+"""CPU form of LSTM, GRU and Elman RNN layers: torch's BLAS for the recurrent GEMM, numba for
 everything pointwise around it, fused into one pass per step.
 
 A step's gates need h_{t-1} W_hh^T (a GEMM: MKL through torch.mm, DESIGN.md) added to
@@ -125,6 +125,37 @@ def _gru_backward(dh_out, hw, saved, h, dgx, dgh, dh):
             g[j] = g[j] * z[j]
 
 
+@njit(**KERNEL_OPTIONS)
+def _rnn_forward(hw, gx, h_next, relu):
+    """Elman: h_next = act(hw + gx) (hw = h W_hh^T), act relu or tanh."""
+    B, H = h_next.shape
+    zero = like(h_next[0, 0], 0.0)
+    for b in prange(B):
+        p, x, out = hw[b], gx[b], h_next[b]
+        if relu:
+            for j in range(H):  # NaN stays NaN, as torch.relu
+                v = p[j] + x[j]
+                out[j] = zero if v < zero else v
+        else:
+            for j in range(H):
+                out[j] = tanh(p[j] + x[j])
+
+
+@njit(**KERNEL_OPTIONS)
+def _rnn_backward(dh_out, hw, h_next, dpre, relu):
+    """dpre = (dh_out + hw) act'(pre), read from h_next (hw = dpre_{t+1} W_hh)."""
+    B, H = h_next.shape
+    one, zero = like(h_next[0, 0], 1.0), like(h_next[0, 0], 0.0)
+    for b in prange(B):
+        d, hn = dpre[b], h_next[b]
+        if relu:
+            for j in range(H):
+                d[j] = dh_out[b, j] + hw[b, j] if hn[j] > zero else zero
+        else:
+            for j in range(H):
+                d[j] = (dh_out[b, j] + hw[b, j]) * (one - hn[j] * hn[j])
+
+
 # Whole-sequence functions (the op's interface for forms that run their own loop): every
 # numba pass writes straight into its step's slice of the outputs and the carried
 # gradients stay in place, so a step costs one GEMM (its weight packed once per
@@ -184,3 +215,27 @@ def gru_sequence_backward(dh_all, saved, h0, h_all, w_hh):
         _gru_backward(dh_all_np[t], hw.numpy(), saved_np[t], h_prev, dgx_np[t], dgh_np[t], dh.numpy())
         hw = recurrent_t(dgh[t])
     return dgx, dgh, dh.add_(hw)
+
+
+def rnn_sequence_forward(gx, h0, w_hh, relu):
+    T, B = gx.shape[0], gx.shape[1]
+    h_all = h0.new_empty((T, *h0.shape))
+    recurrent = PackedLinear(w_hh, B)
+    gx_np, h_np = gx.numpy(), h_all.numpy()
+    h = h0
+    for t in range(T):
+        _rnn_forward(recurrent(h).numpy(), gx_np[t], h_np[t], relu)
+        h = h_all[t]
+    return h_all
+
+
+def rnn_sequence_backward(dh_all, h0, h_all, w_hh, relu):
+    T, B = h_all.shape[0], h_all.shape[1]
+    dpre = torch.empty_like(h_all)
+    recurrent_t = PackedLinear(w_hh.t(), B)
+    dh_all_np, h_np, dpre_np = dh_all.numpy(), h_all.numpy(), dpre.numpy()
+    hw = torch.zeros_like(h0)
+    for t in reversed(range(T)):
+        _rnn_backward(dh_all_np[t], hw.numpy(), h_np[t], dpre_np[t], relu)
+        hw = recurrent_t(dpre[t])
+    return dpre, hw

@@ -1,4 +1,5 @@
-"""Triton form of the LSTM and GRU cell steps: the recurrent GEMM fused with the gate math.
+"""Triton form of the LSTM, GRU and Elman RNN cell steps: the recurrent GEMM fused with the
+gate math.
 
 The op layer computes the input projection of every time step up front with one big GEMM,
 gx = x W_ih^T + b_ih (+ b_hh for the LSTM), and the weight gradients at the end with one big
@@ -29,6 +30,12 @@ along the gate dimension of gx and w_hh (gates * H, H).
   backward, the prologue forms dr, dz, dn for a chunk, stores dgx = [dr | dz | dn] and
   dgh = [dr | dz | dn r] (chunk owner only) and multiplies dgh with w_hh; the epilogue
   adds dh_next z.
+* ``rnn_step_forward(gx, h, w_hh, relu) -> h_next`` (Elman, one gate): one accumulator,
+  the epilogue adds gx and applies tanh or relu. Nothing else is saved: backward reads
+  act' from h_next (1 - h^2, or h > 0).
+* ``rnn_step_backward(dh_next, h_next, w_hh, relu) -> (dpre, dh)``: the prologue forms
+  dpre = dh_next act' for a chunk (stored by the chunk owner, as above) and multiplies it
+  with w_hh's rows.
 
 Dtypes. The state (h, c, gx and every output) may be float32 while w_hh is float32, fp16
 or bf16: the accumulation dtype comes from h (float32, float64 for float64 state, which
@@ -362,6 +369,85 @@ def _gru_bwd_kernel(
     tl.store(dh_ptr + st, dh.to(dh_ptr.dtype.element_ty), mask=mask)
 
 
+# ----------------------------------------------------------------------------- Elman RNN
+
+
+@triton.jit
+def _act(z, RELU: tl.constexpr):
+    if RELU:
+        return tl.where(z < 0.0, 0.0, z)  # NaN stays NaN, as torch.relu
+    return _tanh(z)
+
+
+@triton.jit
+def _act_grad(h, RELU: tl.constexpr):
+    # act'(pre) from the activation's output h.
+    if RELU:
+        return tl.where(h > 0.0, 1.0, 0.0)
+    return 1.0 - h * h
+
+
+@_autotune(_FWD_TILES)
+@triton.jit
+def _rnn_fwd_kernel(
+    gx_ptr, h_ptr, w_ptr, h_out_ptr,
+    B, H,
+    RELU: tl.constexpr, ACC_DT: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    pid_b, pid_h = _tile(tl.program_id(0), tl.cdiv(B, BLOCK_B), tl.cdiv(H, BLOCK_H), GROUP)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_j = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = (offs_b % B).to(tl.int64)[:, None]
+    cols = offs_j % H
+    h_ptrs = h_ptr + rows * H + offs_k[None, :]
+    w_ptrs = _w_t_ptrs(w_ptr, 0, H, cols, offs_k)
+    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC_DT)
+    for k in range(0, tl.cdiv(H, BLOCK_K)):
+        k_left = H - k * BLOCK_K
+        w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        a = tl.load(h_ptrs, mask=offs_k[None, :] < k_left, other=0.0).to(w.dtype)
+        acc = _dot(a, w, acc, ACC_DT, PREC)
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    st = rows * H + cols[None, :]
+    h_next = _act(acc + tl.load(gx_ptr + st).to(ACC_DT), RELU)
+    mask = (offs_b[:, None] < B) & (offs_j[None, :] < H)
+    tl.store(h_out_ptr + st, h_next.to(h_out_ptr.dtype.element_ty), mask=mask)
+
+
+@_autotune(_BWD_TILES)
+@triton.jit
+def _rnn_bwd_kernel(
+    dhn_ptr, hn_ptr, w_ptr, dpre_ptr, dh_ptr,
+    B, H,
+    RELU: tl.constexpr, ACC_DT: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    n_h = tl.cdiv(H, BLOCK_H)
+    pid_b, pid_h = _tile(tl.program_id(0), tl.cdiv(B, BLOCK_B), n_h, GROUP)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_j = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = (offs_b % B).to(tl.int64)[:, None]
+    rows_ok = offs_b[:, None] < B
+    cols = offs_j % H
+    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC_DT)
+    for kk in range(0, tl.cdiv(H, BLOCK_K)):
+        k = kk * BLOCK_K + offs_k
+        kmask = k[None, :] < H
+        st = rows * H + k[None, :]
+        dhn = tl.load(dhn_ptr + st, mask=kmask, other=0.0).to(ACC_DT)
+        hn = tl.load(hn_ptr + st, mask=kmask, other=0.0).to(ACC_DT)
+        d = dhn * _act_grad(hn, RELU)
+        if kk % n_h == pid_h:  # this chunk's owner among the programs of the row tile
+            _store_gate(dpre_ptr, st, 0, H, d, rows_ok & kmask)
+        acc = _gate_dot(acc, d, w_ptr, 0, H, k, cols, ACC_DT, PREC)
+    mask = rows_ok & (offs_j[None, :] < H)
+    tl.store(dh_ptr + rows * H + cols[None, :], acc.to(dh_ptr.dtype.element_ty), mask=mask)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -443,3 +529,26 @@ def gru_step_backward(dh_next, saved, h, w_hh, out=None):
         dh_next, saved, h, w_hh, dgx, dgh, dh, B, H, ACC_DT=acc_dt, PREC=prec,
     )
     return dgx, dgh, dh
+
+
+def rnn_step_forward(gx, h, w_hh, relu, out=None):
+    """One Elman step: gx (B, H) = x W_ih^T + b_ih + b_hh, h (B, H), w_hh (H, H) ->
+    h_next = act(gx + h w_hh^T), act relu or tanh, in the state's dtype (``out``: its buffer)."""
+    B, H = h.shape
+    h_next = torch.empty_like(h) if out is None else out
+    if B == 0 or H == 0:
+        return h_next
+    acc_dt, prec = _dot_args(h.dtype, w_hh.dtype)
+    _rnn_fwd_kernel[_grid(B, H)](gx, h, w_hh, h_next, B, H, RELU=bool(relu), ACC_DT=acc_dt, PREC=prec)
+    return h_next
+
+
+def rnn_step_backward(dh_next, h_next, w_hh, relu, out=None):
+    """Gradients of one Elman step given dh_next (B, H): (dpre = dh_next act', dh = dpre w_hh)."""
+    B, H = h_next.shape
+    dpre, dh = out or (torch.empty_like(h_next, dtype=dh_next.dtype), torch.empty_like(h_next, dtype=dh_next.dtype))
+    if B == 0 or H == 0:
+        return dpre, dh
+    acc_dt, prec = _dot_args(dh_next.dtype, w_hh.dtype)
+    _rnn_bwd_kernel[_grid(B, H)](dh_next, h_next, w_hh, dpre, dh, B, H, RELU=bool(relu), ACC_DT=acc_dt, PREC=prec)
+    return dpre, dh

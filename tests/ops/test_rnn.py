@@ -21,10 +21,11 @@ def _grads_match(ours, theirs, dtype):
         assert rel_err(a.grad, b.grad) < BOUND[dtype], name
 
 
-def _check_layer(backend, kind, T, B, I, H, layers, bidirectional, batch_first, dtype, device="cpu", bound=None):
+def _check_layer(backend, kind, T, B, I, H, layers, bidirectional, batch_first, dtype, device="cpu", bound=None,
+                 **extra):
     bound = BOUND[dtype] if bound is None else bound
     ours, theirs = _twins(kind, dtype, device, input_size=I, hidden_size=H, num_layers=layers,
-                          bidirectional=bidirectional, batch_first=batch_first)
+                          bidirectional=bidirectional, batch_first=batch_first, **extra)
     g = torch.Generator().manual_seed(0)
     D = 2 if bidirectional else 1
     x = torch.randn((B, T, I) if batch_first else (T, B, I), generator=g, dtype=torch.float64)
@@ -63,7 +64,16 @@ def test_layers_match_torch(backend, kind, dtype, layers, bidirectional, batch_f
     _check_layer(backend, kind, T, 3, 5, 7, layers, bidirectional, batch_first, dtype)
 
 
-@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("T,layers,bidirectional,batch_first", [(1, 1, False, False), (11, 2, True, True)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_elman_layers_match_torch(backend, nonlinearity, dtype, layers, bidirectional, batch_first, T):
+    _check_layer(backend, "RNN", T, 3, 5, 7, layers, bidirectional, batch_first, dtype, nonlinearity=nonlinearity)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_wide_hidden_cpu(kind):
     _check_layer("cpu", kind, 9, 4, 33, 129, 1, True, True, torch.float32)
 
@@ -133,24 +143,113 @@ def test_weight_shapes_are_named():
         kiln.ops.lstm(x, h, h, torch.randn(20, 3), torch.randn(20, 5))
     with pytest.raises(ValueError, match=r"w_hh must be \(3 \* hidden, hidden\), got \(20, 5\)"):
         kiln.ops.gru(x, h, torch.randn(15, 4), torch.randn(20, 5))
-    with pytest.raises(ValueError, match=r"h0 must have shape \(batch, hidden\) = \(2, 5\), got \(3, 5\)"):
+    with pytest.raises(ValueError, match=r"h0 must have shape \(batch, hidden\) = \(2, 5\) for x \(3, 2, 4\), "
+                                         r"got \(3, 5\)"):
         kiln.ops.gru(x, torch.zeros(3, 5), torch.randn(15, 4), torch.randn(15, 5))
+    with pytest.raises(ValueError, match=r"rnn_tanh: w_hh must be \(1 \* hidden, hidden\) = \(5, 5\), got \(5, 4\)"):
+        kiln.ops.rnn_tanh(x, h, torch.randn(5, 4), torch.randn(5, 4))
+    with pytest.raises(ValueError, match=r"rnn_relu: b_hh must have shape \(1 \* hidden,\) = \(5,\) for w_hh "
+                                         r"\(5, 5\), got \(4,\)"):
+        kiln.ops.rnn_relu(x, h, torch.randn(5, 4), torch.randn(5, 5), None, torch.randn(4))
+    with pytest.raises(ValueError, match=r"w_hr must be \(proj, hidden\) = \(proj, 5\) for w_hh \(20, 3\), "
+                                         r"got \(3, 4\)"):
+        kiln.ops.lstm(x, torch.zeros(2, 3), h, torch.randn(20, 4), torch.randn(20, 3), w_hr=torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"w_hh must be \(4 \* hidden, proj\) = \(20, 3\), got \(20, 5\)"):
+        kiln.ops.lstm(x, torch.zeros(2, 3), h, torch.randn(20, 4), torch.randn(20, 5), w_hr=torch.randn(3, 5))
+    with pytest.raises(ValueError, match=r"batch_sizes must be 3 non-increasing positive counts starting at the "
+                                         r"batch size 2 for x \(3, 2, 4\), got \[2, 1, 2\]"):
+        kiln.ops.rnn_tanh(x, h, torch.randn(5, 4), torch.randn(5, 5), batch_sizes=[2, 1, 2])
+    with pytest.raises(TypeError, match=r"rnn_tanh: w_hh has dtype float64 but x has dtype float32"):
+        kiln.ops.rnn_tanh(x, h, torch.randn(5, 4), torch.randn(5, 5, dtype=torch.float64))
 
 
-def test_module_refuses_proj_size_and_packed_sequences():
-    with pytest.raises(NotImplementedError, match="proj_size"):
-        kiln.nn.LSTM(3, 4, proj_size=2)(torch.randn(5, 1, 3))
-    packed = torch.nn.utils.rnn.pack_sequence([torch.randn(3, 3), torch.randn(2, 3)])
-    with pytest.raises(NotImplementedError, match="PackedSequence"):
-        kiln.nn.GRU(3, 4)(packed)
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_empty_batch_and_empty_sequence(kind):
+    """B = 0 and T = 0 run no kernel; gradients are zeros of the right shapes."""
+    G = {"lstm": 4, "gru": 3}.get(kind, 1)
+    for T, B in ((3, 0), (0, 2)):
+        x = torch.randn(T, B, 4, dtype=torch.float64, requires_grad=True)
+        h0 = torch.randn(B, 5, dtype=torch.float64, requires_grad=True)
+        w_ih = torch.randn(G * 5, 4, dtype=torch.float64, requires_grad=True)
+        w_hh = torch.randn(G * 5, 5, dtype=torch.float64, requires_grad=True)
+        op = getattr(kiln.ops, kind)
+        out, *finals = op(x, h0, h0, w_ih, w_hh) if kind == "lstm" else op(x, h0, w_ih, w_hh)
+        assert out.shape == (T, B, 5) and all(f.shape == (B, 5) for f in finals)
+        if T == 0:
+            assert all(torch.equal(f, h0) for f in finals)  # no step: the initial state
+        (out.sum() + sum(f.sum() for f in finals)).backward()
+        assert torch.equal(w_hh.grad, torch.zeros_like(w_hh)) and x.grad.shape == x.shape
+
+
+def _sequence_args(kind, g):
+    T, B, H = 3, 2, 3
+    G = {"lstm": 4, "gru": 3}.get(kind, 1)
+    r = lambda *s: torch.randn(*s, dtype=torch.float64, generator=g).requires_grad_()  # noqa: E731
+    if kind == "lstm":
+        return (r(T, B, G * H), r(B, H), r(B, H), r(G * H, H) * 0.5), lambda *a: kiln.ops.rnn._lstm_sequence(*a)[:2]
+    if kind == "gru":
+        return (r(T, B, G * H), r(B, H), r(G * H, H) * 0.5, r(G * H)), lambda *a: kiln.ops.rnn._gru_sequence(*a)[0]
+    relu = kind == "rnn_relu"
+    return (r(T, B, H), r(B, H), r(H, H) * 0.5), lambda *a: kiln.ops.rnn._rnn_sequence(*a, relu)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_sequence_ops_gradcheck_and_gradgradcheck(kind, backend):
+    """The sequence ops' backward (the form's kernels) and double backward (the registered
+    backward under create_graph recomputes the forward in differentiable torch ops)."""
+    import kiln.ops.rnn  # noqa: F401  (the module, for its custom ops)
+
+    args, fn = _sequence_args(kind, torch.Generator().manual_seed(11))
+    args = tuple(a.detach().requires_grad_() for a in args)
+    with kiln.backend.use(backend):
+        assert torch.autograd.gradcheck(fn, args)
+        assert torch.autograd.gradgradcheck(fn, args)
+
+
+def test_elman_gradcheck_cpu_backend():
+    g = torch.Generator().manual_seed(5)
+    r = lambda *s: torch.randn(*s, dtype=torch.float64, generator=g).requires_grad_()  # noqa: E731
+    x, h0, w_ih, w_hh, b_ih, b_hh = r(4, 3, 2), r(3, 5), r(5, 2), r(5, 5), r(5), r(5)
+    with kiln.backend.use("cpu"):
+        for op in (kiln.ops.rnn_tanh, kiln.ops.rnn_relu):
+            assert torch.autograd.gradcheck(lambda *a: op(*a, reverse=True)[0], (x, h0, w_ih, w_hh, b_ih, b_hh))
+            assert torch.autograd.gradcheck(lambda *a: op(*a, batch_sizes=[3, 3, 2, 1])[0],
+                                            (x, h0, w_ih, w_hh, b_ih, b_hh))
+
+
+@pytest.mark.parametrize("kind", ["RNN", "GRU", "LSTM"])
+def test_autocast_runs_in_the_regions_dtype(kind):
+    """torch's policy for recurrent layers ("lower"): the output has the region's dtype. torch's
+    own CPU modules disagree with each other here (RNN lowers, its GRU kernel stays float32,
+    its LSTM goes to oneDNN, which may refuse bfloat16), so the dtype follows the policy and
+    the values are checked against float64 within the bfloat16 bound; for RNN also against
+    torch's module in the same region."""
+    torch.manual_seed(0)
+    ours = getattr(kiln.nn, kind)(6, 8, 2, bidirectional=True)
+    theirs = getattr(torch.nn, kind)(6, 8, 2, bidirectional=True)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 3, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, fin = ours(x)
+    fin = fin[0] if kind == "LSTM" else fin
+    assert out.dtype == torch.bfloat16 and fin.dtype == torch.bfloat16
+    ref, fin_ref = theirs.double()(x.double())
+    fin_ref = fin_ref[0] if kind == "LSTM" else fin_ref
+    assert rel_err(out, ref) < BOUND[torch.bfloat16] and rel_err(fin, fin_ref) < BOUND[torch.bfloat16]
+    if kind == "RNN":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            theirs_out, _ = theirs.float()(x)
+        assert theirs_out.dtype == out.dtype and rel_err(out, theirs_out) < BOUND[torch.bfloat16]
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in ours.parameters())
 
 
 # --- torch.compile ---------------------------------------------------------------------
 
 
 def test_compile_fullgraph_cpu_backend():
-    """The ops trace without a graph break. (Dynamo refuses nn.RNNBase subclasses, kiln's
-    LSTM/GRU modules included, unless torch._dynamo.config.allow_rnn is set.)"""
+    """The ops trace without a graph break (the modules: tests/nn/test_rnn_modules.py)."""
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(4)
     x = torch.randn(5, 2, 3, dtype=torch.float64, generator=g)
@@ -161,7 +260,8 @@ def test_compile_fullgraph_cpu_backend():
     def fn(x, h0, wi, wh, b, gwi, gwh, gb):
         out, h, c = kiln.ops.lstm(x, h0, h0, wi, wh, b, reverse=True)
         out2, _ = kiln.ops.gru(out, h, gwi, gwh, gb, gb)
-        return out2.square().sum() + c.sum()
+        out3, h3 = kiln.ops.rnn_relu(out2, h, gwi[:4], gwh[:4], gb[:4], gb[4:8], reverse=True)
+        return out3.square().sum() + c.sum() + h3.sum()
 
     with kiln.backend.use("cpu"):
         torch.compile(fn, fullgraph=True)(x, h0, *params).backward()
@@ -174,11 +274,12 @@ def test_compile_fullgraph_cpu_backend():
 
 
 @pytest.mark.parametrize("B, H", [(3, 7), (20, 40)], ids=["one-tile", "several-tiles"])
-@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN", "RNN-relu"])
 def test_layers_match_torch_triton_interpreted(kind, B, H):
     """Interpreted tiles are 16 x 16 with BLOCK_K 32: B 20, H 40 reach two row tiles, three
     unit tiles (each backward chunk stored by its one owner) and two reduction chunks."""
-    _check_layer("triton", kind, 3, B, 5, H, 1, True, False, torch.float32)
+    extra = {"nonlinearity": "relu"} if kind == "RNN-relu" else {}
+    _check_layer("triton", kind.split("-")[0], 3, B, 5, H, 1, True, False, torch.float32, **extra)
 
 
 # --- GPU -------------------------------------------------------------------------------
@@ -187,10 +288,22 @@ def test_layers_match_torch_triton_interpreted(kind, B, H):
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 37])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN", "RNN-relu"])
 def test_layers_match_torch_triton_gpu(kind, dtype, T):
     bound = 1e-3 if dtype == torch.float32 else None  # tf32 dots
-    _check_layer("triton", kind, T, 5, 33, 129, 2, True, True, dtype, device="cuda", bound=bound)
+    extra = {"nonlinearity": "relu"} if kind == "RNN-relu" else {}
+    _check_layer("triton", kind.split("-")[0], T, 5, 33, 129, 2, True, True, dtype, device="cuda", bound=bound,
+                 **extra)
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("T", [1, 37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_elman_layers_match_torch_cuda_gpu(nonlinearity, dtype, T):
+    # The Elman RNN runs the step loop over the cuda step kernels (no persistent kernel).
+    _check_layer("cuda", "RNN", T, 5, 33, 129, 2, True, True, dtype, device="cuda", nonlinearity=nonlinearity)
 
 
 def _sequence_fits(kind, B, H, w_dtype):
@@ -227,7 +340,7 @@ def test_layers_match_torch_cuda_gpu_step_loop_fallback(kind, dtype):
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("B,H", [(1, 1), (1, 33), (17, 129), (130, 65), (130, 129), (3, 2048)], ids=str)
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
 def test_cuda_kernels_match_reference(kind, w_dtype, B, H):
     """Every cuda step kernel and the sequence forward and backward against the float64
     reference on the same (rounded) weights: the cuda form's dots are float32 FFMA for every
@@ -235,7 +348,7 @@ def test_cuda_kernels_match_reference(kind, w_dtype, B, H):
     row tiles of the persistent kernels; (3, 2048) is their step-loop fallback."""
     from kiln.ops import rnn
 
-    G, T = (4 if kind == "lstm" else 3), 5
+    G, T = {"lstm": 4, "gru": 3}.get(kind, 1), 5
     g = torch.Generator().manual_seed(B * 1000 + H)
     rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
     w = (rnd(G * H, H) / H ** 0.5).to(w_dtype)
@@ -265,6 +378,20 @@ def test_cuda_kernels_match_reference(kind, w_dtype, B, H):
         close(rnn._CUDA.lstm_sequence_backward(cu(dh_all), cu(dc_all), cu(gates_all), cu(h), cu(c), cu(h_all),
                                                cu(c_all), w_cu),
               rnn.lstm_sequence_backward(dh_all, dc_all, gates_all, h, c, h_all, c_all, w64), "sequence backward")
+    elif kind.startswith("rnn"):
+        relu = kind == "rnn_relu"
+        fwd = rnn.rnn_step_forward(gx, h, w64, relu)
+        close([rnn._CUDA.rnn_step_forward(cu(gx), cu(h), w_cu, relu)], [fwd], "step forward")
+        close(rnn._CUDA.rnn_step_backward(cu(dh_next), cu(fwd), w_cu, relu),
+              rnn.rnn_step_backward(dh_next, fwd, w64, relu), "step backward")
+        gx_all = rnd(T, B, H)
+        seq = rnn.rnn_sequence_forward(gx_all, h, w64, relu)
+        close([rnn.rnn_sequence_forward(cu(gx_all), cu(h), w_cu, relu, kernels=rnn._CUDA)], [seq],
+              "sequence forward")
+        dh_all = rnd(T, B, H)
+        close(rnn.rnn_sequence_backward(cu(dh_all), cu(h), cu(seq), w_cu, relu, kernels=rnn._CUDA),
+              rnn.rnn_sequence_backward(dh_all, h, seq, w64, relu), "sequence backward")
+        return
     else:
         fwd = rnn.gru_step_forward(gx, h, w64, b64)
         close(rnn._CUDA.gru_step_forward(cu(gx), cu(h), w_cu, b_cu), fwd, "step forward")
@@ -302,7 +429,7 @@ def _notes_step(kind, cell, x, h):
 def test_notes_cells_in_a_bidirectional_rnn(kind, nonlinearity):
     torch.manual_seed(0)
     cell = getattr(kiln.nn, kind)(6, 6, nonlinearity=nonlinearity, dtype=torch.float64)
-    rnn = kiln.nn.RNN(cell, bidirectional=True, batch_first=True)
+    rnn = kiln.nn.CellRNN(cell, bidirectional=True, batch_first=True)
     x = torch.randn(3, 9, 6, dtype=torch.float64, requires_grad=True)
     out, h_n = rnn(x)
     # the same recurrence, written out

@@ -1,4 +1,4 @@
-// The raw-pointer C++ API of the LSTM and GRU kernels (csrc/rnn.cu), in the style of
+// The raw-pointer C++ API of the LSTM, GRU and Elman RNN kernels (csrc/rnn.cu), in the style of
 // kiln/api.h: plain C++, device pointers and the stream as integers; bad arguments throw
 // std::invalid_argument, CUDA failures std::runtime_error.
 //
@@ -40,6 +40,18 @@ void gru_step_forward(std::uintptr_t gx, std::uintptr_t h, std::uintptr_t w_hh, 
 void gru_step_backward(std::uintptr_t dh_next, std::uintptr_t saved, std::uintptr_t h, std::uintptr_t w_hh,
                        std::uintptr_t dgx, std::uintptr_t dgh, std::uintptr_t dh, std::int64_t B, std::int64_t H,
                        int dtype, std::uintptr_t stream);
+
+// One Elman RNN step. gx (B, H) = x W_ih^T + b_ih + b_hh, h (B, H), w_hh (H, H) -> h_next (B, H)
+// = act(gx + h w_hh^T), act relu when `relu`, else tanh.
+void rnn_step_forward(std::uintptr_t gx, std::uintptr_t h, std::uintptr_t w_hh, std::uintptr_t h_next,
+                      std::int64_t B, std::int64_t H, bool relu, int dtype, std::uintptr_t stream);
+
+// Gradients of one Elman step: dpre (B, H) = dh_next act'(pre), act' read from h_next
+// (tanh: 1 - h_next^2, relu: h_next > 0), dh (B, H) = dpre w_hh. Outputs must not overlap
+// the inputs.
+void rnn_step_backward(std::uintptr_t dh_next, std::uintptr_t h_next, std::uintptr_t w_hh, std::uintptr_t dpre,
+                       std::uintptr_t dh, std::int64_t B, std::int64_t H, bool relu, int dtype,
+                       std::uintptr_t stream);
 
 // Whether the persistent whole-sequence kernels, forward and backward, can run (gates: 4
 // LSTM, 3 GRU) for batch B, hidden size H and weight dtype on the current device: one wave

@@ -11,7 +11,7 @@ from .linear import MLP, Linear
 from .llm import GatedMLP, RMSNorm, RotaryEmbedding
 from .loss import CrossEntropyLoss, LinearCrossEntropyLoss
 from .norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, LayerNorm
-from .rnn import GRU, LSTM, RNN, GRUCell, HighwayRNNCell, LSTMCell, ResidualRNNCell, RNNCell
+from .rnn import GRU, LSTM, RNN, CellRNN, GRUCell, HighwayRNNCell, LSTMCell, ResidualRNNCell, RNNCell
 from .transformer import (TransformerDecoder, TransformerDecoderLayer, TransformerEncoder,
                           TransformerEncoderLayer)
 
@@ -20,6 +20,6 @@ __all__ = ["Linear", "MLP", "Conv2d", "ConvTranspose2d", "MaxOverShifts", "MaxPo
            "KVCache", "LayerCache", "CrossEntropyLoss", "LinearCrossEntropyLoss", "LayerNorm",
            "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "MultiheadAttention",
            "SinusoidalPositionalEncoding", "LearnedPositionalEmbedding", "LSTM", "GRU",
-           "LSTMCell", "GRUCell", "RNNCell", "ResidualRNNCell", "HighwayRNNCell", "RNN",
+           "LSTMCell", "GRUCell", "RNNCell", "ResidualRNNCell", "HighwayRNNCell", "RNN", "CellRNN",
            "TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder", "TransformerDecoder",
            "RMSNorm", "GatedMLP", "RotaryEmbedding"]

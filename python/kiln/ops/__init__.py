@@ -17,7 +17,7 @@ from .layer_norm import layer_norm
 from .linear_act import linear_act
 from .linear_cross_entropy import linear_cross_entropy
 from .rms_norm import rms_norm
-from .rnn import gru, gru_cell, lstm, lstm_cell
+from .rnn import gru, gru_cell, lstm, lstm_cell, rnn_relu, rnn_relu_cell, rnn_tanh, rnn_tanh_cell
 from .rotary import rotary_embedding
 
 # op name (as kiln.backend.use(..., ops=[...]) takes it) -> {backend: dtypes it covers};
@@ -36,8 +36,10 @@ BACKEND_DTYPES = {
     "swiglu": _gated_family.DTYPES,
     "geglu": _gated_family.DTYPES,
     "rotary_embedding": _rotary_family.DTYPES,
+    "rnn": _rnn_family.DTYPES,
 }
 
 __all__ = ["linear_act", "softmax", "log_softmax", "cross_entropy", "linear_cross_entropy",
            "layer_norm", "batch_norm", "attention",
-           "lstm", "gru", "lstm_cell", "gru_cell", "rms_norm", "swiglu", "geglu", "rotary_embedding", "BACKEND_DTYPES"]
+           "lstm", "gru", "lstm_cell", "gru_cell", "rnn_tanh", "rnn_relu", "rnn_tanh_cell",
+           "rnn_relu_cell", "rms_norm", "swiglu", "geglu", "rotary_embedding", "BACKEND_DTYPES"]

@@ -1,5 +1,6 @@
-"""LSTM and GRU (the notes, section 16): fused cells and whole-sequence layers, torch's
-gate order and weight layout (LSTM [i|f|g|o], GRU [r|z|n]).
+"""LSTM, GRU and the Elman RNN (the notes, section 16): fused cells and whole-sequence
+layers, torch's gate order and weight layout (LSTM [i|f|g|o], GRU [r|z|n], Elman one gate,
+h_t = tanh or relu(x W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)).
 
 A layer runs in two parts. The input projection of every time step is one large GEMM
 up front, gx = x W_ih^T + b (kiln.ops.linear_act, autograd through it gives dx, dW_ih and
@@ -29,8 +30,28 @@ counter), which TRITON_INTERPRET=1, running programs one after another, would de
 so nothing here could test it (kernels/triton/rnn.py describes the design).
 
 Saved for backward, per step: LSTM the activated gates (4H) and the cell state; GRU
-r, z, n and the n-part of h W_hh^T + b_hh (4H); plus the hidden states, which are
-outputs anyway. The state is float32 (float64 for float64) whatever the weights' dtype.
+r, z, n and the n-part of h W_hh^T + b_hh (4H); Elman nothing but the hidden states
+(tanh' = 1 - h^2, relu' = [h > 0]), which are outputs anyway. Each op also keeps its input
+gx (a reference, no copy) for double backward. The state is float32 (float64 for
+float64) whatever the weights' dtype.
+
+Double backward: under create_graph (torch.is_grad_enabled() inside the backward) the
+registered backwards recompute the forward from the op's inputs with differentiable
+PyTorch ops (``_differentiable_sequence``) and differentiate that, so second derivatives
+are exact; the kernels' saved gates are never used there.
+
+Packed sequences (``batch_sizes``, torch's PackedSequence layout: rows sorted by length,
+step t runs the first batch_sizes[t] rows): the layer runs the op once per run of steps
+with the same batch size, each over exactly the rows still active (the backward
+direction adds the rows that start late with their initial state), so every sequence
+runs over its own length only, as torch's.
+
+Autocast ("lower", torch's policy for recurrent layers): the public functions run in the
+region's dtype (inputs, weights and initial states cast to it), the state stays float32
+inside, the outputs have the region's dtype. It is applied here and not as an autocast
+kernel on the sequence ops because the sequence ops take float32 state whatever the
+weights' dtype (the cuda form refuses anything else), which neither autocast policy of
+ops/_autocast.py expresses.
 """
 
 from __future__ import annotations
@@ -38,7 +59,7 @@ from __future__ import annotations
 import functools
 import sys
 from types import SimpleNamespace
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -97,6 +118,19 @@ def gru_step_backward(dh_next, saved, h, w_hh, out=None):
     dr = dn * hn * r * (1 - r)
     dgh = torch.cat([dr, dz, dn * r], 1)
     return _into(out, torch.cat([dr, dz, dn], 1), dgh, dh_next * z + dgh @ w_hh.to(dgh.dtype))
+
+
+def rnn_step_forward(gx, h, w_hh, relu, out=None):
+    """Elman step: h_next = act(gx + h w_hh^T), act relu or tanh. ``out``: h_next's buffer."""
+    pre = gx + h @ w_hh.t().to(h.dtype)
+    h_next = torch.relu(pre) if relu else torch.tanh(pre)
+    return h_next if out is None else out.copy_(h_next)
+
+
+def rnn_step_backward(dh_next, h_next, w_hh, relu, out=None):
+    """-> (dpre = dh_next act'(pre) (from h_next), dh = dpre w_hh)."""
+    dpre = dh_next * (h_next > 0).to(h_next.dtype) if relu else dh_next * (1 - h_next * h_next)
+    return _into(out, dpre, dpre @ w_hh.to(dpre.dtype))
 
 
 # ---------------------------------------------------------------------------------------
@@ -164,6 +198,30 @@ def cuda_gru_step_backward(dh_next, saved, h, w_hh, out=None):
         ext.gru_step_backward(ptr(dh_next), ptr(saved), ptr(h), ptr(w_hh), ptr(dgx), ptr(dgh), ptr(dh), B, H,
                               DTYPE_CODE[w_hh.dtype], stream(h))
     return dgx, dgh, dh
+
+
+def cuda_rnn_step_forward(gx, h, w_hh, relu, out=None):
+    """kiln._cuda.rnn_step_forward (Elman): -> h_next (B, H) = act(gx + h w_hh^T), float32."""
+    _cuda_state("rnn_step_forward", gx, h)
+    ext = backend.cuda_extension()
+    B, H = h.shape
+    h_next = torch.empty_like(h) if out is None else out
+    with torch.cuda.device(h.device):
+        ext.rnn_step_forward(ptr(gx), ptr(h), ptr(w_hh), ptr(h_next), B, H, bool(relu), DTYPE_CODE[w_hh.dtype],
+                             stream(h))
+    return h_next
+
+
+def cuda_rnn_step_backward(dh_next, h_next, w_hh, relu, out=None):
+    """kiln._cuda.rnn_step_backward (Elman): -> (dpre (B, H), dh = dpre w_hh), float32."""
+    _cuda_state("rnn_step_backward", dh_next, h_next)
+    ext = backend.cuda_extension()
+    B, H = h_next.shape
+    dpre, dh = out or (torch.empty_like(h_next), torch.empty_like(h_next))
+    with torch.cuda.device(h_next.device):
+        ext.rnn_step_backward(ptr(dh_next), ptr(h_next), ptr(w_hh), ptr(dpre), ptr(dh), B, H, bool(relu),
+                              DTYPE_CODE[w_hh.dtype], stream(h_next))
+    return dpre, dh
 
 
 def cuda_sequence_fits(gates: int, B: int, H: int, w_hh: Tensor) -> bool:
@@ -236,7 +294,10 @@ def cuda_gru_sequence_backward(dh_all, saved, h0, h_all, w_hh):
 # The step functions alone (the fallbacks' kernels), and the form the dispatcher gets:
 # with its own sequence forwards and backwards.
 _CUDA_STEPS = SimpleNamespace(lstm_step_forward=cuda_lstm_step_forward, lstm_step_backward=cuda_lstm_step_backward,
-                              gru_step_forward=cuda_gru_step_forward, gru_step_backward=cuda_gru_step_backward)
+                              gru_step_forward=cuda_gru_step_forward, gru_step_backward=cuda_gru_step_backward,
+                              rnn_step_forward=cuda_rnn_step_forward, rnn_step_backward=cuda_rnn_step_backward)
+# (The Elman RNN has no persistent kernel: its one gate leaves the step GEMM small enough
+# that the step loop over the cuda step kernels is what runs.)
 _CUDA = SimpleNamespace(**vars(_CUDA_STEPS), lstm_sequence_forward=cuda_lstm_sequence_forward,
                         gru_sequence_forward=cuda_gru_sequence_forward,
                         lstm_sequence_backward=cuda_lstm_sequence_backward,
@@ -316,10 +377,85 @@ def gru_sequence_backward(dh_all, saved, h0, h_all, w_hh, kernels=None):
     return dgx_all, dgh_all, dh
 
 
+def rnn_sequence_forward(gx, h0, w_hh, relu, kernels=None):
+    """Step loop (Elman): gx (T, B, H), h0 (B, H) -> h_all (T, B, H)."""
+    kernels = kernels or sys.modules[__name__]
+    h_all = h0.new_empty((gx.shape[0], *h0.shape))
+    h = h0
+    for t in range(gx.shape[0]):
+        h = kernels.rnn_step_forward(gx[t], h, w_hh, relu, out=h_all[t])
+    return h_all
+
+
+def rnn_sequence_backward(dh_all, h0, h_all, w_hh, relu, kernels=None):
+    """Step loop, reversed (Elman): -> (dpre_all (T, B, H), dh0)."""
+    kernels = kernels or sys.modules[__name__]
+    dpre_all = torch.empty_like(h_all)
+    dh = torch.zeros_like(h0)
+    for t in reversed(range(h_all.shape[0])):
+        kernels.rnn_step_backward(dh_all[t] + dh, h_all[t], w_hh, relu, out=(dpre_all[t], dh))
+    return dpre_all, dh
+
+
 def _sequence_function(kernels, name):
     """The form's own whole-sequence function, else the step loop over its step functions."""
     own = getattr(kernels, name, None)  # the reference (this module) gets its own loop here
     return own if own is not None else functools.partial(globals()[name], kernels=kernels)
+
+
+# ---------------------------------------------------------------------------------------
+# Double backward: the forward again in differentiable PyTorch ops, from the op's inputs.
+
+
+def _differentiable_sequence(kind, gx, h0, c0, w_hh, b_hh, relu):
+    """The sequence op's differentiable outputs recomputed by autograd-tracked PyTorch ops:
+    lstm -> [h_all, c_all], gru / rnn -> [h_all]."""
+    T, B = gx.shape[0], h0.shape[0]
+    if T == 0:
+        return [h0.new_zeros((0, *h0.shape))] + ([c0.new_zeros((0, *c0.shape))] if kind == "lstm" else [])
+    w = w_hh.t().to(h0.dtype)
+    h, c, hs, cs = h0, c0, [], []
+    for t in range(T):
+        if kind == "lstm":
+            i, f, g, o = (gx[t] + h @ w).chunk(4, 1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            cs.append(c)
+        elif kind == "gru":
+            gh = h @ w if b_hh is None else h @ w + b_hh.to(h.dtype)
+            (xr, xz, xn), (hr, hz, hn) = gx[t].chunk(3, 1), gh.chunk(3, 1)
+            r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+            h = (1 - z) * torch.tanh(xn + r * hn) + z * h
+        else:
+            pre = gx[t] + h @ w
+            h = torch.relu(pre) if relu else torch.tanh(pre)
+        hs.append(h)
+    return [torch.stack(hs)] + ([torch.stack(cs)] if kind == "lstm" else [])
+
+
+def _double_backward_grads(ctx, kind, inputs, grad_outputs, relu=False):
+    """The gradients of the op's tensor ``inputs`` (gx, h0, [c0,] w_hh, [b_hh]) as a
+    differentiable graph (create_graph): None where not needed."""
+    gx, h0, c0, w_hh, b_hh = inputs
+    wanted = [(i, t) for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[_ARG_INDEX[kind][i]]]
+    outputs = _differentiable_sequence(kind, gx, h0, c0, w_hh, b_hh, relu)
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
+    grads = [None] * len(inputs)
+    if not pairs or not wanted:
+        return grads
+    found = torch.autograd.grad([o for o, _ in pairs], [t for _, t in wanted], [g for _, g in pairs],
+                                create_graph=True, allow_unused=True)
+    for (i, t), g in zip(wanted, found):
+        grads[i] = torch.zeros_like(t) if g is None else g
+    return grads
+
+
+# Position of (gx, h0, c0, w_hh, b_hh) among each op's arguments (None: not an argument).
+_ARG_INDEX = {"lstm": (0, 1, 2, 3, None), "gru": (0, 1, None, 2, 3), "rnn": (0, 1, None, 2, None)}
+
+
+# ---------------------------------------------------------------------------------------
+# The custom ops: one direction of one layer over T steps, (T, B, .) contiguous.
 
 
 @torch.library.custom_op("kiln::lstm_sequence", mutates_args=())
@@ -342,7 +478,7 @@ def _lstm_sequence_backward(dh_all: Tensor, dc_all: Tensor, gates: Tensor, h0: T
     """-> (dgx (T, B, 4H), dh0, dc0, dw_hh)."""
     backward = _sequence_function(_implementation("lstm", w_hh), "lstm_sequence_backward")
     dpre_all, dh, dc = backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh)
-    h_prev = torch.cat([h0[None], h_all[:-1]]).reshape(-1, h0.shape[1])
+    h_prev = torch.cat([h0[None], h_all])[:h_all.shape[0]].reshape(-1, h0.shape[1])
     dw_hh = dpre_all.reshape(-1, gates.shape[2]).t() @ h_prev
     return dpre_all, dh, dc, dw_hh.to(w_hh.dtype)
 
@@ -353,13 +489,16 @@ def _(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh):
 
 
 def _lstm_setup(ctx, inputs, output):
-    _, h0, c0, w_hh = inputs
+    gx, h0, c0, w_hh = inputs
     h_all, c_all, gates = output
-    ctx.save_for_backward(gates, h0, c0, h_all, c_all, w_hh)
+    ctx.save_for_backward(gx, gates, h0, c0, h_all, c_all, w_hh)
 
 
 def _lstm_grad(ctx, dh_all, dc_all, dgates):
-    gates, h0, c0, h_all, c_all, w_hh = ctx.saved_tensors
+    gx, gates, h0, c0, h_all, c_all, w_hh = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: differentiable gradients
+        dgx, dh0, dc0, dw_hh, _ = _double_backward_grads(ctx, "lstm", (gx, h0, c0, w_hh, None), (dh_all, dc_all))
+        return dgx, dh0, dc0, dw_hh
     dh_all = torch.zeros_like(h_all) if dh_all is None else dh_all.contiguous()
     dc_all = torch.zeros_like(c_all) if dc_all is None else dc_all.contiguous()
     return _lstm_sequence_backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh)
@@ -388,7 +527,7 @@ def _gru_sequence_backward(dh_all: Tensor, saved: Tensor, h0: Tensor, h_all: Ten
     H = h0.shape[1]
     backward = _sequence_function(_implementation("gru", w_hh), "gru_sequence_backward")
     dgx_all, dgh_all, dh = backward(dh_all, saved, h0, h_all, w_hh)
-    h_prev = torch.cat([h0[None], h_all[:-1]]).reshape(-1, H)
+    h_prev = torch.cat([h0[None], h_all])[:h_all.shape[0]].reshape(-1, H)
     dgh = dgh_all.reshape(-1, 3 * H)
     db = dgh.sum(0).to(w_hh.dtype) if need_db else h0.new_empty(0)
     return dgx_all, dh, (dgh.t() @ h_prev).to(w_hh.dtype), db
@@ -402,14 +541,17 @@ def _(dh_all, saved, h0, h_all, w_hh, need_db):
 
 
 def _gru_setup(ctx, inputs, output):
-    _, h0, w_hh, b_hh = inputs
+    gx, h0, w_hh, b_hh = inputs
     h_all, saved = output
-    ctx.save_for_backward(saved, h0, h_all, w_hh)
+    ctx.save_for_backward(gx, saved, h0, h_all, w_hh, b_hh)
     ctx.has_bias = b_hh is not None
 
 
 def _gru_grad(ctx, dh_all, dsaved):
-    saved, h0, h_all, w_hh = ctx.saved_tensors
+    gx, saved, h0, h_all, w_hh, b_hh = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: differentiable gradients
+        dgx, dh0, _, dw_hh, db = _double_backward_grads(ctx, "gru", (gx, h0, None, w_hh, b_hh), (dh_all,))
+        return dgx, dh0, dw_hh, db
     dh_all = torch.zeros_like(h_all) if dh_all is None else dh_all.contiguous()
     need_db = ctx.has_bias and ctx.needs_input_grad[3]
     dgx, dh0, dw_hh, db = _gru_sequence_backward(dh_all, saved, h0, h_all, w_hh, need_db)
@@ -419,30 +561,122 @@ def _gru_grad(ctx, dh_all, dsaved):
 torch.library.register_autograd("kiln::gru_sequence", _gru_grad, setup_context=_gru_setup)
 
 
+@torch.library.custom_op("kiln::rnn_sequence", mutates_args=())
+def _rnn_sequence(gx: Tensor, h0: Tensor, w_hh: Tensor, relu: bool) -> Tensor:
+    """Elman: gx (T, B, H) = x W_ih^T + b_ih + b_hh, h0 (B, H) -> h_all (T, B, H),
+    h_t = act(gx_t + h_{t-1} w_hh^T), act relu if ``relu`` else tanh."""
+    forward = _sequence_function(_implementation("rnn", w_hh), "rnn_sequence_forward")
+    return forward(gx, h0, w_hh, relu)
+
+
+@_rnn_sequence.register_fake
+def _(gx, h0, w_hh, relu):
+    return h0.new_empty((gx.shape[0], *h0.shape))
+
+
+@torch.library.custom_op("kiln::rnn_sequence_backward", mutates_args=())
+def _rnn_sequence_backward(dh_all: Tensor, h0: Tensor, h_all: Tensor, w_hh: Tensor,
+                           relu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (dgx (T, B, H), dh0, dw_hh)."""
+    backward = _sequence_function(_implementation("rnn", w_hh), "rnn_sequence_backward")
+    dpre_all, dh = backward(dh_all, h0, h_all, w_hh, relu)
+    h_prev = torch.cat([h0[None], h_all])[:h_all.shape[0]].reshape(-1, h0.shape[1])
+    return dpre_all, dh, (dpre_all.reshape(-1, h0.shape[1]).t() @ h_prev).to(w_hh.dtype)
+
+
+@_rnn_sequence_backward.register_fake
+def _(dh_all, h0, h_all, w_hh, relu):
+    return torch.empty_like(h_all), torch.empty_like(h0), torch.empty_like(w_hh)
+
+
+def _rnn_setup(ctx, inputs, output):
+    gx, h0, w_hh, relu = inputs
+    ctx.save_for_backward(gx, h0, output, w_hh)
+    ctx.relu = relu
+
+
+def _rnn_grad(ctx, dh_all):
+    gx, h0, h_all, w_hh = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: differentiable gradients
+        dgx, dh0, _, dw_hh, _ = _double_backward_grads(ctx, "rnn", (gx, h0, None, w_hh, None), (dh_all,),
+                                                       relu=ctx.relu)
+        return dgx, dh0, dw_hh, None
+    return (*_rnn_sequence_backward(dh_all.contiguous(), h0, h_all, w_hh, ctx.relu), None)
+
+
+torch.library.register_autograd("kiln::rnn_sequence", _rnn_grad, setup_context=_rnn_setup)
+
+
 # ---------------------------------------------------------------------------------------
 # The public ops.
 
 
-def _check_weights(op, x, w_ih, w_hh, b_ih, b_hh, gates):
+def _check_weights(op, x, w_ih, w_hh, b_ih, b_hh, gates, w_hr=None):
+    """-> (H, S): the hidden size and the recurrent state's size (proj_size with w_hr)."""
     check_floating(op, x=x, w_ih=w_ih, w_hh=w_hh)
-    check_same_device_dtype(op, x=x, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
-    if w_hh.dim() != 2 or w_hh.shape[0] != gates * w_hh.shape[1]:
+    check_same_device_dtype(op, x=x, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr)
+    if w_hh.dim() != 2 or w_hh.shape[0] % gates:
         raise ValueError(f"{op}: w_hh must be ({gates} * hidden, hidden), got {tuple(w_hh.shape)}")
-    H = w_hh.shape[1]
+    H = w_hh.shape[0] // gates
+    S = H
+    if w_hr is not None:
+        if w_hr.dim() != 2 or w_hr.shape[1] != H:
+            raise ValueError(f"{op}: w_hr must be (proj, hidden) = (proj, {H}) for w_hh {tuple(w_hh.shape)}, "
+                             f"got {tuple(w_hr.shape)}")
+        S = w_hr.shape[0]
+    if w_hh.shape[1] != S:
+        want = f"({gates} * hidden, proj) = ({gates * H}, {S})" if w_hr is not None else \
+            f"({gates} * hidden, hidden) = ({gates * H}, {H})"
+        raise ValueError(f"{op}: w_hh must be {want}, got {tuple(w_hh.shape)}")
     if w_ih.dim() != 2 or w_ih.shape[0] != gates * H or w_ih.shape[1] != x.shape[-1]:
         raise ValueError(f"{op}: w_ih must be ({gates} * hidden, input) = ({gates * H}, {x.shape[-1]}) "
                          f"for x {tuple(x.shape)} and w_hh {tuple(w_hh.shape)}, got {tuple(w_ih.shape)}")
     for name, b in (("b_ih", b_ih), ("b_hh", b_hh)):
         if b is not None and tuple(b.shape) != (gates * H,):
-            raise ValueError(f"{op}: {name} must have shape ({gates * H},), got {tuple(b.shape)}")
-    return H
+            raise ValueError(f"{op}: {name} must have shape ({gates} * hidden,) = ({gates * H},) for w_hh "
+                             f"{tuple(w_hh.shape)}, got {tuple(b.shape)}")
+    return H, S
 
 
 def _check_state(op, name, s, B, H, x):
+    if not isinstance(s, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(s).__name__}")
     if tuple(s.shape) != (B, H):
-        raise ValueError(f"{op}: {name} must have shape (batch, hidden) = {(B, H)}, got {tuple(s.shape)}")
+        raise ValueError(f"{op}: {name} must have shape (batch, hidden) = {(B, H)} for x {tuple(x.shape)}, "
+                         f"got {tuple(s.shape)}")
     if s.device != x.device:
-        raise ValueError(f"{op}: {name} is on {s.device} but x is on {x.device}")
+        raise ValueError(f"{op}: {name} is on {s.device} but x is on {x.device} ({name} {tuple(s.shape)}, "
+                         f"x {tuple(x.shape)})")
+
+
+def _check_batch_sizes(op, batch_sizes, x):
+    """torch's PackedSequence layout: T non-increasing counts of active leading rows."""
+    T, B = x.shape[0], x.shape[1]
+    sizes = [int(b) for b in batch_sizes]
+    if len(sizes) != T or (T and sizes[0] != B) or any(b <= 0 for b in sizes) or \
+            any(a < b for a, b in zip(sizes, sizes[1:])):
+        raise ValueError(f"{op}: batch_sizes must be {T} non-increasing positive counts starting at the "
+                         f"batch size {B} for x {tuple(x.shape)}, got {sizes}")
+    return sizes
+
+
+def _autocast_dtype(x: Tensor):
+    """The autocast region's dtype for x's device, None outside one (torch's "lower" policy
+    for recurrent layers: they run in the region's dtype)."""
+    device_type = x.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _autocast(x, *tensors):
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return (x, *tensors)
+    dtype = _autocast_dtype(x)
+    if dtype is None:
+        return (x, *tensors)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                 for t in (x, *tensors))
 
 
 def _input_projection(x, w_ih, bias):
@@ -456,43 +690,173 @@ def _sum_biases(b_ih, b_hh):
     return b_ih if b_hh is None else b_ih + b_hh
 
 
+def _segments(batch_sizes):
+    """Runs of steps with the same batch size: [(t0, t1, rows)]."""
+    runs, t0 = [], 0
+    for t in range(1, len(batch_sizes) + 1):
+        if t == len(batch_sizes) or batch_sizes[t] != batch_sizes[t0]:
+            runs.append((t0, t, batch_sizes[t0]))
+            t0 = t
+    return runs
+
+
+def _run_packed(run, x, states, batch_sizes, reverse):
+    """Runs ``run(x_seg, states_seg) -> (out_seg, *finals)`` (one direction, rows all active)
+    over each run of steps with one batch size, on exactly its active rows. -> out (T, B, .)
+    zero past each row's length, and each row's final states (the state after its last
+    step forward, after step 0 in reverse)."""
+    B = x.shape[1]
+    runs = _segments(batch_sizes)
+    outs = [None] * len(runs)
+    if not reverse:
+        current, ended = list(states), [[] for _ in states]
+        for i, (t0, t1, rows) in enumerate(runs):
+            out, *current = run(x[t0:t1, :rows], [s[:rows] for s in current])
+            outs[i] = out
+            rows_next = runs[i + 1][2] if i + 1 < len(runs) else 0
+            for e, s in zip(ended, current):  # rows rows_next .. rows end at step t1 - 1
+                e.append(s[rows_next:])
+        finals = [torch.cat(e[::-1]) for e in ended]
+    else:
+        current = None
+        for i in reversed(range(len(runs))):
+            t0, t1, rows = runs[i]
+            if current is None:
+                current = [s[:rows] for s in states]
+            else:  # the rows that start here start from their initial state
+                current = [torch.cat([c, s[c.shape[0]:rows]]) for c, s in zip(current, states)]
+            out, *current = run(x[t0:t1, :rows], current)
+            outs[i] = out
+        finals = current
+    out = torch.cat([torch.nn.functional.pad(o, (0, 0, 0, B - o.shape[1])) for o in outs])
+    return out, finals
+
+
+def _run_direction(run, x, states, batch_sizes, reverse):
+    if batch_sizes is None or x.shape[0] == 0:
+        out, *finals = run(x, states)
+        return out, finals
+    return _run_packed(run, x, states, batch_sizes, reverse)
+
+
+def _lstm_projected(x, h0, c0, w_ih, w_hh, bias, w_hr):
+    """LSTM with a projection (torch's proj_size): h_t = w_hr (o tanh(c_t)), and the
+    recurrence reads the projected h. The step kernels take a square w_hh, so this runs as
+    differentiable PyTorch ops per step (autograd gives every gradient and the double
+    backward). -> (out (T, B, P), h_n, c_n), state dtype."""
+    gx = _input_projection(x, w_ih, bias)
+    sd = gx.dtype
+    w, w_r = w_hh.t().to(sd), w_hr.t().to(sd)
+    h, c, hs = h0.to(sd), c0.to(sd), []
+    for t in range(gx.shape[0]):
+        i, f, g, o = (gx[t] + h @ w).chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = (torch.sigmoid(o) * torch.tanh(c)) @ w_r
+        hs.append(h)
+    out = torch.stack(hs) if hs else gx.new_zeros((0, h.shape[0], h.shape[1]))
+    return out, h, c
+
+
 def lstm(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
-         b_hh: Optional[Tensor] = None, reverse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+         b_hh: Optional[Tensor] = None, reverse: bool = False, w_hr: Optional[Tensor] = None,
+         batch_sizes: Optional[Sequence[int]] = None) -> tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer, one direction, over x (T, B, input): returns (out (T, B, H), h_n, c_n).
     ``reverse`` runs the steps from T-1 down to 0 (the backward direction of a
-    bidirectional layer); out stays in time order."""
+    bidirectional layer); out stays in time order. ``w_hr`` (proj, H): torch's projection
+    (h_t = w_hr (o tanh c_t), out and h_n (., proj)). ``batch_sizes``: packed layout, step t
+    runs the first batch_sizes[t] rows (rows sorted by length); out is zero past a row's
+    length and h_n, c_n are each row's state after its own last step."""
     op = "lstm"
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _autocast(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     if x.dim() != 3:
         raise ValueError(f"{op}: x must be (T, batch, input), got {tuple(x.shape)}")
-    H = _check_weights(op, x, w_ih, w_hh, b_ih, b_hh, 4)
+    H, S = _check_weights(op, x, w_ih, w_hh, b_ih, b_hh, 4, w_hr)
     B = x.shape[1]
-    _check_state(op, "h0", h0, B, H, x)
+    _check_state(op, "h0", h0, B, S, x)
     _check_state(op, "c0", c0, B, H, x)
-    if reverse:
-        x = x.flip(0)
-    gx = _input_projection(x, w_ih, _sum_biases(b_ih, b_hh))
+    if batch_sizes is not None:
+        batch_sizes = _check_batch_sizes(op, batch_sizes, x)
+    bias = _sum_biases(b_ih, b_hh)
     sd = _state_dtype(x.dtype)
-    h_all, c_all, _ = _lstm_sequence(gx, h0.to(sd).contiguous(), c0.to(sd).contiguous(), w_hh.contiguous())
-    out = h_all.flip(0) if reverse else h_all
-    return out.to(x.dtype), h_all[-1].to(x.dtype), c_all[-1].to(x.dtype)
+
+    def run(xs, states):
+        xs = xs.flip(0) if reverse else xs
+        if w_hr is not None:
+            out, h_n, c_n = _lstm_projected(xs, states[0], states[1], w_ih, w_hh, bias, w_hr)
+        else:
+            gx = _input_projection(xs, w_ih, bias)
+            out, c_all, _ = _lstm_sequence(gx, states[0].to(sd).contiguous(), states[1].to(sd).contiguous(),
+                                           w_hh.contiguous())
+            h_n, c_n = (out[-1], c_all[-1]) if xs.shape[0] else (states[0], states[1])
+        return (out.flip(0) if reverse else out), h_n, c_n
+
+    out, (h_n, c_n) = _run_direction(run, x, [h0, c0], batch_sizes, reverse)
+    return out.to(x.dtype), h_n.to(x.dtype), c_n.to(x.dtype)
 
 
 def gru(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
-        b_hh: Optional[Tensor] = None, reverse: bool = False) -> tuple[Tensor, Tensor]:
-    """One GRU layer, one direction, over x (T, B, input): returns (out (T, B, H), h_n)."""
+        b_hh: Optional[Tensor] = None, reverse: bool = False,
+        batch_sizes: Optional[Sequence[int]] = None) -> tuple[Tensor, Tensor]:
+    """One GRU layer, one direction, over x (T, B, input): returns (out (T, B, H), h_n);
+    ``reverse`` and ``batch_sizes`` as lstm's."""
     op = "gru"
+    x, h0, w_ih, w_hh, b_ih, b_hh = _autocast(x, h0, w_ih, w_hh, b_ih, b_hh)
     if x.dim() != 3:
         raise ValueError(f"{op}: x must be (T, batch, input), got {tuple(x.shape)}")
-    H = _check_weights(op, x, w_ih, w_hh, b_ih, b_hh, 3)
+    H, _ = _check_weights(op, x, w_ih, w_hh, b_ih, b_hh, 3)
     _check_state(op, "h0", h0, x.shape[1], H, x)
-    if reverse:
-        x = x.flip(0)
-    gx = _input_projection(x, w_ih, b_ih)
+    if batch_sizes is not None:
+        batch_sizes = _check_batch_sizes(op, batch_sizes, x)
     sd = _state_dtype(x.dtype)
-    h_all, _ = _gru_sequence(gx, h0.to(sd).contiguous(), w_hh.contiguous(),
-                             None if b_hh is None else b_hh.contiguous())
-    out = h_all.flip(0) if reverse else h_all
-    return out.to(x.dtype), h_all[-1].to(x.dtype)
+
+    def run(xs, states):
+        xs = xs.flip(0) if reverse else xs
+        gx = _input_projection(xs, w_ih, b_ih)
+        h_all, _ = _gru_sequence(gx, states[0].to(sd).contiguous(), w_hh.contiguous(),
+                                 None if b_hh is None else b_hh.contiguous())
+        h_n = h_all[-1] if xs.shape[0] else states[0]
+        return (h_all.flip(0) if reverse else h_all), h_n
+
+    out, (h_n,) = _run_direction(run, x, [h0], batch_sizes, reverse)
+    return out.to(x.dtype), h_n.to(x.dtype)
+
+
+def _elman(op, relu, x, h0, w_ih, w_hh, b_ih, b_hh, reverse, batch_sizes):
+    x, h0, w_ih, w_hh, b_ih, b_hh = _autocast(x, h0, w_ih, w_hh, b_ih, b_hh)
+    if x.dim() != 3:
+        raise ValueError(f"{op}: x must be (T, batch, input), got {tuple(x.shape)}")
+    H, _ = _check_weights(op, x, w_ih, w_hh, b_ih, b_hh, 1)
+    _check_state(op, "h0", h0, x.shape[1], H, x)
+    if batch_sizes is not None:
+        batch_sizes = _check_batch_sizes(op, batch_sizes, x)
+    bias = _sum_biases(b_ih, b_hh)
+    sd = _state_dtype(x.dtype)
+
+    def run(xs, states):
+        xs = xs.flip(0) if reverse else xs
+        gx = _input_projection(xs, w_ih, bias)
+        h_all = _rnn_sequence(gx, states[0].to(sd).contiguous(), w_hh.contiguous(), relu)
+        h_n = h_all[-1] if xs.shape[0] else states[0]
+        return (h_all.flip(0) if reverse else h_all), h_n
+
+    out, (h_n,) = _run_direction(run, x, [h0], batch_sizes, reverse)
+    return out.to(x.dtype), h_n.to(x.dtype)
+
+
+def rnn_tanh(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
+             b_hh: Optional[Tensor] = None, reverse: bool = False,
+             batch_sizes: Optional[Sequence[int]] = None) -> tuple[Tensor, Tensor]:
+    """One Elman RNN layer (torch.nn.RNN, nonlinearity "tanh"), one direction, over x
+    (T, B, input): h_t = tanh(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh); returns
+    (out (T, B, H), h_n); ``reverse`` and ``batch_sizes`` as lstm's."""
+    return _elman("rnn_tanh", False, x, h0, w_ih, w_hh, b_ih, b_hh, reverse, batch_sizes)
+
+
+def rnn_relu(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
+             b_hh: Optional[Tensor] = None, reverse: bool = False,
+             batch_sizes: Optional[Sequence[int]] = None) -> tuple[Tensor, Tensor]:
+    """rnn_tanh with relu: torch.nn.RNN's nonlinearity "relu"."""
+    return _elman("rnn_relu", True, x, h0, w_ih, w_hh, b_ih, b_hh, reverse, batch_sizes)
 
 
 def _cell_batch(op, x):
@@ -518,4 +882,24 @@ def gru_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Te
     if unbatched:
         x, h = x[None], h[None]
     _, h_n = gru(x[None], h, w_ih, w_hh, b_ih, b_hh)
+    return h_n[0] if unbatched else h_n
+
+
+def rnn_tanh_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
+                  b_hh: Optional[Tensor] = None) -> Tensor:
+    """One Elman step as torch.nn.RNNCell (tanh): x (B, input), h (B, H) -> h_next."""
+    unbatched = _cell_batch("rnn_tanh_cell", x)
+    if unbatched:
+        x, h = x[None], h[None]
+    _, h_n = rnn_tanh(x[None], h, w_ih, w_hh, b_ih, b_hh)
+    return h_n[0] if unbatched else h_n
+
+
+def rnn_relu_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
+                  b_hh: Optional[Tensor] = None) -> Tensor:
+    """One Elman step as torch.nn.RNNCell (relu): x (B, input), h (B, H) -> h_next."""
+    unbatched = _cell_batch("rnn_relu_cell", x)
+    if unbatched:
+        x, h = x[None], h[None]
+    _, h_n = rnn_relu(x[None], h, w_ih, w_hh, b_ih, b_hh)
     return h_n[0] if unbatched else h_n
