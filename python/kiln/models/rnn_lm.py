@@ -57,8 +57,9 @@ class RecurrentState:
 
 
 class RecurrentStack(nn.Module):
-    """num_layers recurrent layers, batch first: kiln.nn.LSTM / GRU for the gated cells, a
-    CellRNN per layer for the notes' cells, dropout between layers."""
+    """num_layers recurrent layers, batch first: kiln.nn.RNN (the basic cell of 16.3 as one fused
+    sequence op), GRU and LSTM; a CellRNN per layer for the residual and highway cells; dropout
+    between layers."""
 
     def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int, dropout: float,
                  nonlinearity: str = "tanh", bidirectional: bool = False):
@@ -66,12 +67,17 @@ class RecurrentStack(nn.Module):
         _check(cell)
         self.cell, self.num_layers = cell, num_layers
         directions = 2 if bidirectional else 1
-        if cell in ("gru", "lstm"):
-            kind = knn.LSTM if cell == "lstm" else knn.GRU
-            self.rnn = kind(input_size, hidden_size, num_layers, batch_first=True,
-                            dropout=dropout if num_layers > 1 else 0.0, bidirectional=bidirectional)
+        if cell in ("rnn", "gru", "lstm"):
+            layer_dropout = dropout if num_layers > 1 else 0.0
+            if cell == "rnn":
+                self.rnn = knn.RNN(input_size, hidden_size, num_layers, nonlinearity=nonlinearity, batch_first=True,
+                                   dropout=layer_dropout, bidirectional=bidirectional)
+            else:
+                self.rnn = (knn.LSTM if cell == "lstm" else knn.GRU)(
+                    input_size, hidden_size, num_layers, batch_first=True, dropout=layer_dropout,
+                    bidirectional=bidirectional)
             return
-        cell_class = {"rnn": knn.RNNCell, "residual": knn.ResidualRNNCell, "highway": knn.HighwayRNNCell}[cell]
+        cell_class = {"residual": knn.ResidualRNNCell, "highway": knn.HighwayRNNCell}[cell]
         layers = []
         for i in range(num_layers):
             width = input_size if i == 0 else directions * hidden_size
@@ -88,8 +94,8 @@ class RecurrentStack(nn.Module):
 
     def forward(self, x: Tensor, state=None):
         """x (B, T, in) -> outputs (B, T, directions * H), the new state."""
-        if self.cell in ("gru", "lstm"):
-            if state is not None and self.cell == "gru":
+        if self.cell in ("rnn", "gru", "lstm"):
+            if state is not None and self.cell != "lstm":
                 state = state[0]
             out, new = self.rnn(x, state)
             return out, (new if self.cell == "lstm" else (new,))

@@ -161,6 +161,8 @@ def train(task: str | Task, model: str | None = None, *, epochs: int | None = No
         "best_epoch": trainer.best_epoch, "test_loss": test["loss"],
         task.headline: test[task.metric],
     }
+    net.eval()
+    results.update(task.results(net, splits, device, trainer))
     _write_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=2) + "\n")
     if trainer.history:
         plots.curves(trainer.history, f"val_{task.metric}", os.path.join(out, "curves.png"))

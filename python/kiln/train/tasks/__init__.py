@@ -21,6 +21,9 @@ from kiln.train.data import Splits
 
 TASK_MODULES = {
     "digits": "kiln.train.tasks.digits",
+    "charlm": "kiln.train.tasks.charlm",
+    "translate": "kiln.train.tasks.translate",
+    "textclass": "kiln.train.tasks.textclass",
 }
 
 
@@ -84,6 +87,11 @@ class Task:
         """The LR schedule over ``total_steps`` (epochs x steps per epoch), stepped every step;
         None for a constant rate."""
         return None
+
+    def results(self, model: nn.Module, splits: Splits, device: torch.device, trainer) -> dict:
+        """Task-specific entries for results.json beyond the headline (e.g. decoding metrics,
+        throughput), computed after training with the best weights restored."""
+        return {}
 
     def plots(self, out_dir: str, model: nn.Module, splits: Splits) -> list[str]:
         """Extra PNGs of this task written into ``out_dir`` (curves.png is written for all)."""
