@@ -5,6 +5,7 @@ from . import batch_norm as _batch_norm_family
 from . import cross_entropy as _cross_entropy_family
 from . import layer_norm as _layer_norm_family
 from . import linear_act as _linear_act_family
+from . import optim as _optim_family
 from . import rnn as _rnn_family
 from .attention import attention
 from .batch_norm import batch_norm
@@ -12,6 +13,7 @@ from .cross_entropy import cross_entropy, log_softmax, softmax
 from .layer_norm import layer_norm
 from .linear_act import linear_act
 from .linear_cross_entropy import linear_cross_entropy
+from .optim import adam_step, ngd_step, rmsprop_step, sgd_step
 from .rnn import gru, gru_cell, lstm, lstm_cell
 
 # op name (as kiln.backend.use(..., ops=[...]) takes it) -> {backend: dtypes it covers};
@@ -26,8 +28,13 @@ BACKEND_DTYPES = {
     "attention": _attention_family.DTYPES,
     "lstm": _rnn_family.DTYPES,
     "gru": _rnn_family.DTYPES,
+    "sgd_step": _optim_family.DTYPES,
+    "adam_step": _optim_family.DTYPES,
+    "rmsprop_step": _optim_family.DTYPES,
+    "ngd_step": _optim_family.DTYPES,
 }
 
 __all__ = ["linear_act", "softmax", "log_softmax", "cross_entropy", "linear_cross_entropy",
            "layer_norm", "batch_norm", "attention",
-           "lstm", "gru", "lstm_cell", "gru_cell", "BACKEND_DTYPES"]
+           "lstm", "gru", "lstm_cell", "gru_cell",
+           "sgd_step", "adam_step", "rmsprop_step", "ngd_step", "BACKEND_DTYPES"]
