@@ -84,10 +84,8 @@ def _sgd(addresses, sizes, chunk_of, chunk_at, chunk, consts, nesterov, maximize
 @njit(**KERNEL_OPTIONS)
 def _adam(addresses, sizes, chunk_of, chunk_at, chunk, step_sizes, bc2_sqrts, consts, amsgrad, maximize,
           decoupled, like):
-    lr, beta1, beta2, eps, weight_decay = consts[0], consts[1], consts[2], consts[3], consts[4]
-    one = like.dtype.type(1)  # 1 - beta in the storage type, as torch's float32 math
-    keep1, keep2 = one - beta1, one - beta2
-    decay = one - lr * weight_decay
+    beta2, eps, weight_decay = consts[0], consts[1], consts[2]
+    keep1, keep2, decay = consts[3], consts[4], consts[5]  # 1 - beta1, 1 - beta2, 1 - lr wd: rounded once
     for c in prange(chunk_of.shape[0]):
         t, start, n = _chunk_bounds(sizes, chunk_of, chunk_at, c, chunk)
         p = _chunk_array(addresses, 0, t, start, n, like)
@@ -118,7 +116,7 @@ def _adam(addresses, sizes, chunk_of, chunk_at, chunk, step_sizes, bc2_sqrts, co
 @njit(**KERNEL_OPTIONS)
 def _rmsprop(addresses, sizes, chunk_of, chunk_at, chunk, consts, centered, has_momentum, maximize, like):
     lr, alpha, eps, weight_decay, momentum = consts[0], consts[1], consts[2], consts[3], consts[4]
-    keep = like.dtype.type(1) - alpha
+    keep = consts[5]  # 1 - alpha, rounded once
     for c in prange(chunk_of.shape[0]):
         t, start, n = _chunk_bounds(sizes, chunk_of, chunk_at, c, chunk)
         p = _chunk_array(addresses, 0, t, start, n, like)
@@ -213,7 +211,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_sizes,
     lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     args, _ = _tables(lists)
     _adam(*args, np.asarray(step_sizes, like.dtype), np.asarray(bc2_sqrts, like.dtype),
-          _consts(like, lr, beta1, beta2, eps, weight_decay), amsgrad, maximize, decoupled_weight_decay, like)
+          _consts(like, beta2, eps, weight_decay, 1 - beta1, 1 - beta2, 1 - lr * weight_decay), amsgrad, maximize, decoupled_weight_decay, like)
 
 
 def rmsprop_step(params, grads, square_avgs, momentum_buffers, grad_avgs, lr, alpha, eps, weight_decay, momentum,
@@ -223,7 +221,7 @@ def rmsprop_step(params, grads, square_avgs, momentum_buffers, grad_avgs, lr, al
     lists = ([params, grads, square_avgs] + ([momentum_buffers] if has_momentum else [])
              + ([grad_avgs] if centered else []))
     args, _ = _tables(lists)
-    _rmsprop(*args, _consts(like, lr, alpha, eps, weight_decay, momentum), centered, has_momentum, maximize, like)
+    _rmsprop(*args, _consts(like, lr, alpha, eps, weight_decay, momentum, 1 - alpha), centered, has_momentum, maximize, like)
 
 
 def ngd_step(params, grads, lr, per_tensor, maximize):

@@ -160,16 +160,9 @@ def cuda_ngd_step(params, grads, lr, per_tensor, maximize):
         # pass 1: per-tensor float64 sums of squares of the grads; pass 2: the update with the scales
         ext.optim_sum_squares(ptr(table.data), table.lists, table.tensors, table.chunks, table.chunk, 1,
                               ptr(sums), CUDA_DTYPE_CODE[first.dtype], stream(first))
-        table.scalars[0].copy_(_device_ngd_scales(sums, lr, per_tensor, maximize))
+        table.scalars[0].copy_(multi_tensor.device_ngd_scales(sums, lr, per_tensor, maximize))
         ext.optim_scaled_descent(ptr(table.data), table.lists, table.tensors, table.chunks, table.chunk,
                                  CUDA_DTYPE_CODE[first.dtype], stream(first))
-
-
-def _device_ngd_scales(sums: Tensor, lr: float, per_tensor: bool, maximize: bool) -> Tensor:
-    """ngd_scales on the device, without a copy to the host."""
-    norms = sums.sqrt() if per_tensor else sums.sum().sqrt().expand_as(sums)
-    scales = torch.where(norms > 0, lr / norms, torch.zeros_like(norms))
-    return -scales if maximize else scales
 
 
 # ---------------------------------------------------------------------------------------
