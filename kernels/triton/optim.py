@@ -41,6 +41,15 @@ def _tensor_pointer(table, n_tensors, k, t, start, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _sqrt(x):
+    """IEEE-rounded square root (tl.sqrt may lower to an approximation in float32)."""
+    if x.dtype == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
 def _chunk(table, n_tensors, n_chunks, CHUNK: tl.constexpr, K: tl.constexpr):
     """(tensor, first element, elements) of this program's chunk; the table's sizes
     section follows the K lists of addresses, the chunk map follows the sizes."""
@@ -124,7 +133,7 @@ def _adam_kernel(table, floats, n_tensors, n_chunks, scalars_at, consts_at, AMSG
         if AMSGRAD:
             v = tl.maximum(tl.load(vmax_ptr + offs, mask=mask).to(MATH), v)
             tl.store(vmax_ptr + offs, v.to(DTYPE), mask=mask)
-        p = p - step_size * (m / (tl.sqrt_rn(v) / bc2_sqrt + eps))
+        p = p - step_size * (m / (_sqrt(v) / bc2_sqrt + eps))
         tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
 
 
@@ -160,7 +169,7 @@ def _rmsprop_kernel(table, floats, n_tensors, n_chunks, consts_at, CENTERED: tl.
             a = a + keep * (d - a)
             tl.store(a_ptr + offs, a.to(DTYPE), mask=mask)
             s = s - a * a
-        u = d / (tl.sqrt_rn(s) + eps)
+        u = d / (_sqrt(s) + eps)
         if HAS_MOMENTUM:
             u = momentum * tl.load(b_ptr + offs, mask=mask).to(MATH) + u
             tl.store(b_ptr + offs, u.to(DTYPE), mask=mask)
