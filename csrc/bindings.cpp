@@ -8,6 +8,7 @@
 
 #include "kiln/api.h"
 #include "kiln/attention.h"
+#include "kiln/optim.h"
 #include "kiln/rnn.h"
 
 #ifndef KILN_CUDA_ARCHS
@@ -208,4 +209,35 @@ PYBIND11_MODULE(_cuda, m) {
         "h0 (B, H), h_all (T, B, H) float32, w_hh (3H, H) of dtype -> dgx_all, dgh_all (T, B, 3H), dh0 (B, H)\n"
         "float32, as the step loop over gru_step_backward. Returns False, doing nothing, when\n"
         "rnn_sequence_fits(3, B, H, dtype) is false; T == 0: nothing written, returns True.");
+
+  // Fused optimizer steps (csrc/optim.cu): a multi-tensor table in device memory, one launch.
+  m.def("optim_sgd", &kiln::optim_sgd, py::arg("table"), py::arg("lists"), py::arg("tensors"), py::arg("chunks"),
+        py::arg("chunk"), py::arg("lr"), py::arg("weight_decay"), py::arg("momentum"), py::arg("dampening"),
+        py::arg("nesterov"), py::arg("maximize"), py::arg("first_step"), py::arg("dtype"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "torch.optim.SGD's step over every tensor of the table (lists param, grad[, momentum_buffer]), in place.\n"
+        "dtype: 0 float32, 1 float16, 2 bfloat16, 3 float64.");
+
+  m.def("optim_adam", &kiln::optim_adam, py::arg("table"), py::arg("lists"), py::arg("tensors"), py::arg("chunks"),
+        py::arg("chunk"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
+        py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled_weight_decay"), py::arg("dtype"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "torch.optim.Adam's (AdamW's) step over the table (param, grad, exp_avg, exp_avg_sq[, max_exp_avg_sq]),\n"
+        "per-tensor scalar rows step_size and bc2_sqrt, in place.");
+
+  m.def("optim_rmsprop", &kiln::optim_rmsprop, py::arg("table"), py::arg("lists"), py::arg("tensors"),
+        py::arg("chunks"), py::arg("chunk"), py::arg("lr"), py::arg("alpha"), py::arg("eps"), py::arg("weight_decay"),
+        py::arg("momentum"), py::arg("centered"), py::arg("maximize"), py::arg("dtype"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "torch.optim.RMSprop's step over the table (param, grad, square_avg[, momentum_buffer][, grad_avg]).");
+
+  m.def("optim_sum_squares", &kiln::optim_sum_squares, py::arg("table"), py::arg("lists"), py::arg("tensors"),
+        py::arg("chunks"), py::arg("chunk"), py::arg("list"), py::arg("partial"), py::arg("dtype"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "partial[c] (float64) = sum of squares of chunk c of the table's list `list`.");
+
+  m.def("optim_scaled_descent", &kiln::optim_scaled_descent, py::arg("table"), py::arg("lists"), py::arg("tensors"),
+        py::arg("chunks"), py::arg("chunk"), py::arg("dtype"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "param -= scale * direction over the table (lists param, direction; scalar row 0: scale per tensor).");
 }

@@ -112,7 +112,7 @@ def reference_ngd_step(params, grads, lr, per_tensor, maximize):
 # ---------------------------------------------------------------------------------------
 # The cuda backend: one table (kernels/multi_tensor.py) copied to the device, one launch.
 
-CUDA_CHUNK = 1 << 16
+CUDA_CHUNK = 1 << 14  # elements per CUDA block: 20M elements make ~1200 blocks
 CUDA_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
 
@@ -155,14 +155,19 @@ def cuda_ngd_step(params, grads, lr, per_tensor, maximize):
     ext = backend.cuda_extension()
     table = _cuda_table([params, grads], ([0.0] * len(params),))
     first = params[0]
-    sums = torch.zeros(len(params), dtype=torch.float64, device=first.device)
+    code = CUDA_DTYPE_CODE[first.dtype]
+    partial = torch.empty(table.chunks, dtype=torch.float64, device=first.device)
     with torch.cuda.device(first.device):
-        # pass 1: per-tensor float64 sums of squares of the grads; pass 2: the update with the scales
+        # pass 1: float64 sums of squares of the grads per chunk; a tensor's chunks are
+        # consecutive, so a segmented sum (fixed order, no atomics) gives its sum
         ext.optim_sum_squares(ptr(table.data), table.lists, table.tensors, table.chunks, table.chunk, 1,
-                              ptr(sums), CUDA_DTYPE_CODE[first.dtype], stream(first))
+                              ptr(partial), code, stream(first))
+        counts = torch.tensor([-(-g.numel() // CUDA_CHUNK) for g in grads], device=first.device)
+        sums = torch.segment_reduce(partial, "sum", lengths=counts)
         table.scalars[0].copy_(multi_tensor.device_ngd_scales(sums, lr, per_tensor, maximize))
-        ext.optim_scaled_descent(ptr(table.data), table.lists, table.tensors, table.chunks, table.chunk,
-                                 CUDA_DTYPE_CODE[first.dtype], stream(first))
+        # pass 2: the update with the scales, written into the table on the device
+        ext.optim_scaled_descent(ptr(table.data), table.lists, table.tensors, table.chunks, table.chunk, code,
+                                 stream(first))
 
 
 # ---------------------------------------------------------------------------------------
