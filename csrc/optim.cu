@@ -314,7 +314,8 @@ void optim_sgd(std::uintptr_t table, std::int64_t lists, std::int64_t tensors, s
                bool maximize, bool first_step, int dtype, std::uintptr_t stream) {
   constexpr const char* kWhere = "optim_sgd";
   check_table(kWhere, table, lists, 2, 3, tensors, chunks, chunk);
-  check_arg((lists == 3) == (momentum != 0.0), kWhere, "lists must be 3 (with momentum_buffer) exactly when momentum != 0");
+  check_arg((lists == 3) == (momentum != 0.0), kWhere,
+            "lists must be 3 (with momentum_buffer) exactly when momentum != 0");
   if (chunks == 0) return;
   const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
   dispatch_optim_dtype(kWhere, dtype, [&](auto type) {

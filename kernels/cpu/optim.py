@@ -211,7 +211,8 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_sizes,
     lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     args, _ = _tables(lists)
     _adam(*args, np.asarray(step_sizes, like.dtype), np.asarray(bc2_sqrts, like.dtype),
-          _consts(like, beta2, eps, weight_decay, 1 - beta1, 1 - beta2, 1 - lr * weight_decay), amsgrad, maximize, decoupled_weight_decay, like)
+          _consts(like, beta2, eps, weight_decay, 1 - beta1, 1 - beta2, 1 - lr * weight_decay), amsgrad, maximize,
+          decoupled_weight_decay, like)
 
 
 def rmsprop_step(params, grads, square_avgs, momentum_buffers, grad_avgs, lr, alpha, eps, weight_decay, momentum,
@@ -221,7 +222,8 @@ def rmsprop_step(params, grads, square_avgs, momentum_buffers, grad_avgs, lr, al
     lists = ([params, grads, square_avgs] + ([momentum_buffers] if has_momentum else [])
              + ([grad_avgs] if centered else []))
     args, _ = _tables(lists)
-    _rmsprop(*args, _consts(like, lr, alpha, eps, weight_decay, momentum, 1 - alpha), centered, has_momentum, maximize, like)
+    _rmsprop(*args, _consts(like, lr, alpha, eps, weight_decay, momentum, 1 - alpha), centered, has_momentum,
+             maximize, like)
 
 
 def ngd_step(params, grads, lr, per_tensor, maximize):

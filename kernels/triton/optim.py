@@ -231,7 +231,8 @@ def sgd_step(params, grads, momentum_buffers, lr, weight_decay, momentum, dampen
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_sizes, bc2_sqrts, lr, beta1, beta2,
               eps, weight_decay, amsgrad, maximize, decoupled_weight_decay):
     lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
-    _launch(_adam_kernel, lists, (step_sizes, bc2_sqrts), (lr, beta1, beta2, eps, weight_decay, 1 - beta1, 1 - beta2, 1 - lr * weight_decay),
+    constants = (lr, beta1, beta2, eps, weight_decay, 1 - beta1, 1 - beta2, 1 - lr * weight_decay)
+    _launch(_adam_kernel, lists, (step_sizes, bc2_sqrts), constants,
             AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), DECOUPLED=bool(decoupled_weight_decay))
 
 
@@ -240,7 +241,8 @@ def rmsprop_step(params, grads, square_avgs, momentum_buffers, grad_avgs, lr, al
     has_momentum = momentum > 0
     lists = ([params, grads, square_avgs] + ([momentum_buffers] if has_momentum else [])
              + ([grad_avgs] if centered else []))
-    _launch(_rmsprop_kernel, lists, constants=(lr, alpha, eps, weight_decay, momentum, 1 - alpha), CENTERED=bool(centered),
+    _launch(_rmsprop_kernel, lists, constants=(lr, alpha, eps, weight_decay, momentum, 1 - alpha),
+            CENTERED=bool(centered),
             HAS_MOMENTUM=has_momentum, MAXIMIZE=bool(maximize))
 
 

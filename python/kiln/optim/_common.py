@@ -6,6 +6,7 @@ from collections import defaultdict
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
 
 def check_flags(name: str, group: dict) -> None:
@@ -70,3 +71,32 @@ def new_step() -> Tensor:
     from torch.optim.optimizer import _get_scalar_dtype
 
     return torch.tensor(0.0, dtype=_get_scalar_dtype())
+
+
+class FusedOptimizer(Optimizer):
+    """What every kiln optimizer's step does around its fused update: the closure (under
+    grad mode, as torch's), the flags, and the group's parameters that have a gradient."""
+
+    _name = "Optimizer"
+
+    def _step_group(self, group: dict, params: list[Tensor]) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            check_flags(self._name, group)
+            self._step_group(group, params_with_grad(self._name, group))
+        return loss
+
+    def _steps_as_tensors(self) -> None:
+        """State saved by old torch versions holds step as a number: make it torch's tensor."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                p_state = self.state.get(p, {})
+                if "step" in p_state and not torch.is_tensor(p_state["step"]):
+                    p_state["step"] = new_step().fill_(float(p_state["step"]))

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from kiln.ops.optim import adam_step
 
-from ._common import buckets, check_flags, check_tensor_lr, new_step, params_with_grad, real, scalar, zeros_like
+from ._common import FusedOptimizer, buckets, check_flags, check_tensor_lr, new_step, real, scalar, zeros_like
 
 
-class Adam(Optimizer):
+class Adam(FusedOptimizer):
     """torch.optim.Adam's arguments, defaults, state (``step``, ``exp_avg``, ``exp_avg_sq``,
     ``max_exp_avg_sq``) and math; ``decoupled_weight_decay=True`` is AdamW.
 
@@ -57,10 +56,7 @@ class Adam(Optimizer):
             group.setdefault("differentiable", False)
             group.setdefault("decoupled_weight_decay", False)
             group.setdefault("fused", None)
-            for p in group["params"]:
-                p_state = self.state.get(p, {})
-                if p_state and not torch.is_tensor(p_state["step"]):
-                    p_state["step"] = new_step().fill_(float(p_state["step"]))
+        self._steps_as_tensors()
 
     def _state(self, p: Tensor, amsgrad: bool) -> dict:
         state = self.state[p]
@@ -72,31 +68,22 @@ class Adam(Optimizer):
             state["max_exp_avg_sq"] = zeros_like(p)
         return state
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            check_flags(self._name, group)
-            params = params_with_grad(self._name, group)
-            amsgrad = group["amsgrad"]
-            states = [self._state(p, amsgrad) for p in params]
-            steps = [s["step"] for s in states]
-            if steps:
-                torch._foreach_add_(steps, 1)
-            beta1, beta2 = group["betas"]
-            hyper = dict(lr=scalar(group["lr"]), beta1=scalar(beta1), beta2=scalar(beta2), eps=scalar(group["eps"]),
-                         weight_decay=scalar(group["weight_decay"]), amsgrad=amsgrad, maximize=group["maximize"],
-                         decoupled_weight_decay=group["decoupled_weight_decay"])
-            for indices in buckets(params).values():
-                ps, ss = [params[i] for i in indices], [states[i] for i in indices]
-                adam_step([real(p) for p in ps], [real(p.grad) for p in ps], [real(s["exp_avg"]) for s in ss],
-                          [real(s["exp_avg_sq"]) for s in ss],
-                          [real(s["max_exp_avg_sq"]) for s in ss] if amsgrad else None,
-                          [s["step"] for s in ss], **hyper)
-        return loss
+    def _step_group(self, group, params):
+        amsgrad = group["amsgrad"]
+        states = [self._state(p, amsgrad) for p in params]
+        steps = [s["step"] for s in states]
+        if steps:
+            torch._foreach_add_(steps, 1)
+        beta1, beta2 = group["betas"]
+        hyper = dict(lr=scalar(group["lr"]), beta1=scalar(beta1), beta2=scalar(beta2), eps=scalar(group["eps"]),
+                     weight_decay=scalar(group["weight_decay"]), amsgrad=amsgrad, maximize=group["maximize"],
+                     decoupled_weight_decay=group["decoupled_weight_decay"])
+        for indices in buckets(params).values():
+            ps, ss = [params[i] for i in indices], [states[i] for i in indices]
+            adam_step([real(p) for p in ps], [real(p.grad) for p in ps], [real(s["exp_avg"]) for s in ss],
+                      [real(s["exp_avg_sq"]) for s in ss],
+                      [real(s["max_exp_avg_sq"]) for s in ss] if amsgrad else None,
+                      [s["step"] for s in ss], **hyper)
 
 
 class AdamW(Adam):

@@ -13,15 +13,16 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.optim import Optimizer
 
 from kiln.ops.optim import ngd_step
 
-from ._common import buckets, check_tensor_lr, params_with_grad, real, scalar
+from ._common import FusedOptimizer, buckets, check_tensor_lr, real, scalar
 
 
-class NGD(Optimizer):
+class NGD(FusedOptimizer):
     """NGD(params, lr, per_tensor=False, *, maximize=False); no state."""
+
+    _name = "NGD"
 
     def __init__(self, params, lr, per_tensor=False, *, maximize=False):
         check_tensor_lr(lr)
@@ -29,28 +30,20 @@ class NGD(Optimizer):
             raise ValueError(f"Invalid learning rate: {lr}")
         super().__init__(params, dict(lr=lr, per_tensor=per_tensor, maximize=maximize))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = params_with_grad("NGD", group)
-            lr, per_tensor = scalar(group["lr"]), group["per_tensor"]
-            parts = list(buckets(params).values())
-            if len(parts) > 1 and not per_tensor:
-                # the group norm spans several fused calls: take it first, then step each
-                # part with its lr scaled so that lr_part / ||g_part|| = lr / ||g_group||
-                norms = [torch.linalg.vector_norm(torch.stack([
-                    torch.linalg.vector_norm(real(params[i].grad), dtype=torch.float64) for i in ix]))
-                    .item() for ix in parts]
-                total = math.sqrt(math.fsum(n * n for n in norms))
-                lrs = [lr * n / total if total > 0 else 0.0 for n in norms]
-            else:
-                lrs = [lr] * len(parts)
-            for indices, part_lr in zip(parts, lrs):
-                ps = [params[i] for i in indices]
-                ngd_step([real(p) for p in ps], [real(p.grad) for p in ps], lr=part_lr, per_tensor=per_tensor,
-                         maximize=group["maximize"])
-        return loss
+    def _step_group(self, group, params):
+        lr, per_tensor = scalar(group["lr"]), group["per_tensor"]
+        parts = list(buckets(params).values())
+        if len(parts) > 1 and not per_tensor:
+            # the group norm spans several fused calls: take it first, then step each
+            # part with its lr scaled so that lr_part / ||g_part|| = lr / ||g_group||
+            norms = [torch.linalg.vector_norm(torch.stack([
+                torch.linalg.vector_norm(real(params[i].grad), dtype=torch.float64) for i in ix]))
+                .item() for ix in parts]
+            total = math.sqrt(math.fsum(n * n for n in norms))
+            lrs = [lr * n / total if total > 0 else 0.0 for n in norms]
+        else:
+            lrs = [lr] * len(parts)
+        for indices, part_lr in zip(parts, lrs):
+            ps = [params[i] for i in indices]
+            ngd_step([real(p) for p in ps], [real(p.grad) for p in ps], lr=part_lr, per_tensor=per_tensor,
+                     maximize=group["maximize"])

@@ -4,20 +4,21 @@ rmsprop_step (one multi-tensor update per parameter group, device and dtype)."""
 from __future__ import annotations
 
 import torch
-from torch.optim import Optimizer
 
 from kiln.ops.optim import rmsprop_step
 
-from ._common import buckets, check_flags, check_tensor_lr, new_step, params_with_grad, real, scalar, zeros_like
+from ._common import FusedOptimizer, buckets, check_flags, check_tensor_lr, new_step, real, scalar, zeros_like
 
 
-class RMSprop(Optimizer):
+class RMSprop(FusedOptimizer):
     """torch.optim.RMSprop's arguments, defaults, state (``step``, ``square_avg``,
     ``momentum_buffer``, ``grad_avg``) and math.
 
     ``foreach`` is accepted with any value (kiln's step is always fused);
     ``capturable=True`` and ``differentiable=True`` are refused. Sparse gradients are an error.
     """
+
+    _name = "RMSprop"
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
                  capturable=False, foreach=None, maximize=False, differentiable=False):
@@ -47,10 +48,7 @@ class RMSprop(Optimizer):
             group.setdefault("maximize", False)
             group.setdefault("differentiable", False)
             group.setdefault("capturable", False)
-            for p in group["params"]:
-                p_state = self.state.get(p, {})
-                if p_state and not torch.is_tensor(p_state["step"]):
-                    p_state["step"] = new_step().fill_(float(p_state["step"]))
+        self._steps_as_tensors()
 
     def _state(self, p, has_momentum: bool, centered: bool) -> dict:
         state = self.state[p]
@@ -63,26 +61,17 @@ class RMSprop(Optimizer):
             state["grad_avg"] = zeros_like(p)
         return state
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            check_flags("RMSprop", group)
-            params = params_with_grad("RMSprop", group)
-            momentum, centered = scalar(group["momentum"]), group["centered"]
-            states = [self._state(p, momentum > 0, centered) for p in params]
-            steps = [s["step"] for s in states]
-            if steps:
-                torch._foreach_add_(steps, 1)
-            hyper = dict(lr=scalar(group["lr"]), alpha=scalar(group["alpha"]), eps=scalar(group["eps"]),
-                         weight_decay=scalar(group["weight_decay"]), momentum=momentum, centered=centered,
-                         maximize=group["maximize"])
-            for indices in buckets(params).values():
-                ps, ss = [params[i] for i in indices], [states[i] for i in indices]
-                rmsprop_step([real(p) for p in ps], [real(p.grad) for p in ps], [real(s["square_avg"]) for s in ss],
-                             [real(s["momentum_buffer"]) for s in ss] if momentum > 0 else None,
-                             [real(s["grad_avg"]) for s in ss] if centered else None, **hyper)
-        return loss
+    def _step_group(self, group, params):
+        momentum, centered = scalar(group["momentum"]), group["centered"]
+        states = [self._state(p, momentum > 0, centered) for p in params]
+        steps = [s["step"] for s in states]
+        if steps:
+            torch._foreach_add_(steps, 1)
+        hyper = dict(lr=scalar(group["lr"]), alpha=scalar(group["alpha"]), eps=scalar(group["eps"]),
+                     weight_decay=scalar(group["weight_decay"]), momentum=momentum, centered=centered,
+                     maximize=group["maximize"])
+        for indices in buckets(params).values():
+            ps, ss = [params[i] for i in indices], [states[i] for i in indices]
+            rmsprop_step([real(p) for p in ps], [real(p.grad) for p in ps], [real(s["square_avg"]) for s in ss],
+                         [real(s["momentum_buffer"]) for s in ss] if momentum > 0 else None,
+                         [real(s["grad_avg"]) for s in ss] if centered else None, **hyper)
