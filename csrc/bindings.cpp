@@ -10,6 +10,7 @@
 #include "kiln/attention.h"
 #include "kiln/cross_entropy.h"
 #include "kiln/llm_ops.h"
+#include "kiln/optim.h"
 #include "kiln/rnn.h"
 
 #ifndef KILN_CUDA_ARCHS
@@ -267,4 +268,34 @@ PYBIND11_MODULE(_cuda, m) {
         "Rotary embedding of x (B, S1, S2, D) into y (may be x) with cos, sin (CB, T, D), CB 1 or B; the\n"
         "position is s2 (seq_dim 2) or s1 (seq_dim 1). Pairs (i, i + D/2), or (2i, 2i + 1) when interleaved:\n"
         "y_a = x_a c_a - x_b s_a, y_b = x_b c_b + x_a s_b; inverse applies the transpose (backward).");
+  // Fused optimizer steps (csrc/optim.cu): a multi-tensor table in device memory, one launch.
+  m.def("optim_sgd", &kiln::optim_sgd, py::arg("table"), py::arg("lists"), py::arg("tensors"), py::arg("chunks"),
+        py::arg("chunk"), py::arg("lr"), py::arg("weight_decay"), py::arg("momentum"), py::arg("dampening"),
+        py::arg("nesterov"), py::arg("maximize"), py::arg("first_step"), py::arg("dtype"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "torch.optim.SGD's step over every tensor of the table (lists param, grad[, momentum_buffer]), in place.\n"
+        "dtype: 0 float32, 1 float16, 2 bfloat16, 3 float64.");
+
+  m.def("optim_adam", &kiln::optim_adam, py::arg("table"), py::arg("lists"), py::arg("tensors"), py::arg("chunks"),
+        py::arg("chunk"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
+        py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled_weight_decay"), py::arg("dtype"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "torch.optim.Adam's (AdamW's) step over the table (param, grad, exp_avg, exp_avg_sq[, max_exp_avg_sq]),\n"
+        "per-tensor scalar rows step_size and bc2_sqrt, in place.");
+
+  m.def("optim_rmsprop", &kiln::optim_rmsprop, py::arg("table"), py::arg("lists"), py::arg("tensors"),
+        py::arg("chunks"), py::arg("chunk"), py::arg("lr"), py::arg("alpha"), py::arg("eps"), py::arg("weight_decay"),
+        py::arg("momentum"), py::arg("centered"), py::arg("maximize"), py::arg("dtype"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "torch.optim.RMSprop's step over the table (param, grad, square_avg[, momentum_buffer][, grad_avg]).");
+
+  m.def("optim_sum_squares", &kiln::optim_sum_squares, py::arg("table"), py::arg("lists"), py::arg("tensors"),
+        py::arg("chunks"), py::arg("chunk"), py::arg("list"), py::arg("partial"), py::arg("dtype"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "partial[c] (float64) = sum of squares of chunk c of the table's list `list`.");
+
+  m.def("optim_scaled_descent", &kiln::optim_scaled_descent, py::arg("table"), py::arg("lists"), py::arg("tensors"),
+        py::arg("chunks"), py::arg("chunk"), py::arg("dtype"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "param -= scale * direction over the table (lists param, direction; scalar row 0: scale per tensor).");
 }

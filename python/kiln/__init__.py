@@ -5,13 +5,13 @@ from .backend import use
 
 __version__ = "0.1.0"
 
-__all__ = ["backend", "ops", "use", "nn", "__version__"]
+__all__ = ["backend", "ops", "use", "nn", "optim", "__version__"]
 
 
 def __getattr__(name):
-    # kiln.nn loads on first use so that `import kiln` stays light for op-only users.
-    if name == "nn":
+    # kiln.nn and kiln.optim load on first use so that `import kiln` stays light for op-only users.
+    if name in ("nn", "optim"):
         import importlib
 
-        return importlib.import_module("kiln.nn")
+        return importlib.import_module(f"kiln.{name}")
     raise AttributeError(f"module 'kiln' has no attribute {name!r}")

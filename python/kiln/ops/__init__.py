@@ -6,6 +6,7 @@ from . import cross_entropy as _cross_entropy_family
 from . import gated as _gated_family
 from . import layer_norm as _layer_norm_family
 from . import linear_act as _linear_act_family
+from . import optim as _optim_family
 from . import rms_norm as _rms_norm_family
 from . import rnn as _rnn_family
 from . import rotary as _rotary_family
@@ -16,6 +17,7 @@ from .gated import geglu, swiglu
 from .layer_norm import layer_norm
 from .linear_act import linear_act
 from .linear_cross_entropy import linear_cross_entropy
+from .optim import adam_step, ngd_step, rmsprop_step, sgd_step
 from .rms_norm import rms_norm
 from .rnn import gru, gru_cell, lstm, lstm_cell, rnn_relu, rnn_relu_cell, rnn_tanh, rnn_tanh_cell
 from .rotary import rotary_embedding
@@ -37,9 +39,14 @@ BACKEND_DTYPES = {
     "geglu": _gated_family.DTYPES,
     "rotary_embedding": _rotary_family.DTYPES,
     "rnn": _rnn_family.DTYPES,
+    "sgd_step": _optim_family.DTYPES,
+    "adam_step": _optim_family.DTYPES,
+    "rmsprop_step": _optim_family.DTYPES,
+    "ngd_step": _optim_family.DTYPES,
 }
 
 __all__ = ["linear_act", "softmax", "log_softmax", "cross_entropy", "linear_cross_entropy",
            "layer_norm", "batch_norm", "attention",
            "lstm", "gru", "lstm_cell", "gru_cell", "rnn_tanh", "rnn_relu", "rnn_tanh_cell",
-           "rnn_relu_cell", "rms_norm", "swiglu", "geglu", "rotary_embedding", "BACKEND_DTYPES"]
+           "rnn_relu_cell", "rms_norm", "swiglu", "geglu", "rotary_embedding",
+           "sgd_step", "adam_step", "rmsprop_step", "ngd_step", "BACKEND_DTYPES"]
