@@ -141,8 +141,8 @@ def test_generate_bad_arguments_name_themselves():
             model.generate(idx, 3, **kwargs)
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate(idx, -1)
-    with pytest.raises(ValueError, match="exceeds block_size"):
-        model.generate(idx, 40)
+    long = model.generate(idx, 60)           # past block_size (40): a sliding window, cache or not
+    assert long.shape == (1, 63) and torch.equal(long, model.generate(idx, 60, use_cache=False))
 
 
 def test_seq2seq_decodes_the_same_with_and_without_the_cache_and_learns():

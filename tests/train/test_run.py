@@ -144,3 +144,21 @@ def test_the_vision_models_train_two_steps_and_reload(capsys, tmp_path, model):
     assert type(rebuilt).__name__.lower() == model
     results = json.loads((out / "results.json").read_text())
     assert results["model"] == model and results["steps"] == 2
+
+
+@pytest.mark.parametrize("task,model,keys", [
+    ("charlm", "transformer", ("val_bits_per_char", "test_bits_per_char", "tokens_per_s", "greedy_sample")),
+    ("charlm", "lstm", ("val_bits_per_char",)),
+    ("translate", "transformer", ("exact_match", "greedy_exact_match")),
+    ("textclass", "lstm", ("test_accuracy",)),
+])
+def test_the_sequence_tasks_train_two_steps_and_report(capsys, tmp_path, task, model, keys):
+    out = tmp_path / f"{task}-{model}"
+    code = cli.main(["train", task, "--model", model, "--out", str(out), "--max-steps", "2", "--batch-size", "8",
+                     "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == task and results["steps"] == 2
+    for key in keys:
+        assert key in results, key
+    assert isinstance(kiln.train.load(out / "last.pt"), torch.nn.Module)

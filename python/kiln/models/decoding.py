@@ -7,6 +7,7 @@ A model decodes through two methods:
   cache, tokens are only the new ones and the cache (KV tensors or an RNN state) grows.
 - ``new_cache(batch_size)``: an empty cache with ``reorder(index)`` (beam search keeps the rows
   of the beams it continues).
+- optionally ``max_context``: the most tokens the model can see at once.
 Arguments follow Hugging Face's ``generate``.
 """
 
@@ -42,14 +43,21 @@ def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: Optional[int]
 
 
 class _Stepper:
-    """Feeds the model either the new tokens (cache) or the whole sequence (no cache)."""
+    """Feeds the model either the new tokens (cache) or the whole sequence (no cache). A model
+    with a ``max_context`` (learned or tabled positions) sees at most that many tokens: past it,
+    decoding continues on the last max_context tokens, recomputed each step (cached keys carry
+    their absolute positions, so the cache cannot slide)."""
 
     def __init__(self, model, batch_size: int, use_cache: bool):
         self.model = model
         self.cache = model.new_cache(batch_size) if use_cache else None
+        self.limit = getattr(model, "max_context", None)
         self.fed = 0
 
     def logits(self, sequence: Tensor) -> Tensor:
+        if self.limit is not None and sequence.shape[1] > self.limit:
+            self.cache = None
+            sequence = sequence[:, -self.limit:]
         if self.cache is None:
             return self.model.decode_logits(sequence, None).float()
         new = sequence[:, self.fed:]

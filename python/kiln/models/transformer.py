@@ -137,12 +137,14 @@ class TransformerLM(_Decodes, nn.Module):
                                         ignore_index=ignore_index)
         return None, loss
 
+    @property
+    def max_context(self) -> int:
+        return self.config.block_size
+
     def new_cache(self, batch_size: int) -> knn.KVCache:
         return knn.KVCache(len(self.blocks))
 
     def decode_logits(self, tokens: Tensor, cache: Optional[knn.KVCache]) -> Tensor:
-        if cache is None:
-            tokens = tokens[:, -self.config.block_size:]
         return self.head(self.hidden(tokens, cache)[:, -1])
 
 
@@ -202,6 +204,10 @@ class Seq2SeqTransformer(_Decodes, nn.Module):
         return None, loss
 
     # decoding: ``translate`` sets the source; decode_logits/new_cache serve decoding.generate
+    @property
+    def max_context(self) -> int:
+        return self.config.block_size
+
     def _memory_for(self, rows: int) -> tuple[Tensor, Tensor]:
         memory, padding = self._source        # (B, S, dim), one row per source; beams repeat it
         repeat = rows // memory.shape[0]

@@ -1,6 +1,6 @@
 """Every optimizer of a run is built here, by name: the one place that picks the implementation.
 
-torch.optim for now; kiln.optim (fused steps, torch's signatures) takes over this table when it lands.
+kiln.optim: torch's signatures and state_dicts, one fused multi-tensor step per parameter group.
 """
 
 from __future__ import annotations
@@ -9,11 +9,14 @@ from collections.abc import Iterable
 
 import torch
 
+import kiln.optim
+
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "sgd": torch.optim.SGD,
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "rmsprop": torch.optim.RMSprop,
+    "sgd": kiln.optim.SGD,
+    "adam": kiln.optim.Adam,
+    "adamw": kiln.optim.AdamW,
+    "rmsprop": kiln.optim.RMSprop,
+    "ngd": kiln.optim.NGD,
 }
 
 
