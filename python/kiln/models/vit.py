@@ -24,6 +24,7 @@ class ViTConfig:
     mlp_ratio: float = 2.0
     dropout: float = 0.1
     drop_path: float = 0.1     # stochastic depth: the last block's drop rate (linear from 0)
+    conv_stem: int = 0         # > 0: a 3x3 conv-BN-ReLU stem of this many channels before the patches (18.2)
 
 
 def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
@@ -62,8 +63,15 @@ class ViT(nn.Module):
             raise ValueError(f"ViT: heads {config.heads} does not divide dim {config.dim}")
         self.config = config
         num_patches = (config.image_size // config.patch_size) ** 2
+        channels = config.in_channels
+        self.stem = None
+        if config.conv_stem:
+            # the hybrid of notes 18.2: convolutions extract local features, the Transformer mixes them
+            self.stem = nn.Sequential(knn.Conv2d(channels, config.conv_stem, 3, padding=1, bias=False),
+                                      knn.BatchNorm2d(config.conv_stem), nn.ReLU())
+            channels = config.conv_stem
         # a stride-p convolution with a p x p kernel is the linear embedding of each flattened patch
-        self.patch_embed = knn.Conv2d(config.in_channels, config.dim, config.patch_size, stride=config.patch_size)
+        self.patch_embed = knn.Conv2d(channels, config.dim, config.patch_size, stride=config.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.dim))
         self.pos_embed = knn.LearnedPositionalEmbedding(num_patches + 1, config.dim)
         self.dropout = nn.Dropout(config.dropout)
@@ -77,6 +85,8 @@ class ViT(nn.Module):
         """x: (N, C, H, W) images, or (N, H*W) flattened single-channel ones; returns logits."""
         if x.dim() == 2:
             x = x.reshape(x.shape[0], self.config.in_channels, self.config.image_size, self.config.image_size)
+        if self.stem is not None:
+            x = self.stem(x)
         patches = self.patch_embed(x).flatten(2).transpose(1, 2)                # (N, P, dim)
         tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), patches], dim=1)
         h = self.dropout(self.pos_embed(tokens))
