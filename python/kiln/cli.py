@@ -120,6 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--backend", default=None, choices=BACKENDS,
                        help="kiln backend for every op (default: by device)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (none when not a tty)")
+    generate = sub.add_parser("generate", help="continue a prompt with a trained sequence model",
+                              description="Rebuild a trained charlm or translate model from its checkpoint and "
+                                          "print its continuation (or translation) of --prompt. Greedy unless a "
+                                          "temperature, top-k, top-p or seed asks for sampling.")
+    generate.add_argument("checkpoint", help="a last.pt or best.pt written by kiln train")
+    generate.add_argument("--prompt", required=True, help="the text to continue (charlm) or translate")
+    generate.add_argument("--max-new-tokens", type=_positive_int, default=200, help="tokens to add at most")
+    generate.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
+    generate.add_argument("--top-k", type=_positive_int, default=None, help="sample from the k likeliest tokens")
+    generate.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of tokens whose "
+                                                                     "probability reaches p")
+    generate.add_argument("--num-beams", type=_positive_int, default=1, help="beam search with this many beams")
+    generate.add_argument("--seed", type=int, default=None, help="seed of the sampler (sampling on)")
+    generate.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     from kiln import bench
 
     bench.add_parser(sub)
@@ -165,6 +179,17 @@ def _run(argv: list[str] | None) -> int:
         raise UsageError(str(e)) from None
     if args.command == "info":
         info()
+        return 0
+    if args.command == "generate":
+        from kiln.train.generate import generate_from_checkpoint
+
+        try:
+            text = generate_from_checkpoint(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature,
+                                            args.top_k, args.top_p, args.num_beams, args.seed,
+                                            _check_device(args.device))
+        except ValueError as e:   # generate()'s own argument checks (temperature <= 0, ...)
+            raise UsageError(str(e), "kiln generate") from None
+        print(text)
         return 0
     if args.command == "bench":
         from kiln import bench

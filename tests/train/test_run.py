@@ -162,3 +162,29 @@ def test_the_sequence_tasks_train_two_steps_and_report(capsys, tmp_path, task, m
     for key in keys:
         assert key in results, key
     assert isinstance(kiln.train.load(out / "last.pt"), torch.nn.Module)
+
+
+def test_kiln_generate_continues_a_prompt_and_refuses_bad_ones(capsys, tmp_path):
+    out = tmp_path / "charlm"
+    assert cli.main(["train", "charlm", "--model", "lstm", "--out", str(out), "--max-steps", "1", "--batch-size", "4",
+                     "--no-progress"]) == 0
+    capsys.readouterr()
+    ckpt = str(out / "last.pt")
+    assert cli.main(["generate", ckpt, "--prompt", "def f(", "--max-new-tokens", "12"]) == 0
+    greedy = capsys.readouterr().out
+    assert greedy.startswith("def f(") and len(greedy.rstrip("\n")) == 18
+    assert cli.main(["generate", ckpt, "--prompt", "def f(", "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out == greedy
+    sampled = [cli.main(["generate", ckpt, "--prompt", "x", "--seed", "3", "--max-new-tokens", "30"]) or
+               capsys.readouterr().out for _ in range(2)]
+    assert sampled[0] == sampled[1]
+    for argv, needle in [(["--prompt", "caf\u00e9"], "outside the model's ASCII vocabulary"),
+                         (["--prompt", "x", "--temperature", "0"], "temperature"),
+                         (["--prompt", "x", "--max-new-tokens", "0"], "must be >= 1")]:
+        assert cli.main(["generate", ckpt, *argv]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and needle in err, err
+    digits = tmp_path / "digits"
+    _train(capsys, digits, "--model", "logistic", "--max-steps", "1")
+    assert cli.main(["generate", str(digits / "last.pt"), "--prompt", "x"]) == 2
+    assert "does not generate text" in capsys.readouterr().err

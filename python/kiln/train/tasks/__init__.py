@@ -93,6 +93,11 @@ class Task:
         throughput), computed after training with the best weights restored."""
         return {}
 
+    def generate_text(self, model: nn.Module, prompt: str, **decoding) -> str:
+        """The model's continuation of ``prompt`` (``kiln generate``); ``decoding`` holds
+        generate()'s arguments. Tasks whose models do not generate text refuse."""
+        raise TaskError(f"task {self.name!r} does not generate text; the tasks that do: charlm, translate")
+
     def plots(self, out_dir: str, model: nn.Module, splits: Splits) -> list[str]:
         """Extra PNGs of this task written into ``out_dir`` (curves.png is written for all)."""
         return []

@@ -19,7 +19,7 @@ from kiln.models.rnn_lm import RNNLM, RNNLMConfig
 from kiln.models.transformer import TransformerConfig, TransformerLM
 from kiln.train import text_data
 from kiln.train.data import Splits
-from kiln.train.tasks import ModelEntry, Task
+from kiln.train.tasks import ModelEntry, Task, TaskError
 
 CONTEXT = 96
 PROMPT = "def __init__(self, "
@@ -69,6 +69,16 @@ class CharLM(Task):
     def scheduler(self, optimizer, total_steps):
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=optimizer.param_groups[0]["lr"],
                                                    total_steps=max(total_steps, 2), pct_start=0.05)
+
+    def generate_text(self, model, prompt: str, max_new_tokens: int = 200, **decoding) -> str:
+        bad = sorted({c for c in prompt if ord(c) >= text_data.ASCII_VOCAB})
+        if bad:
+            raise TaskError(f"--prompt has characters outside the model's ASCII vocabulary: {''.join(bad)!r}")
+        if not prompt:
+            raise TaskError("--prompt is empty; give the text to continue")
+        device = next(model.parameters()).device
+        ids = text_data.encode_ascii(prompt)[None].to(device)
+        return text_data.decode_ascii(model.generate(ids, max_new_tokens, **decoding)[0].tolist())
 
     def results(self, model, splits, device, trainer) -> dict:
         bits = {}

@@ -11,7 +11,7 @@ from torch.utils.data import TensorDataset
 from kiln.models.transformer import Seq2SeqConfig, Seq2SeqTransformer
 from kiln.train import text_data
 from kiln.train.data import Splits
-from kiln.train.tasks import ModelEntry, Task
+from kiln.train.tasks import ModelEntry, Task, TaskError
 
 
 class Translate(Task):
@@ -55,6 +55,18 @@ class Translate(Task):
             for row, want in zip(out.tolist(), tgt[i:i + batch_size].tolist()):
                 hits += text_data.decode_digits(row) == text_data.decode_digits(want[1:])
         return hits / len(src)
+
+    def generate_text(self, model, prompt: str, max_new_tokens: int = 9, **decoding) -> str:
+        words = prompt.lower().replace("-", " ").split()
+        unknown = sorted({w for w in words if w not in text_data.SOURCE_WORDS[2:]})
+        if unknown or not words:
+            raise TaskError(f"--prompt must be English number words (e.g. 'three hundred and forty two'); "
+                            f"not known: {', '.join(unknown) or 'nothing given'}")
+        src = torch.tensor([text_data._encode_source(" ".join(words), max(16, len(words)))])
+        decoding.pop("do_sample", None)
+        out = model.translate(src.to(next(model.parameters()).device), max_new_tokens,
+                              num_beams=decoding.get("num_beams", 1))
+        return text_data.decode_digits(out[0].tolist())
 
     def results(self, model, splits, device, trainer) -> dict:
         return {"exact_match": self.exact_match(model, splits.test, self.num_beams), "num_beams": self.num_beams,
