@@ -40,7 +40,7 @@ class Digits(Task):
         "mlp": ModelEntry(MLP, MLPConfig(hidden=[256, 256], dropout=0.3), "MLP 64-256-256-10, ReLU, dropout 0.3"),
         "cnn": ModelEntry(CNN, CNNConfig(), "2 blocks of conv-BN-ReLU x2 + max pool (32, 64 channels), MLP head",
                           train={"epochs": 30}),
-        "vit": ModelEntry(ViT, ViTConfig(), "ViT: 2x2 patches, dim 64, depth 4, 4 heads, [CLS], stochastic depth",
+        "vit": ModelEntry(ViT, ViTConfig(conv_stem=32), "ViT: conv stem, 2x2 patches, dim 64, depth 4, 4 heads, [CLS]",
                           train={"epochs": 60, "lr": 2e-3, "optimizer": "adamw", "patience": None,
                                  "optimizer_kwargs": {"weight_decay": 0.05}}),
     }
