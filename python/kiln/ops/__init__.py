@@ -3,12 +3,15 @@
 from . import attention as _attention_family
 from . import batch_norm as _batch_norm_family
 from . import cross_entropy as _cross_entropy_family
+from . import dropout as _dropout_family
 from . import layer_norm as _layer_norm_family
 from . import linear_act as _linear_act_family
+from . import random  # kiln's dropout generator: get_rng_state / set_rng_state
 from . import rnn as _rnn_family
 from .attention import attention
 from .batch_norm import batch_norm
 from .cross_entropy import cross_entropy, log_softmax, softmax
+from .dropout import dropout
 from .layer_norm import layer_norm
 from .linear_act import linear_act
 from .linear_cross_entropy import linear_cross_entropy
@@ -19,6 +22,7 @@ from .rnn import gru, gru_cell, lstm, lstm_cell
 # of "cross_entropy" and follows its choice.
 BACKEND_DTYPES = {
     "linear_act": _linear_act_family.DTYPES,
+    "dropout": _dropout_family.DTYPES,
     "softmax": _cross_entropy_family.DTYPES,
     "cross_entropy": _cross_entropy_family.DTYPES,
     "layer_norm": _layer_norm_family.DTYPES,
@@ -28,6 +32,6 @@ BACKEND_DTYPES = {
     "gru": _rnn_family.DTYPES,
 }
 
-__all__ = ["linear_act", "softmax", "log_softmax", "cross_entropy", "linear_cross_entropy",
+__all__ = ["linear_act", "dropout", "random", "softmax", "log_softmax", "cross_entropy", "linear_cross_entropy",
            "layer_norm", "batch_norm", "attention",
            "lstm", "gru", "lstm_cell", "gru_cell", "BACKEND_DTYPES"]
