@@ -9,6 +9,7 @@
 #include "kiln/api.h"
 #include "kiln/attention.h"
 #include "kiln/cross_entropy.h"
+#include "kiln/dropout.h"
 #include "kiln/rnn.h"
 
 #ifndef KILN_CUDA_ARCHS
@@ -22,16 +23,19 @@ PYBIND11_MODULE(_cuda, m) {
 
   m.def("linear_act_forward", &kiln::linear_act_forward, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("out"),
         py::arg("preact"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("dtype"), py::arg("activation"),
+        py::arg("p"), py::arg("seed"), py::arg("offset"), py::arg("threshold"),
         py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
         "out = act(x @ w^T + b); also preact = x @ w^T + b unless preact is 0.\n"
+        "p > 0: dropout, element (m, n) kept by Philox(seed, offset + m N + n) >> 1 >= threshold.\n"
         "x (M, K), w (N, K), b (N) or 0, out and preact (M, N): contiguous, one dtype.\n"
         "dtype: 0 float32, 1 float16, 2 bfloat16; activation: code of kiln.kernels.activations.");
 
   m.def("linear_act_backward", &kiln::linear_act_backward, py::arg("grad_out"), py::arg("x"), py::arg("w"),
         py::arg("saved"), py::arg("grad_x"), py::arg("grad_w"), py::arg("grad_b"), py::arg("M"), py::arg("N"),
-        py::arg("K"), py::arg("dtype"), py::arg("activation"), py::arg("stream"),
-        py::call_guard<py::gil_scoped_release>(),
+        py::arg("K"), py::arg("dtype"), py::arg("activation"), py::arg("p"), py::arg("seed"), py::arg("offset"),
+        py::arg("threshold"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
         "grad_x = dz @ w, grad_w = dz^T @ x, grad_b = dz.sum(0) with dz = grad_out * act'(saved).\n"
+        "p > 0: dz also times forward's dropout mask / (1 - p) (same seed, offset, threshold).\n"
         "saved: forward output (relu, tanh, sigmoid), pre-activation (gelu, gelu_tanh, silu), 0 (identity).\n"
         "A 0 output pointer skips that gradient; the others are overwritten.");
 
@@ -222,4 +226,11 @@ PYBIND11_MODULE(_cuda, m) {
         "h0 (B, H), h_all (T, B, H) float32, w_hh (3H, H) of dtype -> dgx_all, dgh_all (T, B, 3H), dh0 (B, H)\n"
         "float32, as the step loop over gru_step_backward. Returns False, doing nothing, when\n"
         "rnn_sequence_fits(3, B, H, dtype) is false; T == 0: nothing written, returns True.");
+
+  m.def("dropout_apply", &kiln::dropout_apply, py::arg("src"), py::arg("dst"), py::arg("n"), py::arg("seed"),
+        py::arg("offset"), py::arg("threshold"), py::arg("scale"), py::arg("dtype"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "dst = src * keep * scale for n contiguous elements; element i kept when Philox(seed, offset + i) >> 1\n"
+        ">= threshold (kiln.ops.random's rule). dtype: 0 float32, 1 float16, 2 bfloat16. Dropout's forward\n"
+        "and, on the gradient, its backward.");
 }
