@@ -1,7 +1,5 @@
 """Dropout on kiln.ops.dropout (kiln's counter-based generator, fused kernels)."""
 
-from __future__ import annotations
-
 import torch
 from torch import nn
 
