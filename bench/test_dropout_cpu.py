@@ -21,7 +21,25 @@ LINEAR_SHAPES = [(4096, 1024, 4096)]  # (M, K, N): x (M, K), W (N, K)
 DROPOUT_SHAPES = [(4096, 4096)]
 IMPLS = ["kiln", "torch", "torch.compile"]
 
-_compiled = {}
+
+
+def _time(benchmark, mode, module, x, make_dy):
+    """Times module(x) (no grad) or module(x).backward(dy), after one untimed warm-up call
+    in which numba and inductor compile."""
+    with kiln.backend.use("cpu"):
+        if mode == "forward":
+            with torch.no_grad():
+                module(x)
+                benchmark.pedantic(module, args=(x,), rounds=5, warmup_rounds=1)
+            return
+        x.requires_grad_()
+        dy = make_dy()
+
+        def step():
+            module(x).backward(dy)
+
+        step()
+        benchmark.pedantic(step, rounds=5, warmup_rounds=1)
 
 
 def _linear_module(impl, K, N):
@@ -43,20 +61,7 @@ def test_linear_relu_dropout(benchmark, mode, shape, impl):
     benchmark.group = f"{mode} Linear+ReLU+Dropout({P}) {M}x{K}->{N}"
     benchmark.extra_info.update(impl=impl, mode=mode, shape=shape,
                                 flop=2 * M * K * N * (1 if mode == "forward" else 3))
-    with kiln.backend.use("cpu"):
-        if mode == "forward":
-            with torch.no_grad():
-                module(x)  # warm-up: numba and inductor compile here, not in the timing
-                benchmark.pedantic(module, args=(x,), rounds=5, warmup_rounds=1)
-        else:
-            x.requires_grad_()
-            dy = torch.randn(M, N, generator=g)
-
-            def step():
-                module(x).backward(dy)
-
-            step()
-            benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+    _time(benchmark, mode, module, x, lambda: torch.randn(M, N, generator=g))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -73,17 +78,4 @@ def test_dropout(benchmark, mode, shape, impl):
     # bytes moved once: read x, write y (forward); read dy, write dx (backward)
     benchmark.extra_info.update(impl=impl, mode=mode, shape=shape,
                                 bytes=numel * 4 * (2 if mode == "forward" else 4))
-    with kiln.backend.use("cpu"):
-        if mode == "forward":
-            with torch.no_grad():
-                module(x)
-                benchmark.pedantic(module, args=(x,), rounds=5, warmup_rounds=1)
-        else:
-            x.requires_grad_()
-            dy = torch.randn(*shape, generator=g)
-
-            def step():
-                module(x).backward(dy)
-
-            step()
-            benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+    _time(benchmark, mode, module, x, lambda: torch.randn(*shape, generator=g))
