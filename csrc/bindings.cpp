@@ -11,6 +11,7 @@
 #include "kiln/cross_entropy.h"
 #include "kiln/llm_ops.h"
 #include "kiln/optim.h"
+#include "kiln/dropout.h"
 #include "kiln/rnn.h"
 
 #ifndef KILN_CUDA_ARCHS
@@ -24,16 +25,19 @@ PYBIND11_MODULE(_cuda, m) {
 
   m.def("linear_act_forward", &kiln::linear_act_forward, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("out"),
         py::arg("preact"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("dtype"), py::arg("activation"),
+        py::arg("p"), py::arg("seed"), py::arg("offset"), py::arg("threshold"),
         py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
         "out = act(x @ w^T + b); also preact = x @ w^T + b unless preact is 0.\n"
+        "p > 0: dropout, element (m, n) kept by Philox(seed, offset + m N + n) >> 1 >= threshold.\n"
         "x (M, K), w (N, K), b (N) or 0, out and preact (M, N): contiguous, one dtype.\n"
         "dtype: 0 float32, 1 float16, 2 bfloat16; activation: code of kiln.kernels.activations.");
 
   m.def("linear_act_backward", &kiln::linear_act_backward, py::arg("grad_out"), py::arg("x"), py::arg("w"),
         py::arg("saved"), py::arg("grad_x"), py::arg("grad_w"), py::arg("grad_b"), py::arg("M"), py::arg("N"),
-        py::arg("K"), py::arg("dtype"), py::arg("activation"), py::arg("stream"),
-        py::call_guard<py::gil_scoped_release>(),
+        py::arg("K"), py::arg("dtype"), py::arg("activation"), py::arg("p"), py::arg("seed"), py::arg("offset"),
+        py::arg("threshold"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
         "grad_x = dz @ w, grad_w = dz^T @ x, grad_b = dz.sum(0) with dz = grad_out * act'(saved).\n"
+        "p > 0: dz also times forward's dropout mask / (1 - p) (same seed, offset, threshold).\n"
         "saved: forward output (relu, tanh, sigmoid), pre-activation (gelu, gelu_tanh, silu), 0 (identity).\n"
         "A 0 output pointer skips that gradient; the others are overwritten.");
 
@@ -298,4 +302,10 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("chunks"), py::arg("chunk"), py::arg("dtype"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>(),
         "param -= scale * direction over the table (lists param, direction; scalar row 0: scale per tensor).");
+  m.def("dropout_apply", &kiln::dropout_apply, py::arg("src"), py::arg("dst"), py::arg("n"), py::arg("seed"),
+        py::arg("offset"), py::arg("threshold"), py::arg("scale"), py::arg("dtype"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "dst = src * keep * scale for n contiguous elements; element i kept when Philox(seed, offset + i) >> 1\n"
+        ">= threshold (kiln.ops.random's rule). dtype: 0 float32, 1 float16, 2 bfloat16. Dropout's forward\n"
+        "and, on the gradient, its backward.");
 }

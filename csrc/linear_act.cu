@@ -8,6 +8,11 @@
 // In both gradient GEMMs dz = dy * act'(saved) is formed while slices of dy move into
 // shared memory, so dz never exists in global memory. Every reduction runs in a fixed
 // order: results are deterministic.
+//
+// Dropout (kiln/philox.cuh, enabled when p > 0): the forward epilogue multiplies act(z)
+// by 1/(1-p) or 0, the keep bit of element (m, n) from Philox(seed, offset + m N + n);
+// the gradient GEMMs regenerate the same bit for each dy element they stage. With
+// dropout, preact holds act(z) before dropout for tanh and sigmoid (their y is scaled).
 #include <climits>
 #include <cstdint>
 #include <type_traits>
@@ -17,6 +22,7 @@
 #include "kiln/api.h"
 #include "kiln/common.cuh"
 #include "kiln/gemm.cuh"
+#include "kiln/philox.cuh"
 
 namespace kiln {
 namespace {
@@ -39,14 +45,17 @@ struct GradOperand {
   Loader saved;
   int x0;
   float* column_sums = nullptr;
+  Dropout drop;
+  int row0 = 0;  // of the staged slice, for the dropout counters
+  int col0 = 0;
 
   // dy and saved are (M, N); (rows, cols) as for gemm::MatrixOperand.
-  __device__ GradOperand(const T* dy_, const T* saved_, int rows, int cols, int x0_)
-      : dy(dy_, rows, cols), saved(saved_, rows, cols), x0(x0_) {}
+  __device__ GradOperand(const T* dy_, const T* saved_, int rows, int cols, int x0_, const Dropout& drop_)
+      : dy(dy_, rows, cols), saved(saved_, rows, cols), x0(x0_), drop(drop_) {}
 
   __device__ __forceinline__ void fetch(int r0) {
-    const int row0 = R_CONTIG ? x0 : r0;
-    const int col0 = R_CONTIG ? r0 : x0;
+    row0 = R_CONTIG ? x0 : r0;
+    col0 = R_CONTIG ? r0 : x0;
     dy.fetch(row0, col0);
     if constexpr (kActivationReadsSaved<ACT>) saved.fetch(row0, col0);
   }
@@ -54,6 +63,10 @@ struct GradOperand {
   __device__ __forceinline__ void commit(T* smem) {
     dy.commit(smem, Layout::kLd, [&](int i, int j, float grad) {
       float dz = grad;
+      if (drop.enabled) {  // grid-uniform; elements past the edge are 0 whatever the factor
+        const std::int64_t row = row0 + dy.thread_row + i * Loader::kRowStep;
+        dz *= drop.multiplier(static_cast<std::uint64_t>(row * dy.cols + col0 + dy.thread_col + j));
+      }
       if constexpr (kActivationReadsSaved<ACT>) dz *= activation_grad<ACT>(to_float(saved.staged[i].v[j]));
       if constexpr (!R_CONTIG) {
         if (column_sums != nullptr) column_sums[threadIdx.x * Loader::kVec + j] += dz;
@@ -66,7 +79,7 @@ struct GradOperand {
 template <typename T, int ACT>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     linear_act_forward_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
-                              T* __restrict__ out, T* __restrict__ preact, int M, int N, int K) {
+                              T* __restrict__ out, T* __restrict__ preact, int M, int N, int K, Dropout drop) {
   using OperandX = gemm::MatrixOperand<T, kTileP, true>;
   using OperandW = gemm::MatrixOperand<T, kTileQ, true>;
   using Math = gemm::BlockMath<T, true, true>;
@@ -94,9 +107,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       }
     }
     const std::int64_t row = static_cast<std::int64_t>(m) * N;
-    if (preact != nullptr) store_row_run(preact + row, n, N, z);
+    // What act' reads when y cannot serve: z, or act(z) before dropout for tanh / sigmoid.
+    constexpr bool kSavesActivated = ACT == kRelu || ACT == kTanh || ACT == kSigmoid;
+    if (!kSavesActivated && preact != nullptr) store_row_run(preact + row, n, N, z);
 #pragma unroll
     for (int j = 0; j < kRun; ++j) z[j] = activate<ACT>(z[j]);
+    if (kSavesActivated && preact != nullptr) store_row_run(preact + row, n, N, z);
+    if (drop.enabled) {
+#pragma unroll
+      for (int j = 0; j < kRun; ++j) z[j] *= drop.multiplier(static_cast<std::uint64_t>(row + n + j));
+    }
     store_row_run(out + row, n, N, z);
   });
 }
@@ -104,7 +124,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 template <typename T, int ACT>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     linear_act_grad_input_kernel(const T* __restrict__ grad_out, const T* __restrict__ saved,
-                                 const T* __restrict__ w, T* __restrict__ grad_x, int M, int N, int K) {
+                                 const T* __restrict__ w, T* __restrict__ grad_x, int M, int N, int K,
+                                 Dropout drop) {
   using OperandDz = GradOperand<T, ACT, kTileP, true>;
   using OperandW = gemm::MatrixOperand<T, kTileQ, false>;
   using Math = gemm::BlockMath<T, true, false>;
@@ -117,7 +138,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   const gemm::TileIndex tile = gemm::tile_of_block(ceil_div(M, kTileP), ceil_div(K, kTileQ));
   const int m0 = tile.p * kTileP;
   const int k0 = tile.q * kTileQ;
-  OperandDz a(grad_out, saved, M, N, m0);
+  OperandDz a(grad_out, saved, M, N, m0, drop);
   OperandW b(w, N, K, k0);
   Math math;
   gemm::accumulate(math, a, b, N, smem_a, smem_b);
@@ -131,7 +152,7 @@ template <typename T, int ACT>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     linear_act_grad_weight_kernel(const T* __restrict__ grad_out, const T* __restrict__ saved,
                                   const T* __restrict__ x, T* __restrict__ grad_w, T* __restrict__ grad_b, int M,
-                                  int N, int K) {
+                                  int N, int K, Dropout drop) {
   using OperandDz = GradOperand<T, ACT, kTileP, false>;
   using OperandX = gemm::MatrixOperand<T, kTileQ, false>;
   using Math = gemm::BlockMath<T, false, false>;
@@ -149,7 +170,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   const gemm::TileIndex tile = gemm::tile_of_block(ceil_div(N, kTileP), ceil_div(K, kTileQ));
   const int n0 = tile.p * kTileP;
   const int k0 = tile.q * kTileQ;
-  OperandDz a(grad_out, saved, M, N, n0);
+  OperandDz a(grad_out, saved, M, N, n0, drop);
   OperandX b(x, M, K, k0);
   // The bias gradient comes from the blocks of the first K tile (a block-uniform branch).
   const bool sums_bias = grad_b != nullptr && tile.q == 0;
@@ -188,7 +209,7 @@ constexpr int kBiasRowPhases = kThreads / kBiasCols;
 template <typename T, int ACT>
 __global__ void __launch_bounds__(kThreads)
     linear_act_grad_bias_kernel(const T* __restrict__ grad_out, const T* __restrict__ saved, T* __restrict__ grad_b,
-                                int M, int N) {
+                                int M, int N, Dropout drop) {
   __shared__ float partial[kBiasRowPhases][kBiasCols];
   const int col = static_cast<int>(threadIdx.x) % kBiasCols;
   const int phase = static_cast<int>(threadIdx.x) / kBiasCols;
@@ -198,6 +219,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int m = phase; m < M; m += kBiasRowPhases) {
       const std::int64_t at = static_cast<std::int64_t>(m) * N + n;
       float dz = to_float(grad_out[at]);
+      if (drop.enabled) dz *= drop.multiplier(static_cast<std::uint64_t>(at));
       if constexpr (kActivationReadsSaved<ACT>) dz *= activation_grad<ACT>(to_float(saved[at]));
       sum += dz;
     }
@@ -265,6 +287,22 @@ void check_pointer(const char* where, const char* name, std::uintptr_t ptr, std:
                                                   " elements");
 }
 
+// The kernels' dropout arguments; p == 0 disables dropout.
+Dropout make_dropout(const char* where, double p, std::uint64_t seed, std::uint64_t offset, std::int64_t threshold) {
+  check_arg(p >= 0.0 && p < 1.0, where, "dropout p must be in [0, 1), got " + std::to_string(p));
+  check_arg(threshold >= 0 && threshold < (std::int64_t{1} << 31), where,
+            "dropout threshold must be in [0, 2^31), got " + std::to_string(threshold));
+  Dropout drop;
+  if (p > 0.0) {
+    drop.seed = seed;
+    drop.offset = offset;
+    drop.threshold = static_cast<std::uint32_t>(threshold);
+    drop.scale = static_cast<float>(1.0 / (1.0 - p));
+    drop.enabled = true;
+  }
+  return drop;
+}
+
 unsigned gemm_blocks(const char* where, std::int64_t P, std::int64_t Q) {
   const std::int64_t blocks = ceil_div<std::int64_t>(P, kTileP) * ceil_div<std::int64_t>(Q, kTileQ);
   check_arg(blocks <= INT_MAX, where, "problem too large: " + std::to_string(blocks) + " tiles");
@@ -275,9 +313,11 @@ unsigned gemm_blocks(const char* where, std::int64_t P, std::int64_t Q) {
 
 void linear_act_forward(std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, std::uintptr_t out,
                         std::uintptr_t preact, std::int64_t M, std::int64_t N, std::int64_t K, int dtype,
-                        int activation, std::uintptr_t stream) {
+                        int activation, double p, std::uint64_t seed, std::uint64_t offset, std::int64_t threshold,
+                        std::uintptr_t stream) {
   constexpr const char* kWhere = "linear_act_forward";
   check_codes(kWhere, dtype, activation);
+  const Dropout drop = make_dropout(kWhere, p, seed, offset, threshold);
   check_dims(kWhere, M, N, K);
   check_pointer(kWhere, "x", x, M * K);
   check_pointer(kWhere, "w", w, N * K);
@@ -289,16 +329,18 @@ void linear_act_forward(std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias,
     using T = typename decltype(type)::type;
     linear_act_forward_kernel<T, decltype(act)::value><<<blocks, kThreads, 0, cuda_stream>>>(
         as_const<T>(x), as_const<T>(w), as_const<T>(bias), as_mutable<T>(out), as_mutable<T>(preact),
-        static_cast<int>(M), static_cast<int>(N), static_cast<int>(K));
+        static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), drop);
   });
   check_cuda(cudaGetLastError(), kWhere);
 }
 
 void linear_act_backward(std::uintptr_t grad_out, std::uintptr_t x, std::uintptr_t w, std::uintptr_t saved,
                          std::uintptr_t grad_x, std::uintptr_t grad_w, std::uintptr_t grad_b, std::int64_t M,
-                         std::int64_t N, std::int64_t K, int dtype, int activation, std::uintptr_t stream) {
+                         std::int64_t N, std::int64_t K, int dtype, int activation, double p, std::uint64_t seed,
+                         std::uint64_t offset, std::int64_t threshold, std::uintptr_t stream) {
   constexpr const char* kWhere = "linear_act_backward";
   check_codes(kWhere, dtype, activation);
+  const Dropout drop = make_dropout(kWhere, p, seed, offset, threshold);
   check_dims(kWhere, M, N, K);
   const bool want_x = grad_x != 0 && M > 0 && K > 0;
   const bool want_w = grad_w != 0 && N > 0 && K > 0;
@@ -320,19 +362,19 @@ void linear_act_backward(std::uintptr_t grad_out, std::uintptr_t x, std::uintptr
     constexpr int ACT = decltype(act)::value;
     if (want_x) {
       linear_act_grad_input_kernel<T, ACT><<<blocks_x, kThreads, 0, cuda_stream>>>(
-          as_const<T>(grad_out), as_const<T>(saved), as_const<T>(w), as_mutable<T>(grad_x), m, n, k);
+          as_const<T>(grad_out), as_const<T>(saved), as_const<T>(w), as_mutable<T>(grad_x), m, n, k, drop);
       check_cuda(cudaGetLastError(), kWhere);
     }
     if (want_w) {
       // Also writes grad_b (when wanted) from the dz slices it already has.
       linear_act_grad_weight_kernel<T, ACT><<<blocks_w, kThreads, 0, cuda_stream>>>(
           as_const<T>(grad_out), as_const<T>(saved), as_const<T>(x), as_mutable<T>(grad_w),
-          want_b ? as_mutable<T>(grad_b) : nullptr, m, n, k);
+          want_b ? as_mutable<T>(grad_b) : nullptr, m, n, k, drop);
       check_cuda(cudaGetLastError(), kWhere);
     } else if (want_b) {
       const unsigned blocks_b = static_cast<unsigned>(ceil_div<std::int64_t>(N, kBiasCols));
       linear_act_grad_bias_kernel<T, ACT><<<blocks_b, kThreads, 0, cuda_stream>>>(
-          as_const<T>(grad_out), as_const<T>(saved), as_mutable<T>(grad_b), m, n);
+          as_const<T>(grad_out), as_const<T>(saved), as_mutable<T>(grad_b), m, n, drop);
       check_cuda(cudaGetLastError(), kWhere);
     }
   });

@@ -14,6 +14,14 @@ products come from torch (blas.py) and everything around them is numba:
   dx for the block is multiplied out while dz is in cache; dW = dz^T x is one GEMM
   at the end, which needs all of dz, so dz is one (M, N) buffer in backward.
 
+Dropout (p > 0) is fused into both passes: forward multiplies each activated element by
+scale = 1/(1-p) or 0, the keep bit regenerated from Philox(seed, offset + row * N + col)
+(philox.py, the rule of ops/random.py); backward's dz pass multiplies dy by the same factor
+before act'. The second output that act' reads is z for gelu / gelu_tanh / silu and, with
+dropout, act(z) before dropout for tanh / sigmoid (their y is scaled and zeroed); relu's
+act' reads the dropped-out y itself (y > 0 exactly where z > 0 and the element is kept, and
+dropped elements have no gradient anyway).
+
 float32 and float64; math accumulates in the storage dtype except db (float64).
 """
 
@@ -25,6 +33,7 @@ from ..activations import GELU, GELU_TANH, GELU_TANH_CUBIC, IDENTITY, INV_SQRT_2
 from ..activations import RELU, SIGMOID, SILU, SQRT_2_OVER_PI, TANH
 from .blas import PackedLinear
 from .fastmath import KERNEL_OPTIONS, exp, like, one_plus_erf, tanh
+from .philox import key_of, keeps
 
 # A row block must be tall: each torch.mm call packs all of W again, so short blocks
 # spend their time repacking (32-row blocks of 4096x1024 @ 1024x4096 ran at half of one
@@ -139,9 +148,20 @@ def _grad_row(dz, dy, s, code):
         dz[:] = dy
 
 
+@njit(inline="always")
+def _dropout_row(row, first, k0, k1, threshold, scale):
+    """row[j] *= scale or 0, the keep bit of counter first + j; a dropped NaN stays NaN."""
+    zero = scale * 0
+    for j in range(row.size):
+        row[j] *= scale if keeps(k0, k1, first + np.uint64(j), threshold) else zero
+
+
 @njit(**KERNEL_OPTIONS)
-def _epilogue(y, bias, has_bias, preact, save_preact, code):
-    """In place on one block: y <- act(y + bias); preact <- y + bias when asked.
+def _epilogue(y, bias, has_bias, preact, save_preact, save_after_act, code,
+              drop, row0, k0, k1, offset, threshold, scale):
+    """In place on one block (rows row0.. of the output): y <- act(y + bias), then times
+    the dropout factor when drop; preact <- y + bias (or act(y + bias) when
+    save_after_act) when asked.
 
     One loop per step over a row that sits in L1: branch-free inner loops vectorize,
     where one loop storing to both y and preact would not (they might alias).
@@ -152,14 +172,19 @@ def _epilogue(y, bias, has_bias, preact, save_preact, code):
         if has_bias:
             for j in range(cols):
                 row[j] += bias[j]
-        if save_preact:
+        if save_preact and not save_after_act:
             preact[i, :] = row
         _act_row(row, code)
+        if save_preact and save_after_act:
+            preact[i, :] = row
+        if drop:
+            _dropout_row(row, offset + np.uint64((row0 + i) * cols), k0, k1, threshold, scale)
 
 
 @njit(**KERNEL_OPTIONS)
-def _grad_preact(dy, saved, has_saved, dz, db_parts, code):
-    """dz = dy * act'(saved) for one block; db_parts[p] += column sums of part p's rows.
+def _grad_preact(dy, saved, has_saved, dz, db_parts, code, drop, row0, k0, k1, offset, threshold, scale):
+    """dz = dy * act'(saved) (times forward's dropout factor when drop) for one block,
+    rows row0.. of the output; db_parts[p] += column sums of part p's rows.
 
     The rows split into a fixed number of parts (not one per thread), each summed in
     order into its own float64 row of db_parts: the result does not depend on the
@@ -174,12 +199,27 @@ def _grad_preact(dy, saved, has_saved, dz, db_parts, code):
         for i in range(p * per_part, min(rows, (p + 1) * per_part)):
             dz_row = dz[i]
             _grad_row(dz_row, dy[i], saved[i] if has_saved else dy[i], code if has_saved else IDENTITY)
+            if drop:
+                _dropout_row(dz_row, offset + np.uint64((row0 + i) * cols), k0, k1, threshold, scale)
             for j in range(cols):
                 col_sum[j] += dz_row[j]
 
 
-def forward(x, weight, bias, activation: int, save_preact: bool):
+def _dropout_args(p: float, seed: int, offset: int, threshold: int, dtype):
+    """(drop, k0, k1, offset, threshold, scale) as the kernels take them."""
+    k0, k1 = key_of(seed)
+    scale = np.dtype(str(dtype).removeprefix("torch.")).type(1.0 / (1.0 - p) if p > 0 else 1.0)
+    return p > 0, k0, k1, np.uint64(offset), np.uint64(threshold), scale
+
+
+def forward(x, weight, bias, activation: int, save_preact: bool, p: float = 0.0, seed: int = 0,
+            offset: int = 0, threshold: int = 0):
+    """y = act(x W^T + b) (dropped out when p > 0: element (i, j) by counter offset + i N + j).
+    Returns (y, saved): saved is z for gelu / gelu_tanh / silu, act(z) before dropout for
+    the others, None unless save_preact."""
     M, N = x.shape[0], weight.shape[0]
+    drop = _dropout_args(p, seed, offset, threshold, x.dtype)
+    save_after_act = activation in (RELU, TANH, SIGMOID)
     preact = torch.empty((M, N), dtype=x.dtype) if save_preact else None
     dummy = x.new_empty((1, 1)).numpy()
     linear = PackedLinear(weight, M)
@@ -195,12 +235,15 @@ def forward(x, weight, bias, activation: int, save_preact: bool):
         if not linear.onednn:
             torch.mm(x[r0:r1], weight.t(), out=block)
         _epilogue(block.numpy(), bias_np, add_bias, preact[r0:r1].numpy() if save_preact else dummy,
-                  save_preact, activation)
+                  save_preact, save_after_act, activation, drop[0], r0, *drop[1:])
     return out, preact
 
 
-def backward(grad_out, x, weight, saved, activation: int, need_dx: bool, need_dw: bool, need_db: bool):
+def backward(grad_out, x, weight, saved, activation: int, need_dx: bool, need_dw: bool, need_db: bool,
+             p: float = 0.0, seed: int = 0, offset: int = 0, threshold: int = 0):
+    """(dx, dW, db) from dz = dy * dropout factor * act'(saved); None where not needed."""
     M, N = grad_out.shape
+    drop = _dropout_args(p, seed, offset, threshold, grad_out.dtype)
     dz = torch.empty_like(grad_out)
     dx = torch.empty_like(x) if need_dx else None
     db_parts = np.zeros((_DB_PARTS, N), np.float64)
@@ -210,7 +253,7 @@ def backward(grad_out, x, weight, saved, activation: int, need_dx: bool, need_dw
         r1 = min(M, r0 + step)
         dz_block = dz[r0:r1]
         _grad_preact(grad_out[r0:r1].numpy(), saved_np[r0:r1] if saved is not None else saved_np,
-                     saved is not None, dz_block.numpy(), db_parts, activation)
+                     saved is not None, dz_block.numpy(), db_parts, activation, drop[0], r0, *drop[1:])
         if need_dx:
             torch.mm(dz_block, weight, out=dx[r0:r1])
     dw = torch.mm(dz.t(), x) if need_dw else None

@@ -17,6 +17,12 @@ re-read an (M, N) buffer (and need the memory for it). The two kernels are
   sum their dz tiles over M into db (each db element is written by exactly one program:
   deterministic, no atomics).
 
+Dropout (DROPOUT, p > 0) is fused too: the forward epilogue multiplies act(z) by scale =
+1/(1-p) or 0, the keep bit of element (m, n) from ``tl.randint(seed, offset + m N + n)``
+(dropout.py's rule, bit for bit the other forms); both gradient prologues regenerate the
+same bits, dz = dy * factor * act'(saved). The mask is never stored. With dropout, the second
+output for tanh / sigmoid is act(z) before dropout (SAVE_ACT), since their y is scaled.
+
 Block sizes are autotuned on the GPU; under TRITON_INTERPRET=1 (CPU tests) one small
 config is used. For float32 inputs tl.dot follows torch.backends.cuda.matmul.allow_tf32.
 """
@@ -27,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .dropout import keep_mask
 from ..activations import (
     GELU,
     GELU_TANH,
@@ -174,9 +181,18 @@ def _act_grad(s, ACT: tl.constexpr):
 
 
 @triton.jit
-def _load_dz(dy_ptrs, s_ptrs, mask, ACT: tl.constexpr, ACC_DT: tl.constexpr):
-    # The gradient GEMMs' prologue: dz = dy * act'(saved) for one tile, in ACC_DT.
+def _dropout_factor(index, seed, threshold, scale, ACC_DT: tl.constexpr):
+    # scale or 0 per element of an int64 tile of counters (offset + m N + n).
+    return tl.where(keep_mask(seed, index, threshold), scale, 0.0).to(ACC_DT)
+
+
+@triton.jit
+def _load_dz(dy_ptrs, s_ptrs, mask, ACT: tl.constexpr, ACC_DT: tl.constexpr,
+             DROPOUT: tl.constexpr, index, seed, threshold, scale):
+    # The gradient GEMMs' prologue: dz = dy * dropout factor * act'(saved) for one tile.
     dz = tl.load(dy_ptrs, mask=mask, other=0.0).to(ACC_DT)
+    if DROPOUT:
+        dz = dz * _dropout_factor(index, seed, threshold, scale, ACC_DT)
     if ACT != _IDENTITY:
         s = tl.load(s_ptrs, mask=mask, other=0.0).to(ACC_DT)
         dz = dz * _act_grad(s, ACT)
@@ -192,8 +208,9 @@ def _fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, z_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SAVE_Z: tl.constexpr,
-    ACC_DT: tl.constexpr, PREC: tl.constexpr,
+    seed, offset, threshold, scale,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SAVE_Z: tl.constexpr, SAVE_ACT: tl.constexpr,
+    DROPOUT: tl.constexpr, ACC_DT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     pid_m, pid_n = _tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
@@ -216,8 +233,16 @@ def _fwd_kernel(
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     out = offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
     if SAVE_Z:
-        tl.store(z_ptr + out, acc.to(z_ptr.dtype.element_ty), mask=mask)
-    tl.store(y_ptr + out, _act(acc, ACT).to(y_ptr.dtype.element_ty), mask=mask)
+        if not SAVE_ACT:
+            tl.store(z_ptr + out, acc.to(z_ptr.dtype.element_ty), mask=mask)
+    y = _act(acc, ACT)
+    if SAVE_Z:
+        if SAVE_ACT:
+            tl.store(z_ptr + out, y.to(z_ptr.dtype.element_ty), mask=mask)
+    if DROPOUT:
+        index = offset + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        y = y * _dropout_factor(index, seed, threshold, scale, ACC_DT)
+    tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(configs=_configs("BLOCK_M", "BLOCK_K", "BLOCK_N", _BWD_TILES), key=["M", "N", "K"])
@@ -226,7 +251,8 @@ def _dx_kernel(
     dy_ptr, s_ptr, w_ptr, dx_ptr,
     M, N, K,
     stride_dym, stride_dyn, stride_sm, stride_sn, stride_wn, stride_wk, stride_dxm, stride_dxk,
-    ACT: tl.constexpr, ACC_DT: tl.constexpr, PREC: tl.constexpr,
+    seed, offset, threshold, scale,
+    ACT: tl.constexpr, DROPOUT: tl.constexpr, ACC_DT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
 ):
     pid_m, pid_k = _tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP)
@@ -238,13 +264,16 @@ def _dx_kernel(
     s_ptrs = s_ptr + rows * stride_sm + offs_n[None, :] * stride_sn
     w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + (offs_k % K)[None, :] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DT)
+    index = offset + rows * N + offs_n[None, :]  # dropout counters of the dz tile
     for n in range(0, tl.cdiv(N, BLOCK_N)):
         n_left = N - n * BLOCK_N
-        dz = _load_dz(dy_ptrs, s_ptrs, offs_n[None, :] < n_left, ACT, ACC_DT)
+        dz = _load_dz(dy_ptrs, s_ptrs, offs_n[None, :] < n_left, ACT, ACC_DT,
+                      DROPOUT, index, seed, threshold, scale)
         w = tl.load(w_ptrs, mask=offs_n[:, None] < n_left, other=0.0)
         acc = _dot(dz.to(w.dtype), w, acc, ACC_DT, PREC)
         dy_ptrs += BLOCK_N * stride_dyn
         s_ptrs += BLOCK_N * stride_sn
+        index += BLOCK_N
         w_ptrs += BLOCK_N * stride_wn
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
@@ -257,7 +286,8 @@ def _dw_kernel(
     dy_ptr, s_ptr, x_ptr, dw_ptr, db_ptr,
     M, N, K,
     stride_dym, stride_dyn, stride_sm, stride_sn, stride_xm, stride_xk, stride_dwn, stride_dwk,
-    ACT: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
+    seed, offset, threshold, scale,
+    ACT: tl.constexpr, DROPOUT: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
     ACC_DT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr,
 ):
@@ -277,9 +307,11 @@ def _dw_kernel(
         x_ptrs = x_ptr + rows * stride_xm + (offs_k % K)[None, :] * stride_xk
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DT)
     db = tl.zeros((BLOCK_N,), dtype=ACC_DT)
+    index = offset + rows * N + cols  # dropout counters of the dz tile
     for m in range(0, tl.cdiv(M, BLOCK_M)):
         mask_m = offs_m[:, None] < M - m * BLOCK_M
-        dz = _load_dz(dy_ptrs, s_ptrs, mask_m, ACT, ACC_DT)  # (BLOCK_M, BLOCK_N)
+        dz = _load_dz(dy_ptrs, s_ptrs, mask_m, ACT, ACC_DT,  # (BLOCK_M, BLOCK_N)
+                      DROPOUT, index, seed, threshold, scale)
         if HAS_DW:
             xt = tl.load(x_ptrs, mask=mask_m, other=0.0)
             acc = _dot(tl.trans(dz.to(xt.dtype)), xt, acc, ACC_DT, PREC)
@@ -289,6 +321,7 @@ def _dw_kernel(
                 db += tl.sum(dz, axis=0)
         dy_ptrs += BLOCK_M * stride_dym
         s_ptrs += BLOCK_M * stride_sm
+        index += BLOCK_M * N
     if HAS_DW:
         mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
         dw_ptrs = dw_ptr + offs_n.to(tl.int64)[:, None] * stride_dwn + offs_k[None, :] * stride_dwk
@@ -312,10 +345,19 @@ def _dot_args(dtype, operand_dtype=None):
     return tl.float32, "ieee"
 
 
-def forward(x, weight, bias, activation: int, save_preact: bool):
-    """y = act(x @ weight^T + bias) for x (M, K), weight (N, K), bias (N,) or None.
+def _dropout_kwargs(p: float, seed: int, offset: int, threshold: int):
+    """The kernels' dropout arguments; p == 0 compiles the dropout out (DROPOUT=False)."""
+    return dict(seed=seed, offset=offset, threshold=threshold,
+                scale=1.0 / (1.0 - p) if p > 0 else 1.0, DROPOUT=p > 0)
 
-    Returns (y, z) with z the pre-activation when save_preact, else None; both x.dtype.
+
+def forward(x, weight, bias, activation: int, save_preact: bool, p: float = 0.0, seed: int = 0,
+            offset: int = 0, threshold: int = 0):
+    """y = act(x @ weight^T + bias) for x (M, K), weight (N, K), bias (N,) or None, dropped
+    out when p > 0 (element (m, n) by counter offset + m N + n).
+
+    Returns (y, s) with s, when save_preact, what act' reads: z for gelu / gelu_tanh / silu,
+    act(z) before dropout for relu / tanh / sigmoid; else None. Both x.dtype.
     """
     M, K = x.shape
     N = weight.shape[0]
@@ -329,16 +371,20 @@ def forward(x, weight, bias, activation: int, save_preact: bool):
         x, weight, bias if bias is not None else y, y, z if save_preact else y,
         M, N, K,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, ACT=activation, SAVE_Z=save_preact, ACC_DT=acc_dt, PREC=prec,
+        **_dropout_kwargs(p, seed, offset, threshold),
+        HAS_BIAS=bias is not None, ACT=activation, SAVE_Z=save_preact,
+        SAVE_ACT=activation in (RELU, TANH, SIGMOID), ACC_DT=acc_dt, PREC=prec,
     )
     return y, z
 
 
-def backward(grad_out, x, weight, saved, activation: int, need_dx: bool, need_dw: bool, need_db: bool):
+def backward(grad_out, x, weight, saved, activation: int, need_dx: bool, need_dw: bool, need_db: bool,
+             p: float = 0.0, seed: int = 0, offset: int = 0, threshold: int = 0):
     """Gradients of linear_act given dy = grad_out (M, N).
 
-    saved is forward's y for relu / tanh / sigmoid, its pre-activation z for gelu /
-    gelu_tanh / silu, and None for identity. Returns (dx, dW, db), None where not needed.
+    saved is forward's y for relu / tanh / sigmoid (act(z) before dropout for tanh /
+    sigmoid when p > 0), its pre-activation z for gelu / gelu_tanh / silu, and None for
+    identity. Returns (dx, dW, db), None where not needed.
     """
     M, K = x.shape
     N = weight.shape[0]
@@ -351,7 +397,7 @@ def backward(grad_out, x, weight, saved, activation: int, need_dx: bool, need_dw
     if saved is None:  # identity: the kernels never read it
         saved = grad_out
     acc_dt, prec = _dot_args(x.dtype)
-    common = dict(ACT=activation, ACC_DT=acc_dt, PREC=prec)
+    common = dict(ACT=activation, ACC_DT=acc_dt, PREC=prec, **_dropout_kwargs(p, seed, offset, threshold))
     dy_strides = (grad_out.stride(0), grad_out.stride(1), saved.stride(0), saved.stride(1))
     if need_dx and K > 0:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)

@@ -317,6 +317,203 @@ def test_compile_fullgraph_cpu_backend():
         assert rel_err(got, p.grad) < 1e-12
 
 
+# --- dropout (fused into the epilogue) -----------------------------------------------
+
+
+def _next_pair():
+    """The (seed, offset) the next dropout call will use (syncs kiln's generator first)."""
+    return kiln.ops.random.seed_offset(kiln.ops.random.next_seed_offset(0))
+
+
+def _check_dropout(backend, lead, k, n, activation, dtype, p=0.3, device="cpu", bias=True):
+    """Forward and gradients against torch's ops in float64 on the same mask: the one the
+    reference Philox gives for the (seed, offset) the call drew."""
+    (x, w, b, dy), (x64, w64, b64, dy64) = _inputs(lead, k, n, dtype, bias, device)
+    for t in (x, w, b, x64, w64, b64):
+        if t is not None:
+            t.requires_grad_()
+    with kiln.backend.use(backend):
+        seed, offset = _next_pair()
+        out = kiln.ops.linear_act(x, w, b, activation, dropout=p)
+        kiln.ops.linear_act(x.detach(), w.detach(), None, activation, dropout=p)  # a call between
+        out.backward(dy)
+    keep = kiln.ops.random.keep_mask(seed, offset, (*lead, n), p)
+    ref = TORCH_ACT[activation](F.linear(x64, w64, b64)) * (keep.double() / (1 - p))
+    ref.backward(dy64)
+    bound = BOUND[dtype]
+    assert rel_err(out, ref) < bound, "forward"
+    assert (out.detach().cpu()[~keep] == 0).all(), "mask"  # every dropped element is exactly 0
+    assert rel_err(x.grad, x64.grad) < bound, "dx"
+    assert rel_err(w.grad, w64.grad) < bound, "dweight"
+    if bias:
+        assert rel_err(b.grad, b64.grad) < bound, "dbias"
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape", [((7,), 19, 33), ((2, 40), 21, 70)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_dropout_matches_torch_on_the_same_mask(backend, dtype, shape, activation):
+    _check_dropout(backend, *shape, activation, dtype)
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_dropout_matches_torch_triton_interpreted(activation):
+    _check_dropout("triton", (40,), 20, 45, activation, torch.float32, p=0.5)
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("activation", ["relu", "tanh", "gelu"])
+def test_dropout_cpu_across_row_blocks(monkeypatch, activation):
+    cpu_kernel = importlib.import_module("kiln.kernels.cpu.linear_act")
+    monkeypatch.setattr(cpu_kernel, "_BLOCK_BYTES", 1 << 14)
+    monkeypatch.setattr(cpu_kernel, "_MIN_BLOCK_ROWS", 8)
+    assert cpu_kernel._rows_per_block(120, 8) < 500
+    _check_dropout("cpu", (500,), 17, 120, activation, torch.float64, p=0.2)
+
+
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "silu"])
+def test_dropout_outputs_identical_across_forms(activation):
+    """The same (seed, offset) drops the same elements in every form: the forward outputs
+    agree to float32 rounding and are zero in the same places."""
+    (x, w, b, _), _ = _inputs((37,), 23, 45, torch.float32)
+    outs = {}
+    for backend in ("reference", "cpu", "triton"):
+        kiln.ops.random.set_rng_state({"seed": 2**40 + 5, "offset": 2**32 - 700,
+                                       "torch_seed": torch.initial_seed()})
+        with kiln.backend.use(backend):
+            outs[backend] = kiln.ops.linear_act(x, w, b, activation, dropout=0.4)
+    for backend in ("cpu", "triton"):
+        assert rel_err(outs[backend], outs["reference"]) < BOUND[torch.float32]
+        assert torch.equal(outs[backend] == 0, outs["reference"] == 0)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+def test_dropout_gradient_is_zero_exactly_where_the_output_was_dropped(backend):
+    # identity activation, positive inputs and weights: z > 0 everywhere, so y == 0 only where dropped
+    x = (torch.rand(31, 9) + 0.1).requires_grad_()
+    w = (torch.rand(17, 9) + 0.1).requires_grad_()
+    with kiln.backend.use(backend):
+        out = kiln.ops.linear_act(x, w, None, "identity", dropout=0.5)
+        (dz,) = torch.autograd.grad(out, out, torch.ones_like(out), retain_graph=True)
+        out.backward(torch.ones_like(out))
+    dropped = out == 0
+    assert 0 < dropped.float().mean() < 1
+    # dW = dz^T x with dz = mask / (1 - p): recover dz from the gradient of w row by row
+    want_dw = (~dropped).float().t() @ x.detach() * 2.0
+    assert rel_err(w.grad, want_dw) < BOUND[torch.float32]
+
+
+@pytest.mark.parametrize("activation", ["tanh", "gelu"])  # act'(saved): act(z) kept apart, and z
+def test_dropout_gradcheck_and_gradgradcheck_cpu(activation):
+    x, w, b = _double_inputs(5)
+    _next_pair()
+    state = kiln.ops.random.get_rng_state()
+
+    def f(*args):  # one mask for every call gradcheck makes
+        kiln.ops.random.set_rng_state(state)
+        return kiln.ops.linear_act(*args, activation=activation, dropout=0.4)
+
+    with kiln.backend.use("cpu"):
+        assert torch.autograd.gradcheck(f, (x, w, b))
+        assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+def test_dropout_create_graph_gradients_equal_the_kernel_gradients():
+    x, w, b = _double_inputs(6)
+    with kiln.backend.use("cpu"):
+        y = kiln.ops.linear_act(x, w, b, "gelu", dropout=0.5)
+        dy = torch.randn_like(y)
+        plain = torch.autograd.grad(y, (x, w, b), dy, retain_graph=True)
+        graphed = torch.autograd.grad(y, (x, w, b), dy, create_graph=True)
+    for got, want in zip(graphed, plain):
+        assert got.grad_fn is not None
+        assert rel_err(got, want) < 1e-12
+
+
+def test_dropout_p_one_gives_zeros_and_bad_p_is_named():
+    x, w = torch.randn(4, 5, requires_grad=True), torch.randn(3, 5)
+    out = kiln.ops.linear_act(x, w, None, "gelu", dropout=1.0)
+    assert torch.equal(out, torch.zeros(4, 3))
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    with pytest.raises(ValueError, match=r"linear_act: dropout probability has to be between 0 and 1, but got 1.5"):
+        kiln.ops.linear_act(x, w, dropout=1.5)
+    with pytest.raises(TypeError, match=r"linear_act: p must be a float"):
+        kiln.ops.linear_act(x, w, dropout="0.1")
+    with pytest.raises(TypeError):
+        kiln.ops.linear_act(x, w, None, "relu", 0.1)  # keyword-only
+
+
+def test_dropout_zero_size():
+    x = torch.randn(0, 5, requires_grad=True)
+    out = kiln.ops.linear_act(x, torch.randn(3, 5), None, "relu", dropout=0.5)
+    assert out.shape == (0, 3)
+
+
+def test_linear_module_dropout_train_and_eval():
+    layer = kiln.nn.Linear(12, 20, activation="relu", dropout=0.25).double()
+    assert "dropout=0.25" in repr(layer)
+    x = torch.randn(9, 12, dtype=torch.float64)
+    seed, offset = _next_pair()
+    out = layer(x)
+    keep = kiln.ops.random.keep_mask(seed, offset, (9, 20), 0.25)
+    ref = F.relu(F.linear(x, layer.weight, layer.bias)) * keep / 0.75
+    assert rel_err(out, ref) < 1e-12
+    layer.eval()
+    assert rel_err(layer(x), F.relu(F.linear(x, layer.weight, layer.bias))) < 1e-12
+    with pytest.raises(TypeError):
+        kiln.nn.Linear(3, 4, True, None, None, "relu", 0.1)  # activation, dropout keyword-only
+    with pytest.raises(ValueError, match=r"dropout probability has to be between 0 and 1"):
+        kiln.nn.Linear(3, 4, dropout=1.2)
+    # a torch Linear's state_dict loads as before
+    layer.load_state_dict(torch.nn.Linear(12, 20).double().state_dict())
+
+
+def test_mlp_fuses_its_hidden_dropout():
+    torch.manual_seed(0)
+    model = kiln.nn.MLP([10, 16, 16, 3], activation="tanh", dropout=0.2).double()
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
+    assert [m.dropout for m in model] == [0.2, 0.2, 0.0]
+    x = torch.randn(6, 10, dtype=torch.float64)
+    pairs = []
+    kiln.ops.random.set_rng_state(kiln.ops.random.get_rng_state())
+    pairs.append(_next_pair())
+    out = model(x)
+    h = x
+    for layer, numel in zip(model, (6 * 16, 6 * 16, None)):
+        h = F.linear(h, layer.weight, layer.bias)
+        if numel is not None:
+            seed, offset = pairs[-1]
+            h = torch.tanh(h) * kiln.ops.random.keep_mask(seed, offset, h.shape, 0.2) / 0.8
+            pairs.append((seed, offset + numel))
+    assert rel_err(out, h) < 1e-12
+    model.eval()
+    assert rel_err(model(x), model(x)) == 0
+
+
+def test_dropout_compile_fullgraph_cpu_equals_eager():
+    torch._dynamo.reset()
+    model = kiln.nn.MLP([12, 16, 3], activation="gelu", dropout=0.3).double()
+    x = torch.randn(5, 12, dtype=torch.float64)
+    compiled = torch.compile(model, fullgraph=True)
+    _next_pair()
+    state = kiln.ops.random.get_rng_state()
+    out = compiled(x)
+    out.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    kiln.ops.random.set_rng_state(state)
+    eager = model(x)
+    eager.square().sum().backward()
+    assert rel_err(out, eager) < 1e-12
+    for got, p in zip(grads, model.parameters()):
+        assert rel_err(got, p.grad) < 1e-12
+    assert not torch.equal(compiled(x), out)  # the counter advances inside the compiled graph
+
+
 # --- GPU -------------------------------------------------------------------------------
 
 
@@ -349,3 +546,25 @@ def test_cuda_autocast_runs_in_the_region_dtype_as_torch(backend, region):
         out, ref = kiln.ops.linear_act(x, w, b, "gelu"), F.gelu(F.linear(x, w, b))
     assert out.dtype == ref.dtype == region
     assert rel_err(out, ref) < BOUND[region]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("shape", [((65,), 70, 130), ((3, 333), 257, 515)], ids=str)
+def test_dropout_matches_torch_gpu(backend, dtype, shape, activation):
+    _check_dropout(backend, *shape, activation, dtype, p=0.3, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["relu", "gelu", "sigmoid"])
+def test_dropout_gpu_forms_drop_the_same_elements(activation):
+    (x, w, b, _), _ = _inputs((1000,), 256, 384, torch.float32, device="cuda")
+    outs = {}
+    for backend in ("triton", "cuda", "reference"):
+        kiln.ops.random.set_rng_state({"seed": 12345, "offset": 2**32 - 1000, "torch_seed": torch.initial_seed()})
+        with kiln.backend.use(backend):
+            outs[backend] = kiln.ops.linear_act(x, w, b, activation, dropout=0.2)
+    for backend in ("triton", "cuda"):
+        assert torch.equal(outs[backend] == 0, outs["reference"] == 0)

@@ -15,17 +15,24 @@ int device_count();
 // out = act(x @ w^T + bias), and preact = x @ w^T + bias when preact != 0.
 // x (M, K), w (N, K), bias (N) or 0, out and preact (M, N); row-major, contiguous,
 // one dtype for all. Any alignment: misaligned rows take an element-wise path.
+// Dropout when p in (0, 1): out *= keep / (1 - p), element (m, n)'s keep bit from
+// Philox(seed, offset + m N + n) and threshold (kiln/philox.cuh); preact then holds
+// act(z) before dropout for relu, tanh and sigmoid. p == 0: no dropout.
 void linear_act_forward(std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, std::uintptr_t out,
                         std::uintptr_t preact, std::int64_t M, std::int64_t N, std::int64_t K, int dtype,
-                        int activation, std::uintptr_t stream);
+                        int activation, double p, std::uint64_t seed, std::uint64_t offset, std::int64_t threshold,
+                        std::uintptr_t stream);
 
 // With dz = grad_out * act'(saved): grad_x = dz @ w (M, K), grad_w = dz^T @ x (N, K),
 // grad_b = column sums of dz (N). saved (M, N) is the forward output for relu, tanh,
 // sigmoid, the pre-activation for gelu, gelu_tanh, silu, and 0 for identity. A zero
 // output pointer skips that gradient; the others are overwritten, not accumulated.
+// With dropout (p > 0, forward's seed, offset and threshold) dz also carries forward's
+// keep / (1 - p), and saved is act(z) before dropout for tanh and sigmoid.
 void linear_act_backward(std::uintptr_t grad_out, std::uintptr_t x, std::uintptr_t w, std::uintptr_t saved,
                          std::uintptr_t grad_x, std::uintptr_t grad_w, std::uintptr_t grad_b, std::int64_t M,
-                         std::int64_t N, std::int64_t K, int dtype, int activation, std::uintptr_t stream);
+                         std::int64_t N, std::int64_t K, int dtype, int activation, double p, std::uint64_t seed,
+                         std::uint64_t offset, std::int64_t threshold, std::uintptr_t stream);
 
 // y = softmax(x) row-wise, or log_softmax(x) when log == 1. x and y (R, C), row-major,
 // contiguous, one dtype; y may be x (in place). Float32 math.

@@ -7,6 +7,7 @@ from torch.nn import AvgPool2d, Embedding, Flatten, MaxPool2d, Upsample
 from .attention import LearnedPositionalEmbedding, MultiheadAttention, SinusoidalPositionalEncoding
 from .cached_attention import CausalSelfAttention, CrossAttention, KVCache, LayerCache
 from .conv import Conv2d, ConvTranspose2d, MaxOverShifts
+from .dropout import Dropout
 from .linear import MLP, Linear
 from .llm import GatedMLP, RMSNorm, RotaryEmbedding
 from .loss import CrossEntropyLoss, LinearCrossEntropyLoss
@@ -15,7 +16,7 @@ from .rnn import GRU, LSTM, RNN, CellRNN, GRUCell, HighwayRNNCell, LSTMCell, Res
 from .transformer import (TransformerDecoder, TransformerDecoderLayer, TransformerEncoder,
                           TransformerEncoderLayer)
 
-__all__ = ["Linear", "MLP", "Conv2d", "ConvTranspose2d", "MaxOverShifts", "MaxPool2d", "AvgPool2d",
+__all__ = ["Linear", "MLP", "Dropout", "Conv2d", "ConvTranspose2d", "MaxOverShifts", "MaxPool2d", "AvgPool2d",
            "Flatten", "Upsample", "Embedding", "CausalSelfAttention", "CrossAttention",
            "KVCache", "LayerCache", "CrossEntropyLoss", "LinearCrossEntropyLoss", "LayerNorm",
            "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "MultiheadAttention",

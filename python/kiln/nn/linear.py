@@ -1,4 +1,4 @@
-"""Linear and MLP layers on kiln.ops.linear_act."""
+"""Linear and MLP layers on kiln.ops.linear_act (activation and dropout fused)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from kiln import ops
+from kiln.ops.dropout import check_probability
 
 
 class Linear(nn.Linear):
@@ -16,18 +17,24 @@ class Linear(nn.Linear):
     Same constructor and forward arguments, parameters, initialization and state_dict keys
     as torch's Linear, so a torch Linear's state_dict loads as is; the activation is a
     keyword-only extra after torch's arguments. ``activation=None`` is a plain affine map.
+    ``dropout=p`` (keyword-only) applies inverted dropout to the activated output in
+    training (the module's ``training`` flag), fused into the same kernel: the equivalent
+    of ``nn.Dropout(p)`` after the layer; in eval it does nothing.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
-                 dtype=None, *, activation: str | None = None):
+                 dtype=None, *, activation: str | None = None, dropout: float = 0.0):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.activation = activation or "identity"
+        self.dropout = check_probability("Linear", dropout)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return ops.linear_act(input, self.weight, self.bias, self.activation)
+        return ops.linear_act(input, self.weight, self.bias, self.activation,
+                              dropout=self.dropout if self.training else 0.0)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, activation={self.activation}"
+        extra = f", dropout={self.dropout}" if self.dropout else ""
+        return f"{super().extra_repr()}, activation={self.activation}{extra}"
 
 
 class MLP(nn.Sequential):
@@ -35,7 +42,8 @@ class MLP(nn.Sequential):
 
     ``sizes`` = (in, hidden..., out). Hidden layers fuse ``activation``; the last layer
     uses ``out_activation`` (identity by default: logits or a regression output).
-    Optional dropout after each hidden activation.
+    Optional dropout after each hidden activation, fused into the hidden layers' kernels
+    (``Linear(..., dropout=p)``), so the layers are the Linears alone.
     """
 
     def __init__(self, sizes: Sequence[int], activation: str = "relu", bias: bool = True,
@@ -47,7 +55,5 @@ class MLP(nn.Sequential):
             last = i == len(sizes) - 2
             layers.append(Linear(d_in, d_out, bias=bias,
                                  activation=out_activation if last else activation,
-                                 device=device, dtype=dtype))
-            if not last and dropout > 0:
-                layers.append(nn.Dropout(dropout))
+                                 dropout=0.0 if last else dropout, device=device, dtype=dtype))
         super().__init__(*layers)

@@ -3,16 +3,19 @@
 from . import attention as _attention_family
 from . import batch_norm as _batch_norm_family
 from . import cross_entropy as _cross_entropy_family
+from . import dropout as _dropout_family
 from . import gated as _gated_family
 from . import layer_norm as _layer_norm_family
 from . import linear_act as _linear_act_family
 from . import optim as _optim_family
+from . import random  # kiln's dropout generator: get_rng_state / set_rng_state
 from . import rms_norm as _rms_norm_family
 from . import rnn as _rnn_family
 from . import rotary as _rotary_family
 from .attention import attention
 from .batch_norm import batch_norm
 from .cross_entropy import cross_entropy, log_softmax, softmax
+from .dropout import dropout
 from .gated import geglu, swiglu
 from .layer_norm import layer_norm
 from .linear_act import linear_act
@@ -27,6 +30,7 @@ from .rotary import rotary_embedding
 # of "cross_entropy" and follows its choice.
 BACKEND_DTYPES = {
     "linear_act": _linear_act_family.DTYPES,
+    "dropout": _dropout_family.DTYPES,
     "softmax": _cross_entropy_family.DTYPES,
     "cross_entropy": _cross_entropy_family.DTYPES,
     "layer_norm": _layer_norm_family.DTYPES,
@@ -45,7 +49,7 @@ BACKEND_DTYPES = {
     "ngd_step": _optim_family.DTYPES,
 }
 
-__all__ = ["linear_act", "softmax", "log_softmax", "cross_entropy", "linear_cross_entropy",
+__all__ = ["linear_act", "dropout", "random", "softmax", "log_softmax", "cross_entropy", "linear_cross_entropy",
            "layer_norm", "batch_norm", "attention",
            "lstm", "gru", "lstm_cell", "gru_cell", "rnn_tanh", "rnn_relu", "rnn_tanh_cell",
            "rnn_relu_cell", "rms_norm", "swiglu", "geglu", "rotary_embedding",

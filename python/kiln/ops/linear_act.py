@@ -10,9 +10,17 @@ the output y itself for relu, tanh, sigmoid (their derivative is a function of y
 y exists anyway), the pre-activation z for gelu, gelu_tanh, silu (forward writes it
 as a second output), nothing for identity.
 
+Dropout (``dropout=p``, inverted as torch's) is fused into the epilogue: y = act(z) * mask
+/ (1 - p), the mask a pure function of (seed, offset, row * N + col) (ops/random.py's
+Philox, the same bits in every form), so it is never stored: the op also saves the int64
+pair [seed, offset], and the gradient GEMMs regenerate the mask in their prologue, dz =
+dy * mask / (1 - p) * act'(z). With dropout, tanh and sigmoid save act(z) before dropout
+as their second output (their y is scaled and zeroed); relu still uses y (y > 0 exactly
+where z > 0 and the element was kept).
+
 Double backward (a backward recorded with create_graph=True, e.g. for a gradient-norm
 penalty) runs differentiable PyTorch ops from x, W and b: z is recomputed (the saved z
-is an output whose gradient the backward does not take). Autocast: "lower", as torch's
+is an output whose gradient the backward does not take), the mask rebuilt from the pair. Autocast: "lower", as torch's
 F.linear (the region's dtype). An empty product (a zero batch, in or out size) has no
 work for a kernel: torch's F.linear and activation give its result and gradients.
 """
@@ -30,7 +38,10 @@ from kiln import backend
 from kiln.kernels.activations import ACTIVATIONS, CODE, SAVED
 
 from . import _autocast
+from . import random as kiln_random
 from ._checks import check_floating, check_same_device_dtype
+from .dropout import check_probability
+from .dropout import multiplier as dropout_multiplier
 from ._cuda_launch import DTYPE_CODE, ptr, stream
 
 OP = "linear_act"
@@ -72,14 +83,20 @@ def _act_grad_reference(saved: Tensor, activation: str) -> Tensor:
     raise AssertionError(activation)
 
 
-def reference_forward(x, weight, bias, activation: int, save_preact: bool):
-    z = F.linear(x, weight, bias)
-    return TORCH_ACTIVATIONS[ACTIVATIONS[activation]](z), (z if save_preact else None)
-
-
-def reference_backward(grad_out, x, weight, saved, activation: int, need_dx, need_dw, need_db):
+def reference_forward(x, weight, bias, activation: int, save_preact: bool, p: float = 0.0,
+                      seed: int = 0, offset: int = 0, threshold: int = 0):
     name = ACTIVATIONS[activation]
-    dz = grad_out if SAVED[name] is None else grad_out * _act_grad_reference(saved, name)
+    z = F.linear(x, weight, bias)
+    a = TORCH_ACTIVATIONS[name](z)
+    y = a * dropout_multiplier(a, p, seed, offset) if p > 0 else a
+    return y, ((z if SAVED[name] == "preact" else a) if save_preact else None)
+
+
+def reference_backward(grad_out, x, weight, saved, activation: int, need_dx, need_dw, need_db,
+                       p: float = 0.0, seed: int = 0, offset: int = 0, threshold: int = 0):
+    name = ACTIVATIONS[activation]
+    dz = grad_out * dropout_multiplier(grad_out, p, seed, offset) if p > 0 else grad_out
+    dz = dz if SAVED[name] is None else dz * _act_grad_reference(saved, name)
     return (dz @ weight if need_dx else None,
             dz.t() @ x if need_dw else None,
             dz.sum(0) if need_db else None)
@@ -88,18 +105,20 @@ def reference_backward(grad_out, x, weight, saved, activation: int, need_dx, nee
 # ---------------------------------------------------------------------------------------
 # The cuda backend: kiln._cuda takes raw pointers, sizes and the stream.
 
-def cuda_forward(x, weight, bias, activation: int, save_preact: bool):
+def cuda_forward(x, weight, bias, activation: int, save_preact: bool, p: float = 0.0,
+                 seed: int = 0, offset: int = 0, threshold: int = 0):
     ext = backend.cuda_extension()
     M, K, N = x.shape[0], x.shape[1], weight.shape[0]
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     preact = torch.empty_like(out) if save_preact else None
     with torch.cuda.device(x.device):
         ext.linear_act_forward(ptr(x), ptr(weight), ptr(bias), ptr(out), ptr(preact), M, N, K,
-                               DTYPE_CODE[x.dtype], activation, stream(x))
+                               DTYPE_CODE[x.dtype], activation, p, seed, offset, threshold, stream(x))
     return out, preact
 
 
-def cuda_backward(grad_out, x, weight, saved, activation: int, need_dx, need_dw, need_db):
+def cuda_backward(grad_out, x, weight, saved, activation: int, need_dx, need_dw, need_db,
+                  p: float = 0.0, seed: int = 0, offset: int = 0, threshold: int = 0):
     ext = backend.cuda_extension()
     M, K, N = x.shape[0], x.shape[1], weight.shape[0]
     dx = torch.empty_like(x) if need_dx else None
@@ -107,7 +126,8 @@ def cuda_backward(grad_out, x, weight, saved, activation: int, need_dx, need_dw,
     db = torch.empty((N,), dtype=x.dtype, device=x.device) if need_db else None
     with torch.cuda.device(x.device):
         ext.linear_act_backward(ptr(grad_out), ptr(x), ptr(weight), ptr(saved), ptr(dx), ptr(dw),
-                                ptr(db), M, N, K, DTYPE_CODE[x.dtype], activation, stream(x))
+                                ptr(db), M, N, K, DTYPE_CODE[x.dtype], activation, p, seed, offset,
+                                threshold, stream(x))
     return dx, dw, db
 
 
@@ -127,45 +147,68 @@ def _implementation(t: Tensor):
 
 
 # ---------------------------------------------------------------------------------------
-# The custom ops: 2-D contiguous operands; the public function reshapes.
+# The custom ops: 2-D contiguous operands; the public function reshapes. Dropout: p in
+# [0, 1) and seed_offset the int64 CPU pair [seed, offset] (None when p == 0).
+
+
+def _dropout_args(p: float, seed_offset: Optional[Tensor]) -> tuple:
+    """(p, seed, offset, threshold) as every form's forward / backward takes them."""
+    if p == 0.0 or seed_offset is None:
+        return 0.0, 0, 0, 0
+    seed, offset = kiln_random.seed_offset(seed_offset)
+    return p, seed, offset, kiln_random.keep_threshold(p)
+
+
+def _saves_second_output(activation: str, p: float) -> bool:
+    """Whether act' needs the second output (z, or act(z) before dropout) over y."""
+    kind = SAVED[activation]
+    return kind == "preact" or (kind == "output" and p > 0 and activation != "relu")
 
 
 @torch.library.custom_op("kiln::linear_act", mutates_args=())
 def _linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
-                save_preact: bool) -> tuple[Tensor, Tensor]:
-    """Returns (y, z); z is empty unless save_preact (act' needs z and a grad is wanted)."""
+                save_preact: bool, p: float = 0.0, seed_offset: Optional[Tensor] = None
+                ) -> tuple[Tensor, Tensor]:
+    """Returns (y, s); s is empty unless save_preact: what act' reads when y cannot serve
+    (z for gelu / gelu_tanh / silu; act(z) before dropout for tanh / sigmoid)."""
     forward = _implementation(x).forward
-    out, preact = forward(x, weight, bias, CODE[activation], save_preact)
+    out, preact = forward(x, weight, bias, CODE[activation], save_preact, *_dropout_args(p, seed_offset))
     return out, (preact if preact is not None else x.new_empty(0))
 
 
 @_linear_act.register_fake
-def _(x, weight, bias, activation, save_preact):
+def _(x, weight, bias, activation, save_preact, p=0.0, seed_offset=None):
     out = x.new_empty((x.shape[0], weight.shape[0]))
     return out, (torch.empty_like(out) if save_preact else x.new_empty(0))
 
 
 @torch.library.custom_op("kiln::linear_act_backward", mutates_args=())
 def _linear_act_backward(grad_out: Tensor, x: Tensor, weight: Tensor, saved: Optional[Tensor],
-                         activation: str, need_dx: bool, need_dw: bool, need_db: bool
+                         activation: str, need_dx: bool, need_dw: bool, need_db: bool,
+                         p: float = 0.0, seed_offset: Optional[Tensor] = None
                          ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dx, dW, db), each empty when not needed."""
     backward = _implementation(x).backward
-    grads = backward(grad_out, x, weight, saved, CODE[activation], need_dx, need_dw, need_db)
+    grads = backward(grad_out, x, weight, saved, CODE[activation], need_dx, need_dw, need_db,
+                     *_dropout_args(p, seed_offset))
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
 @_linear_act_backward.register_fake
-def _(grad_out, x, weight, saved, activation, need_dx, need_dw, need_db):
+def _(grad_out, x, weight, saved, activation, need_dx, need_dw, need_db, p=0.0, seed_offset=None):
     return (torch.empty_like(x) if need_dx else x.new_empty(0),
             torch.empty_like(weight) if need_dw else x.new_empty(0),
             x.new_empty(weight.shape[0]) if need_db else x.new_empty(0))
 
 
-def differentiable_backward(grad_out, x, weight, bias, activation: str, need_dx, need_dw, need_db):
-    """(dx, dW, db) in differentiable PyTorch ops from the inputs, z recomputed: the
-    double-backward form."""
+def differentiable_backward(grad_out, x, weight, bias, activation: str, need_dx, need_dw, need_db,
+                            p: float = 0.0, seed_offset: Optional[Tensor] = None):
+    """(dx, dW, db) in differentiable PyTorch ops from the inputs, z recomputed and the
+    dropout mask rebuilt from (seed, offset): the double-backward form."""
     z = F.linear(x, weight, bias)
+    p, seed, offset, _ = _dropout_args(p, seed_offset)
+    if p > 0:
+        grad_out = grad_out * dropout_multiplier(grad_out, p, seed, offset)
     if SAVED[activation] is None:
         dz = grad_out
     else:  # act' from what _act_grad_reference takes: z, or act(z) for relu / tanh / sigmoid
@@ -177,25 +220,29 @@ def differentiable_backward(grad_out, x, weight, bias, activation: str, need_dx,
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, activation, _ = inputs
+    x, weight, bias, activation, _, p, seed_offset = inputs
     out, preact = output
-    kind = SAVED[activation]
-    saved = {"output": out, "preact": preact, None: None}[kind]
-    ctx.save_for_backward(x, weight, bias, saved)
+    if SAVED[activation] is None:
+        saved = None
+    else:
+        saved = preact if _saves_second_output(activation, p) else out
+    ctx.save_for_backward(x, weight, bias, saved, seed_offset)
     ctx.activation = activation
+    ctx.p = p
 
 
 def _backward(ctx, grad_out, grad_preact):
-    x, weight, bias, saved = ctx.saved_tensors
+    x, weight, bias, saved, seed_offset = ctx.saved_tensors
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     need_db = need_db and bias is not None
     if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
         dx, dw, db = differentiable_backward(grad_out, x, weight, bias, ctx.activation,
-                                             need_dx, need_dw, need_db)
+                                             need_dx, need_dw, need_db, ctx.p, seed_offset)
     else:
         dx, dw, db = _linear_act_backward(grad_out.contiguous(), x, weight, saved, ctx.activation,
-                                          need_dx, need_dw, need_db)
-    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None, None, None)
+                                          need_dx, need_dw, need_db, ctx.p, seed_offset)
+    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None,
+            None, None, None, None)
 
 
 torch.library.register_autograd("kiln::linear_act", _backward, setup_context=_setup_context)
@@ -207,11 +254,16 @@ _autocast.register("kiln::linear_act", "lower")
 
 
 def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
-               activation: str = "relu") -> Tensor:
+               activation: str = "relu", *, dropout: float = 0.0) -> Tensor:
     """act(x @ weight.T + bias) for x (..., in), weight (out, in), bias (out,) or None.
 
     activation: one of identity, relu, gelu (erf), gelu_tanh, tanh, sigmoid, silu.
+    dropout: p in [0, 1]; when p > 0 each output element is zeroed with probability p
+    and the rest scaled by 1 / (1 - p) (inverted dropout, applied whenever p > 0: the
+    caller decides training vs eval, as kiln.nn.Linear does from its training flag).
+    p == 1 gives zeros (act(...) * 0), as torch's dropout.
     """
+    p = check_probability(OP, dropout)
     if activation not in CODE:
         raise ValueError(f"linear_act: unknown activation {activation!r}; "
                          f"expected one of {', '.join(ACTIVATIONS)}")
@@ -226,12 +278,16 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         raise ValueError(f"linear_act: bias must have shape ({weight.shape[0]},) to match weight "
                          f"{tuple(weight.shape)}, got {tuple(bias.shape)}")
     if x.numel() == 0 or weight.numel() == 0:  # a zero batch, in or out size: no kernel
-        return TORCH_ACTIVATIONS[activation](F.linear(x, weight, bias))
+        out = TORCH_ACTIVATIONS[activation](F.linear(x, weight, bias))
+        return out * 0.0 if p == 1.0 else out
+    if p == 1.0:  # torch's dropout(p=1): input * 0 (zero gradients, NaN kept)
+        return linear_act(x, weight, bias, activation) * 0.0
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     # Inference (no grad wanted) never writes z, even for the activations that save it.
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias))
+    seed_offset = kiln_random.next_seed_offset(x2.shape[0] * weight.shape[0]) if p > 0 else None
     out, _ = _linear_act(x2, weight.contiguous(), None if bias is None else bias.contiguous(),
-                         activation, wants_grad and SAVED[activation] == "preact")
+                         activation, wants_grad and _saves_second_output(activation, p), p, seed_offset)
     return out.reshape(*lead, weight.shape[0])
