@@ -2,10 +2,11 @@
 
 from . import backend, ops
 from .backend import use
+from .ops.random import manual_seed
 
 __version__ = "0.1.0"
 
-__all__ = ["backend", "ops", "use", "nn", "optim", "__version__"]
+__all__ = ["backend", "ops", "use", "manual_seed", "nn", "optim", "__version__"]
 
 
 def __getattr__(name):

@@ -423,3 +423,16 @@ def test_gpu_compile_fullgraph_triton():
     kiln_random.set_rng_state(state)
     with kiln.backend.use("triton"):
         assert torch.equal(torch.compile(f, fullgraph=True)(x), eager)
+
+
+def test_kiln_manual_seed_restarts_dropout_even_after_torch_draws():
+    x = torch.ones(1000)
+    kiln.manual_seed(5)
+    torch.randn(10)                                  # weight init between seeding and dropout
+    first = kiln.ops.dropout(x, 0.5, True)
+    kiln.ops.dropout(x, 0.5, True)                   # the generator moves on
+    kiln.manual_seed(5)
+    torch.randn(10)
+    assert torch.equal(kiln.ops.dropout(x, 0.5, True), first)
+    torch.manual_seed(5)
+    assert torch.equal(kiln.ops.dropout(x, 0.5, True), first)   # = torch.manual_seed then dropout at once

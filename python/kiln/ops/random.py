@@ -76,6 +76,21 @@ def _reseed_if_torch_was_reseeded() -> None:
     _synced_torch_seed = torch_seed
 
 
+def manual_seed(seed: int) -> None:
+    """Seed torch (``torch.manual_seed``) and kiln's dropout generator together. Use it where
+    torch draws random numbers between seeding and the first dropout call (weight init does):
+    a ``torch.manual_seed`` with the seed torch already had is then invisible to kiln, which
+    would carry on from its old offset. The result is exactly that of ``torch.manual_seed(seed)``
+    followed at once by a dropout call."""
+    global _synced_torch_seed, _fresh_torch_state
+    with _lock:
+        torch.manual_seed(seed)
+        _synced_torch_seed = torch.initial_seed()
+        _fresh_torch_state = torch.default_generator.get_state()
+        _STATE[0] = _draw_seed()
+        _STATE[1] = 0
+
+
 def get_rng_state() -> dict:
     """kiln's dropout RNG state: {"seed", "offset", "torch_seed"} (plain ints; torch_seed
     is the torch.initial_seed() the pair belongs to, None before the first draw)."""

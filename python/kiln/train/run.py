@@ -127,7 +127,7 @@ def train(task: str | Task, model: str | None = None, *, epochs: int | None = No
     splits = task.splits()
     random.seed(settings["seed"])
     np.random.seed(settings["seed"])
-    torch.manual_seed(settings["seed"])
+    kiln.ops.random.manual_seed(settings["seed"])   # torch and kiln's dropout generator
     net = entry.build(model_config).to(device)
     optimizer = make_optimizer(settings["optimizer"], net.parameters(), settings["lr"],
                                **settings["optimizer_kwargs"])
