@@ -116,6 +116,24 @@ def test_finite_difference_matches_exact_double_backward(lam, alpha, m):
         assert torch.equal(p, b)   # the perturbations are undone bit for bit
 
 
+def test_finite_differences_see_the_same_dropout_masks_as_the_exact_form():
+    torch.manual_seed(0)
+    model = nn.Sequential(kiln.nn.Linear(6, 8, activation="tanh", dtype=F64), nn.Dropout(0.3),
+                          kiln.nn.Linear(8, 4, dtype=F64))
+    x, y = _batch()
+    results, rng_after = [], []
+    for method in ("exact", "finite_difference"):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        R.penalized_backward(_closures(model, x, y, 3), model.parameters(), grad_norm=0.5, grad_variance=1.0,
+                             method=method)
+        results.append([p.grad.clone() for p in model.parameters()])
+        rng_after.append(torch.get_rng_state())
+    for a, b in zip(*results):
+        assert rel_err(b, a) < 1e-6
+    assert torch.equal(rng_after[0], rng_after[1])   # the training stream continues the same way
+
+
 def test_hessian_vector_product_forms_agree():
     model = _net()
     x, y = _batch()

@@ -240,14 +240,16 @@ def _penalized_exact(loss_fns, params, w, grad_norm, grad_variance, penalized):
 
 
 def _penalized_finite_difference(loss_fns, params, w, grad_norm, grad_variance, eps):
-    rng = _SameRandomness(params)
-    losses, grads = [], []
+    # the closures run in order as in the exact form (microbatch t's dropout follows t - 1's);
+    # each one's perturbed re-evaluations start from the RNG state its first evaluation saw
+    states, losses, grads = [], [], []
     for fn in loss_fns:
-        rng.reset()
+        states.append(_SameRandomness(params))
         with torch.enable_grad():
             loss_t = fn()
             grads.append(_grads(loss_t, params))
         losses.append(loss_t.detach())
+    after = _SameRandomness(params)
     loss, full, dev, norm_term, var_term = _penalties(losses, grads, w, grad_norm, grad_variance)
     m = len(loss_fns)
     # d/dtheta of grad_norm/4 ||g||^2 = grad_norm/2 H g = sum_t w_t H_t (grad_norm/2 g); of the
@@ -260,16 +262,12 @@ def _penalized_finite_difference(loss_fns, params, w, grad_norm, grad_variance, 
              for f, d, s in zip(full, dev[t], total_dev)]
         if all(float(x.abs().max()) == 0 for x in u if x.numel()):
             continue
-        rng.reset()
+        states[t].reset()
         hv = hessian_vector_product(fn, params, u, method="finite_difference", eps=eps)
         out = [o + h for o, h in zip(out, hv)]
-    rng.reset()
-    fn_first = loss_fns[0]   # leave the RNG where one evaluation of a closure leaves it
-    with torch.no_grad():
-        fn_first()
+    after.reset()
     _accumulate(params, out)
-    return {"loss": float(loss.detach()), "grad_norm_penalty": float(norm_term.detach()),
-            "grad_variance_penalty": float(var_term.detach())}
+    return {"loss": float(loss), "grad_norm_penalty": float(norm_term), "grad_variance_penalty": float(var_term)}
 
 
 # ---------------------------------------------------------------------------------------------
