@@ -1,7 +1,5 @@
 """Each regularizer, initialization and the lottery ticket do what notes 11, 14 and 15 say."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -95,7 +95,7 @@ class Setting:
 
 SETTINGS = [
     Setting("none", "Adam, no regularizer"),
-    Setting("l2", "coupled L2, lam/2 ||W||^2, lam = 1e-2", l2=1e-2),
+    Setting("l2", "coupled L2, lam/2 sum W^2, lam = 1e-2", l2=1e-2),
     Setting("weight decay", "decoupled (AdamW), 1.0, biases excluded", weight_decay=1.0),
     Setting("dropout", "p = 0.3 after each hidden layer", dropout=0.3),
     Setting("label smoothing", "eps = 0.1", label_smoothing=0.1),
@@ -265,8 +265,9 @@ def run_lottery_ticket(out: Path, quick: bool = False, seeds: int | None = None,
     rows = []
     for s in sparsities:
         t, r = results[s]["ticket"], results[s]["random"]
-        rows.append({"sparsity": s, "ticket": statistics.mean(t), "ticket_sd": statistics.stdev(t) if seeds > 1 else 0.0,
-                     "random": statistics.mean(r), "random_sd": statistics.stdev(r) if seeds > 1 else 0.0})
+        spread = (lambda v: statistics.stdev(v)) if seeds > 1 else (lambda v: 0.0)
+        rows.append({"sparsity": s, "ticket": statistics.mean(t), "ticket_sd": spread(t),
+                     "random": statistics.mean(r), "random_sd": spread(r)})
     header = (f"digits MLP 64-{'-'.join(map(str, hidden))}-10 (ReLU, Adam lr 1e-3, batch 64, {epochs} epochs per "
               f"round), layer-wise magnitude pruning of every weight matrix, iterative (each round prunes the "
               f"previous ticket's trained weights), {seeds} seed(s): mean +- sample std of test accuracy.")
