@@ -380,7 +380,9 @@ def smoothed_cross_entropy(label_smoothing: float) -> Callable[[Tensor, Tensor],
 
 def freeze(module: nn.Module, frozen: bool = True) -> nn.Module:
     """Stop (or, ``frozen=False``, restart) training ``module``'s parameters, and keep its
-    batch-norm statistics fixed while frozen (eval mode). Returns the module."""
+    batch-norm statistics fixed while frozen (eval mode, pinned through a parent's ``train()`` by
+    an instance attribute on each submodule: save frozen models by state_dict, not by pickling the
+    module). Returns the module."""
     for p in module.parameters():
         p.requires_grad_(not frozen)
     for sub in module.modules():
