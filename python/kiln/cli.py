@@ -1,4 +1,5 @@
-"""The `kiln` command: `kiln info`, `kiln train TASK` (`kiln train --list` shows the tasks)."""
+"""The `kiln` command: `kiln info`, `kiln train TASK` (`kiln train --list` shows the tasks),
+`kiln experiment NAME`."""
 
 from __future__ import annotations
 
@@ -134,6 +135,21 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--num-beams", type=_positive_int, default=1, help="beam search with this many beams")
     generate.add_argument("--seed", type=int, default=None, help="seed of the sampler (sampling on)")
     generate.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
+    from kiln.train.experiments import EXPERIMENTS
+
+    experiment = sub.add_parser("experiment", help="run a regularization / initialization experiment on the digits",
+                                description="Run one of the experiments of notes 11, 14 and 15 on scikit-learn's "
+                                            "digits; write its markdown table and PNG plot to --out. "
+                                            + "; ".join(f"{k}: {v}" for k, v in EXPERIMENTS.items()) + ".")
+    experiment.add_argument("name", choices=list(EXPERIMENTS), help="the experiment to run")
+    experiment.add_argument("--out", default="bench/results", help="folder for the table and the plot "
+                                                                   "(default bench/results)")
+    experiment.add_argument("--quick", action="store_true",
+                            help="a budget of seconds (smoke test); files named *-quick")
+    experiment.add_argument("--seeds", type=_positive_int, default=None,
+                            help="seeds to average over (default: the experiment's)")
+    experiment.add_argument("--epochs", type=_positive_int, default=None,
+                            help="training epochs per model (default: the experiment's)")
     from kiln import bench
 
     bench.add_parser(sub)
@@ -190,6 +206,12 @@ def _run(argv: list[str] | None) -> int:
         except ValueError as e:   # generate()'s own argument checks (temperature <= 0, ...)
             raise UsageError(str(e), "kiln generate") from None
         print(text)
+        return 0
+    if args.command == "experiment":
+        from kiln.train.experiments import run as run_experiment
+
+        run_experiment(args.name, args.out, quick=args.quick, seeds=args.seeds, epochs=args.epochs)
+        print(f"wrote {args.out}")
         return 0
     if args.command == "bench":
         from kiln import bench

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from kiln import nn as knn
+from kiln.train.regularizers import drop_path  # stochastic depth, shared with the other regularizers
 
 
 @dataclass
@@ -25,14 +26,6 @@ class ViTConfig:
     dropout: float = 0.1
     drop_path: float = 0.1     # stochastic depth: the last block's drop rate (linear from 0)
     conv_stem: int = 0         # > 0: a 3x3 conv-BN-ReLU stem of this many channels before the patches (18.2)
-
-
-def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
-    """Stochastic depth: drop a residual branch for whole samples, scale the survivors by 1/(1-p)."""
-    if not training or p == 0.0:
-        return x
-    keep = torch.empty(x.shape[0], *(1,) * (x.dim() - 1), dtype=x.dtype, device=x.device).bernoulli_(1 - p)
-    return x * keep / (1 - p)
 
 
 class Block(nn.Module):
