@@ -47,8 +47,10 @@ def _dist():
 class World:
     """One process of a data-parallel run: rank, size, device, and the collectives."""
 
-    def __init__(self, rank: int = 0, size: int = 1, local_rank: int = 0, fsdp: bool = False):
+    def __init__(self, rank: int = 0, size: int = 1, local_rank: int = 0, fsdp: bool = False,
+                 owns_group: bool = False):
         self.rank, self.size, self.local_rank, self.fsdp = rank, size, local_rank, fsdp
+        self.owns_group = owns_group  # joined by from_env, so left by close
 
     @property
     def is_main(self) -> bool:
@@ -93,17 +95,19 @@ class World:
             backend = "nccl"
         else:
             backend = "gloo"
-        if not dist.is_initialized():
+        owns_group = not dist.is_initialized()  # a caller's own process group is left to it
+        if owns_group:
             dist.init_process_group(backend=backend, rank=rank, world_size=size,
                                     **({"device_id": device} if backend == "nccl" else {}))
-        return World(rank, size, local_rank, fsdp), device
+        return World(rank, size, local_rank, fsdp, owns_group), device
 
     def close(self) -> None:
-        """Leave the process group (every rank, also after an error)."""
-        if self.distributed:
+        """Leave the process group that from_env joined (every rank, also after an error)."""
+        if self.owns_group:
             dist = _dist()
             if dist.is_initialized():
                 dist.destroy_process_group()
+            self.owns_group = False
 
     def seed_rank_streams(self, seed: int, salt: int = 0) -> None:
         """Give ranks other than 0 their own torch, numpy and python random streams (dropout,

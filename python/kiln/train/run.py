@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import random
@@ -118,10 +119,31 @@ def train(task: str | Task, model: str | None = None, *, epochs: int | None = No
     except DistributedError as e:
         raise RunError(str(e)) from None
     try:
-        return _train(world, task, model, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
-                      seed=seed, out=out, resume=resume, device=device, progress=progress)
+        with _fsdp_backend(world, device):
+            return _train(world, task, model, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
+                          seed=seed, out=out, resume=resume, device=device, progress=progress)
     finally:
         world.close()  # also on an error: no rank is left waiting in a collective
+
+
+def _fsdp_backend(world: World, device: torch.device) -> kiln.backend.use:
+    """The backend choice of an FSDP run. kiln's numba CPU kernels read tensors through
+    ``.numpy()``, which makes torch mark their storage non-resizable, and FSDP frees each
+    block's gathered parameters by resizing their storage to 0: on CPU the ops that run on
+    the numba default step aside to ``reference`` (pure PyTorch), as a default may; asking
+    for ``cpu`` explicitly is refused."""
+    ops = list(kiln.ops.BACKEND_DTYPES)
+    if not (world.fsdp and device.type == "cpu"):
+        return kiln.backend.use(None, ops=[])
+    asked = {op: kiln.backend.requested(op) for op in ops}
+    if "cpu" in asked.values():
+        raise RunError("--fsdp on CPU cannot run kiln's numba kernels (--backend cpu): they pin the parameters' "
+                       "storage, which FSDP frees after each block; use --backend reference or --device cuda")
+    default = [op for op, name in asked.items() if name is None]
+    if default and world.is_main:
+        logging.getLogger("kiln").warning("--fsdp on CPU: %s run on the reference backend (kiln's numba kernels "
+                                          "pin the storage that FSDP frees)", ", ".join(default))
+    return kiln.backend.use("reference", ops=default)
 
 
 def _train(world: World, task: str | Task, model: str | None, *, epochs, max_steps, batch_size, lr, seed,
