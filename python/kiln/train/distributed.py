@@ -24,10 +24,8 @@ Conventions (docs/distributed.md):
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -247,13 +245,3 @@ def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str
     name_of = {id(p): name for name, p in model.named_parameters()}
     return [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
-
-@contextlib.contextmanager
-def process_group(device: str | torch.device, fsdp: bool = False) -> Iterator[tuple[World, torch.device]]:
-    """``with process_group(device) as (world, device):`` joined on entry, left on exit (also
-    on an error, so that no rank waits on a dead one's collective forever)."""
-    world, device = World.from_env(device, fsdp)
-    try:
-        yield world, device
-    finally:
-        world.close()
