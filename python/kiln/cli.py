@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import platform
 import sys
 
@@ -110,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-steps", type=_positive_int, default=None,
                        help="stop after this many optimizer steps in all, even mid-epoch")
     train.add_argument("--batch-size", type=_positive_int, default=None,
-                       help="examples per optimizer step (default: the task's)")
+                       help="examples per optimizer step, over all processes of a torchrun run "
+                            "(default: the task's)")
     train.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate (default: the task's)")
     train.add_argument("--seed", type=int, default=None,
                        help="seed of the weights, dropout and the data order (default 0)")
@@ -120,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     train.add_argument("--backend", default=None, choices=BACKENDS,
                        help="kiln backend for every op (default: by device)")
+    train.add_argument("--fsdp", action="store_true",
+                       help="under torchrun, shard a Transformer model with FullyShardedDataParallel (FSDP2) "
+                            "instead of replicating it with DistributedDataParallel")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (none when not a tty)")
     generate = sub.add_parser("generate", help="continue a prompt with a trained sequence model",
                               description="Rebuild a trained charlm or translate model from its checkpoint and "
@@ -179,7 +184,9 @@ def train(args) -> None:
     with kiln.backend.use(args.backend):
         result = run.train(task, args.model, epochs=args.epochs, max_steps=args.max_steps,
                            batch_size=args.batch_size, lr=args.lr, seed=args.seed, out=args.out,
-                           resume=args.resume, device=device, progress=not args.no_progress)
+                           resume=args.resume, device=device, progress=not args.no_progress, fsdp=args.fsdp)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone reports
+        return
     out = args.out or f"runs/{task.name}-{result['model']}"
     print(f"{task.name} {result['model']}: {task.headline} {result[task.headline]:.4f}  "
           f"(backend {result['backend']}, {result['steps']} steps, {result['wall_s']:.1f} s) -> {out}")

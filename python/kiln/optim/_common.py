@@ -37,9 +37,16 @@ def params_with_grad(name: str, group: dict) -> list[Tensor]:
     return found
 
 
+def is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
 def real(t: Tensor) -> Tensor:
     """A complex tensor as its real view (torch's optimizers update complex parameters
-    as pairs of reals, every formula elementwise)."""
+    as pairs of reals, every formula elementwise); a DTensor (an FSDP shard) as its local
+    tensor, which shares its storage: an elementwise update of the shards is the update."""
+    if is_dtensor(t):
+        t = t.to_local()
     return torch.view_as_real(t) if torch.is_complex(t) else t
 
 

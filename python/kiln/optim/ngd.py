@@ -16,7 +16,7 @@ import torch
 
 from kiln.ops.optim import ngd_step
 
-from ._common import FusedOptimizer, buckets, check_tensor_lr, real, scalar
+from ._common import FusedOptimizer, buckets, check_tensor_lr, is_dtensor, real, scalar
 
 
 class NGD(FusedOptimizer):
@@ -31,6 +31,9 @@ class NGD(FusedOptimizer):
         super().__init__(params, dict(lr=lr, per_tensor=per_tensor, maximize=maximize))
 
     def _step_group(self, group, params):
+        if any(is_dtensor(p) for p in params):
+            raise ValueError("kiln.optim.NGD: params are DTensors (FSDP shards) whose norms are local; "
+                             "NGD needs the whole gradient's norm: train without FSDP")
         lr, per_tensor = scalar(group["lr"]), group["per_tensor"]
         parts = list(buckets(params).values())
         if len(parts) > 1 and not per_tensor:

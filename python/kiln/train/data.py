@@ -38,6 +38,47 @@ class EpochShuffler(Sampler[int]):
         return self.num_samples
 
 
+def shard_count(num_global: int, rank: int, world_size: int) -> int:
+    """How many of a global batch of ``num_global`` samples rank ``rank`` takes (its stride)."""
+    return len(range(rank, num_global, world_size))
+
+
+class ShardedBatches(Sampler[list[int]]):
+    """The batches of one rank of a data-parallel run: a batch sampler (DataLoader(batch_sampler=)).
+
+    Every rank draws the same order (``EpochShuffler``'s permutation from the same generator,
+    or ``range`` when ``generator`` is None), cuts it into global batches of ``batch_size``
+    and takes every ``world_size``-th sample of each from ``rank`` on: one process yields
+    exactly the batches of a DataLoader(batch_size=batch_size) over an EpochShuffler, and the
+    union of the ranks' batches of a step is that global batch. Every rank yields the same
+    number of batches; a rank whose stride of a short last batch is empty gets that batch's
+    first sample as a placeholder, which counts zero (``shard_count`` is 0). ``skip`` counts
+    global samples, as EpochShuffler's: the same resume position at any world size.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, generator: torch.Generator | None = None,
+                 rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in range(world_size={world_size})")
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.generator, self.rank, self.world_size = generator, rank, world_size
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.generator is None:
+            order = torch.arange(self.num_samples)
+        else:
+            order = torch.randperm(self.num_samples, generator=self.generator)
+        skip, self.skip = self.skip, 0
+        order = order[skip:].tolist()
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            yield batch[self.rank::self.world_size] or batch[:1]
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+
 def digits(seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15,
            dtype: torch.dtype = torch.float32) -> Splits:
     """scikit-learn's 8x8 digits (1797 images, 10 classes) in stratified train / val / test splits.

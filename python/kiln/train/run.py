@@ -4,12 +4,16 @@ The folder (default ``runs/TASK-MODEL``) receives ``last.pt`` after every epoch 
 end, ``best.pt`` at each new best validation loss, ``metrics.csv`` (a row per epoch),
 ``results.json`` and ``curves.png``. Every check of the input (task, model, checkpoint,
 flags that a resumed run cannot change) happens before anything in the folder is written.
+
+Under torchrun every rank runs ``train`` (kiln.train.distributed: DDP, or FSDP with ``fsdp``);
+rank 0 alone writes the folder, and the checkpoints load at any world size.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import random
@@ -20,6 +24,7 @@ import torch
 import kiln
 from kiln.train import checkpoint, plots
 from kiln.train.checkpoint import CheckpointError
+from kiln.train.distributed import SINGLE, DistributedError, World, transformer_blocks
 from kiln.train.optimizers import make_optimizer
 from kiln.train.tasks import Task, TaskError, get_task
 from kiln.train.trainer import Trainer
@@ -50,23 +55,29 @@ def read_metrics(path: str) -> list[dict]:
 
 
 class RunFolder:
-    """Trainer callback: checkpoints and metrics.csv into ``out``."""
+    """Trainer callback: checkpoints and metrics.csv into ``out``. Every rank calls it (the
+    state dict is gathered in collectives); rank 0 alone writes."""
 
-    def __init__(self, out: str, config: dict):
-        self.out, self.config = out, config
+    def __init__(self, out: str, config: dict, world: World = SINGLE):
+        self.out, self.config, self.world = out, config, world
 
     def _checkpoint(self, trainer: Trainer) -> dict:
         return {**trainer.state_dict(), "config": self.config, "kiln_version": kiln.__version__}
 
     def on_epoch_end(self, trainer: Trainer) -> None:
         state = self._checkpoint(trainer)
+        if not self.world.is_main:
+            return
         checkpoint.save(state, os.path.join(self.out, "last.pt"))
         if trainer.improved:
             checkpoint.save(state, os.path.join(self.out, "best.pt"))
         write_metrics(trainer.history, os.path.join(self.out, "metrics.csv"))
 
     def on_train_end(self, trainer: Trainer) -> None:
-        checkpoint.save(self._checkpoint(trainer), os.path.join(self.out, "last.pt"))
+        state = self._checkpoint(trainer)
+        if not self.world.is_main:
+            return
+        checkpoint.save(state, os.path.join(self.out, "last.pt"))
         write_metrics(trainer.history, os.path.join(self.out, "metrics.csv"))
 
 
@@ -95,13 +106,48 @@ def backend_of(device: torch.device) -> str:
 def train(task: str | Task, model: str | None = None, *, epochs: int | None = None,
           max_steps: int | None = None, batch_size: int | None = None, lr: float | None = None,
           seed: int | None = None, out: str | None = None, resume: str | None = None,
-          device: str = "cpu", progress: bool = True) -> dict:
+          device: str = "cpu", progress: bool = True, fsdp: bool = False) -> dict:
     """Train ``model`` of ``task`` into the folder ``out`` and return results.json's dict.
 
     Settings left None come from the task (and model entry), or from the checkpoint when
     resuming; a resumed run may change ``epochs`` and ``max_steps`` only (``max_steps`` counts
-    every step since the start of the first run).
+    every step since the start of the first run). ``batch_size`` is the global batch of a
+    step, split over the ranks of a torchrun run; ``fsdp`` shards a Transformer with FSDP2.
     """
+    try:
+        world, device = World.from_env(device, fsdp)
+    except DistributedError as e:
+        raise RunError(str(e)) from None
+    try:
+        with _fsdp_backend(world, device):
+            return _train(world, task, model, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
+                          seed=seed, out=out, resume=resume, device=device, progress=progress)
+    finally:
+        world.close()  # also on an error: no rank is left waiting in a collective
+
+
+def _fsdp_backend(world: World, device: torch.device) -> kiln.backend.use:
+    """The backend choice of an FSDP run. kiln's numba CPU kernels read tensors through
+    ``.numpy()``, which makes torch mark their storage non-resizable, and FSDP frees each
+    block's gathered parameters by resizing their storage to 0: on CPU the ops that run on
+    the numba default step aside to ``reference`` (pure PyTorch), as a default may; asking
+    for ``cpu`` explicitly is refused."""
+    ops = list(kiln.ops.BACKEND_DTYPES)
+    if not (world.fsdp and device.type == "cpu"):
+        return kiln.backend.use(None, ops=[])
+    asked = {op: kiln.backend.requested(op) for op in ops}
+    if "cpu" in asked.values():
+        raise RunError("--fsdp on CPU cannot run kiln's numba kernels (--backend cpu): they pin the parameters' "
+                       "storage, which FSDP frees after each block; use --backend reference or --device cuda")
+    default = [op for op, name in asked.items() if name is None]
+    if default and world.is_main:
+        logging.getLogger("kiln").warning("--fsdp on CPU: %s run on the reference backend (kiln's numba kernels "
+                                          "pin the storage that FSDP frees)", ", ".join(default))
+    return kiln.backend.use("reference", ops=default)
+
+
+def _train(world: World, task: str | Task, model: str | None, *, epochs, max_steps, batch_size, lr, seed,
+           out, resume, device: torch.device, progress: bool) -> dict:
     task = get_task(task) if isinstance(task, str) else task
     model = model or task.default_model
     entry = task.model_entry(model)
@@ -122,26 +168,37 @@ def train(task: str | Task, model: str | None = None, *, epochs: int | None = No
     settings.update(given)
     settings["max_steps"] = max_steps
     out = out or os.path.join("runs", f"{task.name}-{model}")
-    device = torch.device(device)
+    try:
+        world.local_batch_size(settings["batch_size"])
+    except DistributedError as e:
+        raise RunError(str(e)) from None
+    if world.fsdp and settings["optimizer"] == "ngd":
+        raise RunError("--fsdp: the ngd optimizer normalizes by the whole gradient's norm, which a shard does "
+                       "not hold; train this model without --fsdp")
 
     splits = task.splits()
     random.seed(settings["seed"])
     np.random.seed(settings["seed"])
     kiln.ops.random.manual_seed(settings["seed"])   # torch and kiln's dropout generator
-    net = entry.build(model_config).to(device)
+    net = entry.build(model_config).to(device)  # the same weights on every rank
+    if world.fsdp and not transformer_blocks(net):
+        raise RunError(f"--fsdp shards the Transformer models block by block; {task.name} {model} "
+                       f"({type(net).__name__}) has no blocks: train it without --fsdp (DDP)")
+    world.seed_rank_streams(settings["seed"])
+    train_net = world.wrap(net)  # before the optimizer: FSDP replaces the parameters by shards
     optimizer = make_optimizer(settings["optimizer"], net.parameters(), settings["lr"],
                                **settings["optimizer_kwargs"])
     steps_per_epoch = math.ceil(len(splits.train) / settings["batch_size"])
     scheduler = task.scheduler(optimizer, settings["epochs"] * steps_per_epoch)
     config = {"task": task.name, "model": model, "model_config": model_config, "train": settings}
     backend = backend_of(device)
-    trainer = Trainer(net, optimizer, task.loss, splits.train, splits.val, scheduler=scheduler,
+    trainer = Trainer(train_net, optimizer, task.loss, splits.train, splits.val, scheduler=scheduler,
                       metric_fn=task.metric_value, metric_name=task.metric,
                       batch_size=settings["batch_size"], epochs=settings["epochs"], max_steps=max_steps,
                       clip_grad_norm=settings["clip_grad_norm"], patience=settings["patience"],
                       seed=settings["seed"], device=device, progress=progress,
                       description=f"{task.name} {model} [{backend}]",
-                      callbacks=[RunFolder(out, config)])
+                      callbacks=[RunFolder(out, config, world)], world=world)
     if ckpt is not None:
         try:
             trainer.load_state_dict(ckpt)
@@ -149,24 +206,33 @@ def train(task: str | Task, model: str | None = None, *, epochs: int | None = No
             raise CheckpointError(f"checkpoint {resume!r} does not fit {task.name} {model} "
                                   f"({checkpoint.error_line(e)})") from None
 
-    os.makedirs(out, exist_ok=True)
+    if world.is_main:
+        os.makedirs(out, exist_ok=True)
     trainer.fit()
     trainer.restore_best_weights()  # after fit's last checkpoint, which keeps the last step's
+    if world.fsdp:
+        # the results (decoding calls blocks outside the root's forward) on a plain copy of
+        # the full model on every rank; evaluation stays sharded over the ranks
+        net = entry.build(model_config).to(device)
+        net.load_state_dict(world.model_state_dict(trainer.model, rank0_only=False))
+        trainer.model = net
     test = trainer.evaluate(splits.test)
     results = {
         "task": task.name, "model": model, "seed": settings["seed"],
         "steps": trainer.step, "epochs": trainer.epoch, "stop_reason": trainer.stop_reason,
         "parameters": sum(p.numel() for p in net.parameters()),
         "wall_s": round(trainer.elapsed, 3), "backend": backend, "device": str(device),
+        "world_size": world.size, "fsdp": world.fsdp,
         "best_epoch": trainer.best_epoch, "test_loss": test["loss"],
         task.headline: test[task.metric],
     }
     net.eval()
-    results.update(task.results(net, splits, device, trainer))
-    _write_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=2) + "\n")
-    if trainer.history:
-        plots.curves(trainer.history, f"val_{task.metric}", os.path.join(out, "curves.png"))
-    task.plots(out, net, splits)
+    results.update(task.results(net, splits, device, trainer))  # every rank: it may evaluate
+    if world.is_main:
+        _write_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=2) + "\n")
+        if trainer.history:
+            plots.curves(trainer.history, f"val_{task.metric}", os.path.join(out, "curves.png"))
+        task.plots(out, net, splits)
     return results
 
 

@@ -7,8 +7,7 @@
 
 ``loss_fn(model, batch)`` returns the mean loss of a mini-batch (a scalar tensor) and
 ``metric_fn(model, batch)`` a float, the batch mean of the task's metric; both see the batch
-as the DataLoader yields it, moved to ``device``. A batch's size is the length of its first
-tensor.
+as the DataLoader yields it, moved to ``device``.
 
 Exact resume: ``state_dict()`` holds everything the run depends on (weights, optimizer,
 scheduler, the step and the position in the epoch, every RNG, the data order's generator as
@@ -16,6 +15,14 @@ of the start of the epoch, the early-stopping state and the metrics history), an
 that loads it takes the same steps on the same batches with the same dropout masks as the
 run that wrote it would have. Evaluation saves and restores the RNGs around itself, so
 validating (at epoch ends, or at a stop mid-epoch) never shifts the training stream.
+
+Data parallel (``world``, a kiln.train.distributed.World; one process by default): ``model``
+is what ``world.wrap`` returned (a DistributedDataParallel, or the model sharded in place by
+FSDP), built before the optimizer; ``batch_size`` is the global batch of a step, every rank
+takes its stride of it (data.ShardedBatches); training losses, evaluation sums and the best
+epoch are the same on every rank, and ``state_dict`` is the plain model's, as one process
+writes it (the caller saves it on rank 0 only). Every rank must call ``fit``, ``evaluate``,
+``state_dict`` and ``restore_best_weights`` together: they meet in collectives.
 
 Callbacks are objects with any of ``on_step_end(trainer)``, ``on_epoch_end(trainer)``
 (``trainer.history[-1]`` is the new row, ``trainer.improved`` says whether it is the best
@@ -36,7 +43,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from kiln.train import checkpoint
-from kiln.train.data import EpochShuffler
+from kiln.train.data import ShardedBatches, shard_count
+from kiln.train.distributed import SINGLE, World
 
 
 def _to_device(batch, device: torch.device):
@@ -47,14 +55,6 @@ def _to_device(batch, device: torch.device):
     if isinstance(batch, dict):
         return {k: _to_device(v, device) for k, v in batch.items()}
     return batch
-
-
-def _batch_size(batch) -> int:
-    while isinstance(batch, (list, tuple)):
-        batch = batch[0]
-    if isinstance(batch, dict):
-        return _batch_size(next(iter(batch.values())))
-    return len(batch)
 
 
 class Trainer:
@@ -71,12 +71,18 @@ class Trainer:
                  patience: int | None = None,
                  seed: int = 0, device: str | torch.device = "cpu",
                  progress: bool = True, description: str = "train",
-                 callbacks: Sequence[object] = ()):
+                 callbacks: Sequence[object] = (), world: World = SINGLE):
         if scheduler_interval not in ("step", "epoch"):
             raise ValueError(f"scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}")
         if len(train_data) == 0:
             raise ValueError("train_data is empty")
-        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.world = world
+        world.local_batch_size(batch_size)  # a global batch the ranks cannot split is refused
+        # train_model is what the loss sees in training (DDP syncs gradients in its forward);
+        # model is the module itself, for evaluation and state dicts
+        self.train_model = model
+        self.model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        self.optimizer, self.loss_fn = optimizer, loss_fn
         self.train_data, self.val_data = train_data, val_data
         self.scheduler, self.scheduler_interval = scheduler, scheduler_interval
         self.metric_fn, self.metric_name = metric_fn, metric_name
@@ -85,15 +91,16 @@ class Trainer:
         self.clip_grad_norm = clip_grad_norm
         self.patience = patience
         self.device = torch.device(device)
-        self.progress, self.description = progress, description
+        self.progress, self.description = progress and world.is_main, description
+        self.seed = seed
         self.callbacks = list(callbacks)
 
         # The data order: one generator draws each epoch's permutation (and the DataLoader's
         # base seed); its state as of the start of the epoch is what a checkpoint keeps.
+        # Every rank draws the same permutation and takes its stride of each global batch.
         self.data_generator = torch.Generator().manual_seed(seed)
-        self.sampler = EpochShuffler(len(train_data), self.data_generator)
-        self.train_loader = DataLoader(train_data, batch_size=batch_size, sampler=self.sampler,
-                                       generator=self.data_generator)
+        self.sampler = ShardedBatches(len(train_data), batch_size, self.data_generator, world.rank, world.size)
+        self.train_loader = DataLoader(train_data, batch_sampler=self.sampler, generator=self.data_generator)
         self._epoch_data_state = self.data_generator.get_state()
 
         self.step = 0               # optimizer steps taken
@@ -129,7 +136,7 @@ class Trainer:
         bar = tqdm(total=total, initial=min(self.step, total), desc=self.description, leave=False,
                    disable=not (self.progress and sys.stderr.isatty()))
         self.stop_reason = None
-        self.model.train()
+        self.train_model.train()
         while self.stop_reason is None:
             if self.epoch >= self.epochs:
                 self.stop_reason = "epochs"
@@ -146,7 +153,7 @@ class Trainer:
         for callback in self.callbacks:
             if hasattr(callback, "on_train_end"):
                 callback.on_train_end(self)
-        self.model.eval()
+        self.train_model.eval()
         return self.history
 
     def restore_best_weights(self) -> bool:
@@ -154,7 +161,7 @@ class Trainer:
         validated. (Do it after the last checkpoint: training goes on from the last step.)"""
         if self.best_model is None:
             return False
-        self.model.load_state_dict(self.best_model)
+        self.world.load_model_state_dict(self.model, self.best_model)
         return True
 
     def _epoch_batches(self) -> Iterator:
@@ -176,10 +183,19 @@ class Trainer:
         return True
 
     def train_step(self, batch) -> float:
-        """One optimizer step on one mini-batch; returns its loss."""
+        """One optimizer step on one mini-batch (this rank's part of it); returns the loss of
+        the global batch."""
         batch = _to_device(batch, self.device)
-        loss = self.loss_fn(self.model, batch)
+        loss = self.loss_fn(self.train_model, batch)
         value = loss.item()
+        n = min(self.batch_size, len(self.train_data) - self.batches_done * self.batch_size)  # global
+        if self.world.distributed:
+            mine = shard_count(n, self.world.rank, self.world.size)
+            value = self.world.all_reduce_sum([value * mine, mine], self.device)[0] / n
+            if mine * self.world.size != n:
+                # an unevenly split short batch: weigh this rank's mean by its share, so that
+                # DDP's average over ranks is the gradient of the global batch's mean
+                loss = loss * (mine * self.world.size / n)
         if not math.isfinite(value):
             raise FloatingPointError(f"the training loss is {value} at step {self.step + 1}")
         self.optimizer.zero_grad(set_to_none=True)
@@ -189,7 +205,6 @@ class Trainer:
         self.optimizer.step()
         if self.scheduler is not None and self.scheduler_interval == "step":
             self.scheduler.step()
-        n = _batch_size(batch)
         self.step += 1
         self.batches_done += 1
         self._loss_sum += value * n
@@ -222,7 +237,8 @@ class Trainer:
         self.improved = completed and "val_loss" in row and row["val_loss"] < self.best_val_loss
         if self.improved:
             self.best_val_loss, self.best_epoch, self.bad_epochs = row["val_loss"], self.epoch, 0
-            self.best_model = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            self.best_model = {k: v.detach().to("cpu", copy=True)
+                               for k, v in self.world.model_state_dict(self.model).items()}
         elif completed and "val_loss" in row:
             self.bad_epochs += 1
             if self.patience is not None and self.bad_epochs >= self.patience:
@@ -234,36 +250,51 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, data: Dataset) -> dict:
-        """Mean loss (and metric) over ``data`` in eval mode; leaves every RNG as it found it."""
+        """Mean loss (and metric) over ``data`` in eval mode; leaves every RNG as it found it.
+
+        Sharded: each rank evaluates its stride of every batch and the sums are all-reduced,
+        so every rank returns the means over the whole of ``data``."""
         rng = checkpoint.rng_state()
         was_training = self.model.training
         self.model.eval()
-        loader = DataLoader(data, batch_size=self.eval_batch_size, shuffle=False,
+        world, size = self.world, len(data)
+        batches = ShardedBatches(size, self.eval_batch_size, None, world.rank, world.size)
+        loader = DataLoader(data, batch_sampler=batches,
                             generator=torch.Generator())  # not the global RNG's base seed
-        sums, count = {"loss": 0.0, self.metric_name: 0.0}, 0
-        for batch in loader:
+        sums = [0.0, 0.0, 0]  # loss, metric, count
+        for start, batch in zip(range(0, size, self.eval_batch_size), loader):
             batch = _to_device(batch, self.device)
-            n = _batch_size(batch)
-            sums["loss"] += self.loss_fn(self.model, batch).item() * n
-            if self.metric_fn is not None:
-                sums[self.metric_name] += float(self.metric_fn(self.model, batch)) * n
-            count += n
+            n = shard_count(min(self.eval_batch_size, size - start), world.rank, world.size)
+            loss = self.loss_fn(self.model, batch).item()
+            metric = float(self.metric_fn(self.model, batch)) if self.metric_fn is not None else 0.0
+            if n:  # (a rank's placeholder of a short last batch counts nothing)
+                sums[0] += loss * n
+                sums[1] += metric * n
+                sums[2] += n
+        sums = world.all_reduce_sum(sums, self.device)
         self.model.train(was_training)
         checkpoint.set_rng_state(rng)
-        out = {"loss": sums["loss"] / max(count, 1)}
+        out = {"loss": sums[0] / max(sums[2], 1)}
         if self.metric_fn is not None:
-            out[self.metric_name] = sums[self.metric_name] / max(count, 1)
+            out[self.metric_name] = sums[1] / max(sums[2], 1)
         return out
 
     # -- state ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """What a checkpoint needs to continue this run exactly (see the module docstring)."""
+        """What a checkpoint needs to continue this run exactly (see the module docstring).
+
+        ``rng`` is this rank's (rank 0's is the one-process stream); a distributed run adds
+        ``rng_ranks``, every rank's, so that a resume at the same world size is exact."""
         rng = checkpoint.rng_state()
         rng["data"] = self._epoch_data_state.clone()
+        extra = {}
+        if self.world.distributed:
+            extra["rng_ranks"] = self.world.all_gather_object(rng)
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": self.world.model_state_dict(self.model),
+            "optimizer": self.world.optimizer_state_dict(self.model, self.optimizer),
+            **extra,
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "step": self.step,
             "epoch": self.epoch,
@@ -278,19 +309,27 @@ class Trainer:
                 "bad_epochs": self.bad_epochs,
                 "history": copy.deepcopy(self.history),
                 "elapsed": self.elapsed,
+                "world_size": self.world.size,
             },
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Continue from ``state``, written at this or any other world size (every rank loads it)."""
+        self.world.load_model_state_dict(self.model, state["model"])
+        self.world.load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
         if (self.scheduler is None) != (state["scheduler"] is None):
             raise ValueError("the checkpoint's scheduler state does not match this Trainer's scheduler "
                              f"({'none' if state['scheduler'] is None else 'one'} saved)")
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch = state["step"], state["epoch"]
-        checkpoint.set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks")
+        if ranks is not None and len(ranks) == self.world.size:
+            checkpoint.set_rng_state(ranks[self.world.rank])
+        else:
+            # another world size: rank 0 goes on with the saved stream, the others draw new ones
+            checkpoint.set_rng_state(state["rng"])
+            self.world.seed_rank_streams(self.seed, salt=self.step)
         self._epoch_data_state = state["rng"]["data"].clone()
         own = state["trainer"]
         self.batches_done = own["batches_done"]

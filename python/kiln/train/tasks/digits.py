@@ -56,7 +56,7 @@ class Digits(Task):
 
     def loss(self, model, batch) -> torch.Tensor:
         x, y = batch
-        if model.training and isinstance(model, CNN):
+        if model.training and isinstance(getattr(model, "module", model), CNN):  # (or a DDP of one)
             x = random_shift(x, 1)
         return kiln.ops.cross_entropy(model(x), y, label_smoothing=self.label_smoothing)
 
