@@ -541,7 +541,7 @@ class _FunctionalWithKilnSDPA(types.ModuleType):
 _F_KILN = _FunctionalWithKilnSDPA("torch.nn.functional (kiln attention)")
 _F_KILN.scaled_dot_product_attention = scaled_dot_product_attention
 
-_GATED = {"silu": ops.swiglu, "gelu": lambda g, u: ops.geglu(g, u, "none"),
+_GATED = {"silu": lambda g, u: ops.swiglu(g, u), "gelu": lambda g, u: ops.geglu(g, u, "none"),
           "gelu_tanh": lambda g, u: ops.geglu(g, u, "tanh")}
 
 
@@ -796,6 +796,11 @@ def _plan_modules(plan: _Plan, model: nn.Module, tree, parents):
             if cls is nn.MultiheadAttention:
                 note = "need_weights=True (torch's default) runs kiln's explicit path"
             plan.replace(path, _typename(cls), new_name, kind, _swap_class(module, new_cls, **attrs), note)
+        elif (f"{cls.__module__}.{cls.__qualname__}" == "timm.layers.norm.LayerNorm"
+              and not getattr(module, "_fast_norm", True)):
+            if "layer_norm" in plan.kinds:  # fast_norm off: its forward is F.layer_norm, as torch's
+                plan.replace(path, _typename(cls), "kiln.nn.LayerNorm", "layer_norm",
+                             _swap_class(module, knn.LayerNorm), note="timm's LayerNorm, fast_norm off")
         elif _is_hf_conv1d(module):
             if "conv1d" not in plan.kinds:
                 continue
