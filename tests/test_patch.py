@@ -191,18 +191,20 @@ def check_dry_run(model, expect_kinds):
 def test_sequential_mlp_fuses_relu_into_linear(calls):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.GELU(approximate="tanh"),
-                          nn.LayerNorm(32), nn.Linear(32, 5), nn.Softplus())
+                          nn.LayerNorm(32), nn.Linear(32, 32), nn.SiLU(), nn.RMSNorm(32, eps=1e-6),
+                          nn.Linear(32, 5), nn.Softplus())
     x = torch.randn(7, 12)
     target = torch.randint(0, 5, (7,))
-    check_dry_run(model, {"linear", "activation", "layer_norm"})
+    check_dry_run(model, {"linear", "activation", "layer_norm", "rms_norm"})
     report = check_patched(model, lambda m: m(_like(m, x)), lambda m: nn.functional.cross_entropy(m(_like(m, x)), target))
     assert type(model[0]) is kiln.nn.Linear and model[0].activation == "relu"
     assert type(model[1]) is nn.Identity
-    assert model[2].activation == "gelu_tanh" and model[5].activation == "identity"
-    assert type(model[6]) is nn.Softplus  # not an activation linear_act has: stays
-    assert any(left.path == "6" and "does not compute" in left.reason for left in report.left), str(report)
-    assert report.paths("activation") == ["1", "3"]
-    assert calls["linear_act"] > 0 and calls["layer_norm"] > 0
+    assert model[2].activation == "gelu_tanh" and model[5].activation == "silu" and model[8].activation == "identity"
+    assert type(model[7]) is kiln.nn.RMSNorm and model[7].offset == 0.0
+    assert type(model[9]) is nn.Softplus  # not an activation linear_act has: stays
+    assert any(left.path == "9" and "does not compute" in left.reason for left in report.left), str(report)
+    assert report.paths("activation") == ["1", "3", "6"]
+    assert calls["linear_act"] > 0 and calls["layer_norm"] > 0 and calls["rms_norm"] > 0
 
 
 class _AttentionLSTM(nn.Module):
@@ -373,6 +375,24 @@ def test_llama(transformers, calls):
     out = model(ids, labels=labels)
     assert out.logits is None
     assert model(ids).logits.shape == (2, 11, 101)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_generate_with_cache_matches(transformers, family):
+    """Decoding through the KV cache (one query against many keys, no mask): the same tokens."""
+    torch.manual_seed(0)
+    if family == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=60, n_embd=32, n_layer=2, n_head=2,
+                                                                     n_positions=32))
+    else:
+        model = _llama(transformers, vocab=60)
+    model.eval()
+    reference = copy.deepcopy(model)
+    kiln.patch(model)
+    prompt = _ids(60, (2, 5))
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(model.generate(prompt, **settings), reference.generate(prompt, **settings))
 
 
 def test_llama_num_items_in_batch(transformers):

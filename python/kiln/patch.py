@@ -480,8 +480,8 @@ def _run_attention(query, key, value, mask, dropout, scale, causal, bias_extra=N
         if mask.dtype == torch.bool:
             B, Tk = query.shape[0], key.shape[2]
             # a padding-only mask, (B, 1, Tq, Tk) with the query dim broadcast: kiln's key padding mask
-            if (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[-1] == Tk and mask.stride(2) == 0
-                    and mask.shape[0] == B and bias_extra is None):
+            if (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[-1] == Tk and mask.shape[0] == B
+                    and (mask.shape[2] == 1 or mask.stride(2) == 0) and bias_extra is None):
                 padding = ~mask[:, 0, 0, :]
             else:
                 bias = _additive(mask, query.dtype)
@@ -551,17 +551,23 @@ def _gated_forward(self, x):
     return getattr(self, down)(_GATED[activation](getattr(self, gate)(x), getattr(self, up)(x)))
 
 
+@functools.lru_cache(maxsize=None)
+def _signature(func) -> inspect.Signature:
+    return inspect.signature(func)
+
+
 def _causal_lm_forward(self, *args, **kwargs):
     """A Hugging Face causal LM's forward; with labels, the loss from kiln.ops.linear_cross_entropy
     on the last hidden states and lm_head's weight, the logits never formed (output.logits None).
     Hugging Face's ForCausalLMLoss otherwise: labels shifted left by one with ignore_index (-100)
     padding, or ``shift_labels`` as given; mean over the kept tokens, or sum / num_items_in_batch."""
     forward = type(self).forward
-    bound = inspect.signature(forward).bind_partial(self, *args, **kwargs)
+    signature = _signature(forward)
+    bound = signature.bind_partial(self, *args, **kwargs)
     labels = bound.arguments.get("labels")
     if labels is None:
         return forward(self, *args, **kwargs)
-    extra = bound.arguments.get("kwargs", {}) if "kwargs" in inspect.signature(forward).parameters else {}
+    extra = bound.arguments.get("kwargs", {}) if "kwargs" in signature.parameters else {}
     bound.arguments["labels"] = None
     want_dict = extra.pop("return_dict", None)
     if want_dict is None:
@@ -826,6 +832,8 @@ def _plan_modules(plan: _Plan, model: nn.Module, tree, parents):
                                      "kiln's form may not match it")
         elif cls.__name__.endswith("RMSNorm"):
             plan.leave(path, module, "an RMSNorm whose forward is not LlamaRMSNorm's (e.g. Gemma's 1 + weight)")
+        elif not module._modules and module._parameters and not _is_hf_model(module):
+            plan.leave(path, module, "kiln has no form for this module type (torch's runs)")
 
 
 def _plan_rnn(plan, path, module, parent, name):
@@ -971,6 +979,8 @@ def _plan_hf_attention(plan, path, model):
         current = getattr(model.config, "_attn_implementation", None)
         if current == "kiln":
             plan.report.already += 1
+        elif not hasattr(model, "set_attn_implementation"):
+            plan.leave(path, model, "this transformers version has no set_attn_implementation")
         elif not type(model)._can_set_attn_implementation():
             plan.leave(path, model, "its attention does not go through transformers' AttentionInterface")
         else:
