@@ -597,6 +597,7 @@ def _causal_lm_forward(self, *args, **kwargs):
                                     reduction="mean" if num_items is None else "sum")
     if num_items is not None:
         loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
+    loss = loss.float()  # Hugging Face's loss is float32 whatever the model's dtype (it upcasts the logits)
     fields = {k: v for k, v in out.items() if k not in ("loss", "logits")}
     result = type(out)(loss=loss, **fields)
     return result if want_dict else result.to_tuple()
