@@ -21,6 +21,12 @@ forward whose global names ``apply_rotary_pos_emb`` / ``F`` point at kiln's (the
 embedding, timm's fused attention). The copy lives on that module instance only: other
 instances, other models and the library's module are untouched, and ``unpatch`` is deleting
 the instance attribute.
+
+Limits: a module replaced by a new kiln module (Hugging Face's Conv1D and RMSNorm, RNNs) is no
+longer an instance of the library's class (code that tests ``isinstance(m, Conv1D)``, such as
+GPT-2's head pruning, skips it); a module whose forward was copied (rotary, timm attention)
+cannot be pickled whole (its state_dict can, unchanged); kiln.nn.MultiheadAttention runs its
+explicit path for ``need_weights=True``, torch's default (pass need_weights=False).
 """
 
 from __future__ import annotations
