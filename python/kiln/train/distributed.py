@@ -29,9 +29,9 @@ import random
 
 import numpy as np
 import torch
+from torch import nn
 
 import kiln
-from torch import nn
 
 
 class DistributedError(ValueError):
