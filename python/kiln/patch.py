@@ -853,8 +853,7 @@ def _plan_rnn(plan, path, module, parent, name):
     if cls is nn.RNN:
         args["nonlinearity"] = module.nonlinearity
     if getattr(module, "proj_size", 0):
-        plan.leave(path, module, "proj_size > 0: kiln's LSTM has no projection")
-        return
+        args["proj_size"] = module.proj_size
     try:
         inspect.signature(kiln_cls).bind(**args)
     except TypeError:
