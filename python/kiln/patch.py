@@ -801,6 +801,8 @@ def _plan_modules(plan: _Plan, model: nn.Module, tree, parents):
             attrs = {}
             if new_cls in (knn.Linear, knn.Conv2d):
                 attrs["activation"] = plan.fused.get(id(module), "identity")
+            if new_cls is knn.Linear:
+                attrs["dropout"] = 0.0   # kiln's fused dropout, off: the model's own Dropout modules stay
             if new_cls is knn.RMSNorm:
                 attrs["offset"] = 0.0
             new_name = _typename(new_cls) + (f"(activation={attrs['activation']})"
