@@ -10,7 +10,7 @@ FLOPs: 2 T B G H (I + H) per layer forward (G = 4 gates LSTM, 3 GRU), 3x that fo
 On a shared machine, the interleaved form (kiln and torch alternating in one process, the
 median of many repeats of each, and their ratio) is the one to trust:
 
-    python bench/test_rnn_cpu.py [--repeats 15]
+    python bench/test_rnn_cpu.py [--repeats 15] [--issue14]
     OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 python bench/test_rnn_cpu.py
 """
 
@@ -75,7 +75,7 @@ def _step(module, x, mode):
     return lambda: run().sum().backward()
 
 
-def _interleaved(repeats):
+def _interleaved(repeats, shapes):
     """kiln and torch alternating, each timed ``repeats`` times per shape and mode (the
     inner count keeps one timing above ~20 ms); prints a markdown table of medians."""
     print(f"torch {torch.__version__}, torch threads {torch.get_num_threads()}, medians of {repeats} interleaved "
@@ -83,7 +83,7 @@ def _interleaved(repeats):
     print("| case | kiln ms | torch ms | torch/kiln |\n|---|---|---|---|")
     for mode in ("forward", "forward+backward"):
         for kind in ("LSTM", "GRU"):
-            for shape in SHAPES:
+            for shape in shapes:
                 T, B, I, H, layers = shape
                 torch.manual_seed(0)
                 modules = _modules(kind, I, H, layers)
@@ -108,4 +108,6 @@ def _interleaved(repeats):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=15)
-    _interleaved(parser.parse_args().repeats)
+    parser.add_argument("--issue14", action="store_true", help="only kiln issue 14's two shapes")
+    args = parser.parse_args()
+    _interleaved(args.repeats, SHAPES[2:] if args.issue14 else SHAPES)
