@@ -11,9 +11,18 @@ give float32 sums of the same products in different orders.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+# Below this many multiply-adds (rows x out x in) a product goes to torch.mm: packing the
+# weight (a copy and a oneDNN primitive, ~1-2 ms on this machine) cost more than the
+# product, e.g. a small LSTM's input projection (160 x 256 x 64) packed its weight on
+# every call (bench/results/rnn_cpu_issue14.md).
+_ONEDNN_MIN_MACS = 1 << 24
 
+
+@functools.cache  # the hasattr lookups on torch.ops cost ~0.1 ms a call
 def _onednn_available() -> bool:
     ops = torch.ops.mkldnn
     return (torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise")
@@ -22,10 +31,12 @@ def _onednn_available() -> bool:
 
 class PackedLinear:
     """y = x @ weight^T (+ bias) for many x of about ``rows`` rows and one fixed weight
-    (out_features, in_features): the weight is packed once here."""
+    (out_features, in_features): the weight is packed once here (oneDNN, float32 products
+    of at least _ONEDNN_MIN_MACS), else torch.mm."""
 
     def __init__(self, weight: torch.Tensor, rows: int):
-        self.onednn = weight.dtype == torch.float32 and _onednn_available()
+        self.onednn = (weight.dtype == torch.float32 and rows * weight.numel() >= _ONEDNN_MIN_MACS
+                       and _onednn_available())
         if self.onednn:
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows)
         else:
