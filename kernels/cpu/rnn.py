@@ -16,7 +16,7 @@ copies were a quarter of the step time at B 32, H 512)."""
 import torch
 from numba import njit, prange
 
-from .blas import PackedLinear
+from .blas import MKL_GEMM, PackedLinear, mkl_gemm
 from .fastmath import KERNEL_OPTIONS, exp, like, tanh
 
 
@@ -33,136 +33,307 @@ def _lstm_forward(hw, gx, c, gates, h_next, c_next):
     """gates (B, 4H) [i|f|g|o] = activations of hw + gx (hw = h W_hh^T); c_next = f c + i g;
     h_next = o tanh(c_next). One loop per gate over its contiguous H values: a loop
     touching all four streams did not vectorize."""
-    B, H = c.shape
-    for b in prange(B):
-        p, x, a = hw[b], gx[b], gates[b]
-        for j in range(2 * H):  # i, f, o: sigmoid; g: tanh
-            a[j] = _sigmoid(p[j] + x[j])
-        for j in range(3 * H, 4 * H):
-            a[j] = _sigmoid(p[j] + x[j])
-        i, f, g, o = a[:H], a[H:2 * H], a[2 * H:3 * H], a[3 * H:]
-        for j in range(H):
-            g[j] = tanh(p[2 * H + j] + x[2 * H + j])
-        cb, cn, hn = c[b], c_next[b], h_next[b]
-        for j in range(H):
-            cn[j] = f[j] * cb[j] + i[j] * g[j]
-        for j in range(H):
-            hn[j] = o[j] * tanh(cn[j])
+    for b in prange(c.shape[0]):
+        _lstm_forward_row(hw[b], gx[b], c[b], gates[b], h_next[b], c_next[b])
+
+
+@njit(inline="always")
+def _lstm_forward_row(p, x, cb, a, hn, cn):
+    H = cb.shape[0]
+    for j in range(2 * H):  # i, f, o: sigmoid; g: tanh
+        a[j] = _sigmoid(p[j] + x[j])
+    for j in range(3 * H, 4 * H):
+        a[j] = _sigmoid(p[j] + x[j])
+    i, f, g, o = a[:H], a[H:2 * H], a[2 * H:3 * H], a[3 * H:]
+    for j in range(H):
+        g[j] = tanh(p[2 * H + j] + x[2 * H + j])
+    for j in range(H):
+        cn[j] = f[j] * cb[j] + i[j] * g[j]
+    for j in range(H):
+        hn[j] = o[j] * tanh(cn[j])
 
 
 @njit(**KERNEL_OPTIONS)
 def _lstm_backward(dh_out, dc_out, hw, gates, c, c_next, dpre, dc):
     """dh_next = dh_out (this step's output gradient) + hw (dpre_{t+1} W_hh, from the
     caller's GEMM); dc (B, H): in, dc carried from step t + 1; out, dc for step t - 1."""
-    B, H = c.shape
-    one = like(c[0, 0], 1.0)
-    for b in prange(B):
-        a, d = gates[b], dpre[b]
-        i, f, g, o = a[:H], a[H:2 * H], a[2 * H:3 * H], a[3 * H:]
-        di, df, dg, do = d[:H], d[H:2 * H], d[2 * H:3 * H], d[3 * H:]
-        cb, cn, dcb = c[b], c_next[b], dc[b]
-        for j in range(H):  # di holds dh_next until its own loop
-            di[j] = dh_out[b, j] + hw[b, j]
-        for j in range(H):  # do holds tanh(c_next) until its own loop
-            do[j] = tanh(cn[j])
-        for j in range(H):  # dcb holds dc_tot = dc_next + dh o (1 - tanh^2) until the end
-            dcb[j] = dcb[j] + dc_out[b, j] + di[j] * o[j] * (one - do[j] * do[j])
-        for j in range(H):
-            do[j] = di[j] * do[j] * o[j] * (one - o[j])
-        for j in range(H):
-            di[j] = dcb[j] * g[j] * i[j] * (one - i[j])
-        for j in range(H):
-            df[j] = dcb[j] * cb[j] * f[j] * (one - f[j])
-        for j in range(H):
-            dg[j] = dcb[j] * i[j] * (one - g[j] * g[j])
-        for j in range(H):
-            dcb[j] = dcb[j] * f[j]
+    for b in prange(c.shape[0]):
+        _lstm_backward_row(dh_out[b], dc_out[b], hw[b], gates[b], c[b], c_next[b], dpre[b], dc[b])
+
+
+@njit(inline="always")
+def _lstm_backward_row(dh_out, dc_out, hw, a, cb, cn, d, dcb):
+    H = cb.shape[0]
+    one = like(cb[0], 1.0)
+    i, f, g, o = a[:H], a[H:2 * H], a[2 * H:3 * H], a[3 * H:]
+    di, df, dg, do = d[:H], d[H:2 * H], d[2 * H:3 * H], d[3 * H:]
+    for j in range(H):  # di holds dh_next until its own loop
+        di[j] = dh_out[j] + hw[j]
+    for j in range(H):  # do holds tanh(c_next) until its own loop
+        do[j] = tanh(cn[j])
+    for j in range(H):  # dcb holds dc_tot = dc_next + dh o (1 - tanh^2) until the end
+        dcb[j] = dcb[j] + dc_out[j] + di[j] * o[j] * (one - do[j] * do[j])
+    for j in range(H):
+        do[j] = di[j] * do[j] * o[j] * (one - o[j])
+    for j in range(H):
+        di[j] = dcb[j] * g[j] * i[j] * (one - i[j])
+    for j in range(H):
+        df[j] = dcb[j] * cb[j] * f[j] * (one - f[j])
+    for j in range(H):
+        dg[j] = dcb[j] * i[j] * (one - g[j] * g[j])
+    for j in range(H):
+        dcb[j] = dcb[j] * f[j]
 
 
 @njit(**KERNEL_OPTIONS)
 def _gru_forward(gx, gh, h, h_next, saved):
     """gx, gh (B, 3H) [r|z|n] (gh = h W_hh^T + b_hh); saved (B, 4H) = [r|z|n|gh_n]."""
-    B, H = h.shape
-    one = like(h[0, 0], 1.0)
-    for b in prange(B):
-        x, y, s = gx[b], gh[b], saved[b]
-        r, z, n, hn = s[:H], s[H:2 * H], s[2 * H:3 * H], s[3 * H:]
-        for j in range(2 * H):  # r and z
-            s[j] = _sigmoid(x[j] + y[j])
-        for j in range(H):
-            hn[j] = y[2 * H + j]
-        for j in range(H):
-            n[j] = tanh(x[2 * H + j] + r[j] * hn[j])
-        hb, out = h[b], h_next[b]
-        for j in range(H):
-            out[j] = (one - z[j]) * n[j] + z[j] * hb[j]
+    for b in prange(h.shape[0]):
+        _gru_forward_row(gx[b], gh[b], h[b], h_next[b], saved[b])
+
+
+@njit(inline="always")
+def _gru_forward_row(x, y, hb, out, s):
+    H = hb.shape[0]
+    one = like(hb[0], 1.0)
+    r, z, n, hn = s[:H], s[H:2 * H], s[2 * H:3 * H], s[3 * H:]
+    for j in range(2 * H):  # r and z
+        s[j] = _sigmoid(x[j] + y[j])
+    for j in range(H):
+        hn[j] = y[2 * H + j]
+    for j in range(H):
+        n[j] = tanh(x[2 * H + j] + r[j] * hn[j])
+    for j in range(H):
+        out[j] = (one - z[j]) * n[j] + z[j] * hb[j]
 
 
 @njit(**KERNEL_OPTIONS)
 def _gru_backward(dh_out, hw, saved, h, dgx, dgh, dh):
     """dh_next = dh_out + dh + hw, where dh (B, H) carries dh_{t+1} z from step t + 1 and
     hw = dgh_{t+1} W_hh (the caller's GEMM); out: dh = dh_next z."""
-    B, H = h.shape
-    one = like(h[0, 0], 1.0)
-    for b in prange(B):
-        s, dx_, dy_ = saved[b], dgx[b], dgh[b]
-        r, z, n, hn = s[:H], s[H:2 * H], s[2 * H:3 * H], s[3 * H:]
-        g, hb = dh[b], h[b]
-        dr, dz, dn = dx_[:H], dx_[H:2 * H], dx_[2 * H:]
-        for j in range(H):
-            g[j] += dh_out[b, j] + hw[b, j]
-        for j in range(H):
-            dn[j] = g[j] * (one - z[j]) * (one - n[j] * n[j])
-        for j in range(H):
-            dz[j] = g[j] * (hb[j] - n[j]) * z[j] * (one - z[j])
-        for j in range(H):
-            dr[j] = dn[j] * hn[j] * r[j] * (one - r[j])
-        for j in range(2 * H):
-            dy_[j] = dx_[j]
-        for j in range(H):
-            dy_[2 * H + j] = dn[j] * r[j]
-        for j in range(H):
-            g[j] = g[j] * z[j]
+    for b in prange(h.shape[0]):
+        _gru_backward_row(dh_out[b], hw[b], saved[b], h[b], dgx[b], dgh[b], dh[b])
+
+
+@njit(inline="always")
+def _gru_backward_row(dh_out, hw, s, hb, dx_, dy_, g):
+    H = hb.shape[0]
+    one = like(hb[0], 1.0)
+    r, z, n, hn = s[:H], s[H:2 * H], s[2 * H:3 * H], s[3 * H:]
+    dr, dz, dn = dx_[:H], dx_[H:2 * H], dx_[2 * H:]
+    for j in range(H):
+        g[j] += dh_out[j] + hw[j]
+    for j in range(H):
+        dn[j] = g[j] * (one - z[j]) * (one - n[j] * n[j])
+    for j in range(H):
+        dz[j] = g[j] * (hb[j] - n[j]) * z[j] * (one - z[j])
+    for j in range(H):
+        dr[j] = dn[j] * hn[j] * r[j] * (one - r[j])
+    for j in range(2 * H):
+        dy_[j] = dx_[j]
+    for j in range(H):
+        dy_[2 * H + j] = dn[j] * r[j]
+    for j in range(H):
+        g[j] = g[j] * z[j]
 
 
 @njit(**KERNEL_OPTIONS)
 def _rnn_forward(hw, gx, h_next, relu):
     """Elman: h_next = act(hw + gx) (hw = h W_hh^T), act relu or tanh."""
-    B, H = h_next.shape
-    zero = like(h_next[0, 0], 0.0)
-    for b in prange(B):
-        p, x, out = hw[b], gx[b], h_next[b]
-        if relu:
-            for j in range(H):  # NaN stays NaN, as torch.relu
-                v = p[j] + x[j]
-                out[j] = zero if v < zero else v
-        else:
-            for j in range(H):
-                out[j] = tanh(p[j] + x[j])
+    for b in prange(h_next.shape[0]):
+        _rnn_forward_row(hw[b], gx[b], h_next[b], relu)
+
+
+@njit(inline="always")
+def _rnn_forward_row(p, x, out, relu):
+    H = out.shape[0]
+    zero = like(out[0], 0.0)
+    if relu:
+        for j in range(H):  # NaN stays NaN, as torch.relu
+            v = p[j] + x[j]
+            out[j] = zero if v < zero else v
+    else:
+        for j in range(H):
+            out[j] = tanh(p[j] + x[j])
 
 
 @njit(**KERNEL_OPTIONS)
 def _rnn_backward(dh_out, hw, h_next, dpre, relu):
     """dpre = (dh_out + hw) act'(pre), read from h_next (hw = dpre_{t+1} W_hh)."""
-    B, H = h_next.shape
-    one, zero = like(h_next[0, 0], 1.0), like(h_next[0, 0], 0.0)
-    for b in prange(B):
-        d, hn = dpre[b], h_next[b]
-        if relu:
-            for j in range(H):
-                d[j] = dh_out[b, j] + hw[b, j] if hn[j] > zero else zero
-        else:
-            for j in range(H):
-                d[j] = (dh_out[b, j] + hw[b, j]) * (one - hn[j] * hn[j])
+    for b in prange(h_next.shape[0]):
+        _rnn_backward_row(dh_out[b], hw[b], h_next[b], dpre[b], relu)
 
 
-# Whole-sequence functions (the op's interface for forms that run their own loop): every
-# numba pass writes straight into its step's slice of the outputs and the carried
-# gradients stay in place, so a step costs one GEMM (its weight packed once per
-# sequence, blas.py), one numba call and no copies.
+@njit(inline="always")
+def _rnn_backward_row(dh_out, hw, hn, d, relu):
+    H = hn.shape[0]
+    one, zero = like(hn[0], 1.0), like(hn[0], 0.0)
+    if relu:
+        for j in range(H):
+            d[j] = dh_out[j] + hw[j] if hn[j] > zero else zero
+    else:
+        for j in range(H):
+            d[j] = (dh_out[j] + hw[j]) * (one - hn[j] * hn[j])
+
+
+# The whole sequence in one numba call: per step one MKL GEMM (blas.mkl_gemm, torch's own
+# BLAS, called from numba) and one serial pass over the rows. A Python step loop paid a
+# torch call (~70-100 us of dispatch and oneDNN setup at B 8) and a numba call per step,
+# and the two thread pools (torch's OpenMP for the GEMM, numba's for the pass) handed the
+# cores back and forth every step; here MKL threads its GEMM itself and the pass (a few
+# percent of a step's FLOPs) runs on the calling thread (bench/results/rnn_cpu_issue14.md).
+
+_SEQUENCE_OPTIONS = dict(cache=True, error_model="numpy")
+
+
+@njit(**_SEQUENCE_OPTIONS)
+def _lstm_sequence_forward(gx, h0, c0, w_hh, h_all, c_all, gates, hw):
+    T, B, G = gx.shape
+    H = G // 4
+    for t in range(T):
+        h, c = (h0, c0) if t == 0 else (h_all[t - 1], c_all[t - 1])
+        mkl_gemm(1, 0, G, B, H, w_hh, H, h, H, 0.0, hw, G)  # hw = h W_hh^T
+        for b in range(B):
+            _lstm_forward_row(hw[b], gx[t, b], c[b], gates[t, b], h_all[t, b], c_all[t, b])
+
+
+@njit(**_SEQUENCE_OPTIONS)
+def _lstm_sequence_backward(dh_all, dc_all, gates, c0, c_all, w_hh, dpre, dc, hw):
+    """dc, hw (B, H) zero in; out dc0, dh0."""
+    T, B, G = gates.shape
+    H = G // 4
+    for t in range(T - 1, -1, -1):
+        c = c0 if t == 0 else c_all[t - 1]
+        for b in range(B):
+            _lstm_backward_row(dh_all[t, b], dc_all[t, b], hw[b], gates[t, b], c[b], c_all[t, b], dpre[t, b], dc[b])
+        mkl_gemm(0, 0, H, B, G, w_hh, H, dpre[t], G, 0.0, hw, H)  # hw = dpre_t W_hh
+
+
+@njit(**_SEQUENCE_OPTIONS)
+def _gru_sequence_forward(gx, h0, w_hh, b_hh, h_all, saved, gh):
+    T, B, G = gx.shape
+    H = G // 3
+    for t in range(T):
+        h = h0 if t == 0 else h_all[t - 1]
+        for b in range(B):  # gh = b_hh + h W_hh^T (beta 1)
+            gh[b] = b_hh
+        mkl_gemm(1, 0, G, B, H, w_hh, H, h, H, 1.0, gh, G)
+        for b in range(B):
+            _gru_forward_row(gx[t, b], gh[b], h[b], h_all[t, b], saved[t, b])
+
+
+@njit(**_SEQUENCE_OPTIONS)
+def _gru_sequence_backward(dh_all, saved, h0, h_all, w_hh, dgx, dgh, dh, hw):
+    """dh, hw (B, H) zero in; out dh carries dh_0 z, hw dgh_0 W_hh."""
+    T, B, G = saved.shape[0], saved.shape[1], dgx.shape[2]
+    H = G // 3
+    for t in range(T - 1, -1, -1):
+        h = h0 if t == 0 else h_all[t - 1]
+        for b in range(B):
+            _gru_backward_row(dh_all[t, b], hw[b], saved[t, b], h[b], dgx[t, b], dgh[t, b], dh[b])
+        mkl_gemm(0, 0, H, B, G, w_hh, H, dgh[t], G, 0.0, hw, H)
+
+
+@njit(**_SEQUENCE_OPTIONS)
+def _rnn_sequence_forward(gx, h0, w_hh, relu, h_all, hw):
+    T, B, H = gx.shape
+    for t in range(T):
+        h = h0 if t == 0 else h_all[t - 1]
+        mkl_gemm(1, 0, H, B, H, w_hh, H, h, H, 0.0, hw, H)
+        for b in range(B):
+            _rnn_forward_row(hw[b], gx[t, b], h_all[t, b], relu)
+
+
+@njit(**_SEQUENCE_OPTIONS)
+def _rnn_sequence_backward(dh_all, h_all, w_hh, relu, dpre, hw):
+    T, B, H = h_all.shape
+    for t in range(T - 1, -1, -1):
+        for b in range(B):
+            _rnn_backward_row(dh_all[t, b], hw[b], h_all[t, b], dpre[t, b], relu)
+        mkl_gemm(0, 0, H, B, H, w_hh, H, dpre[t], H, 0.0, hw, H)
+
+
+_INT32_MAX = 2 ** 31 - 1
+
+
+def _fused(w_hh, *tensors) -> bool:
+    """Whether the one-call sequence kernels run: MKL's GEMM reachable, the weights in the
+    state's dtype, no empty dimension, every size within BLAS's 32-bit ints."""
+    return (MKL_GEMM and w_hh.dtype == tensors[0].dtype in (torch.float32, torch.float64)
+            and all(0 < n <= _INT32_MAX for t in tensors for n in t.shape))
+
+
+def _np(t):
+    return t.contiguous().numpy()
+
+
+# The op's whole-sequence functions (ops/rnn.py calls these in place of its step loops).
 
 
 def lstm_sequence_forward(gx, h0, c0, w_hh):
+    if not _fused(w_hh, gx, h0):
+        return _stepwise_lstm_sequence_forward(gx, h0, c0, w_hh)
+    T = gx.shape[0]
+    h_all, c_all, gates = h0.new_empty((T, *h0.shape)), c0.new_empty((T, *c0.shape)), torch.empty_like(gx)
+    _lstm_sequence_forward(_np(gx), _np(h0), _np(c0), _np(w_hh), h_all.numpy(), c_all.numpy(), gates.numpy(),
+                           gx.new_empty(gx.shape[1:]).numpy())
+    return h_all, c_all, gates
+
+
+def lstm_sequence_backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh):
+    if not _fused(w_hh, gates, h0):
+        return _stepwise_lstm_sequence_backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh)
+    dpre, dc, hw = torch.empty_like(gates), torch.zeros_like(c0), torch.zeros_like(h0)
+    _lstm_sequence_backward(_np(dh_all), _np(dc_all), _np(gates), _np(c0), _np(c_all), _np(w_hh), dpre.numpy(),
+                            dc.numpy(), hw.numpy())
+    return dpre, hw, dc
+
+
+def gru_sequence_forward(gx, h0, w_hh, b_hh):
+    if not _fused(w_hh, gx, h0):
+        return _stepwise_gru_sequence_forward(gx, h0, w_hh, b_hh)
+    T, B, H = gx.shape[0], h0.shape[0], h0.shape[1]
+    h_all, saved = h0.new_empty((T, B, H)), h0.new_empty((T, B, 4 * H))
+    bias = h0.new_zeros(3 * H) if b_hh is None else b_hh.to(h0.dtype)
+    _gru_sequence_forward(_np(gx), _np(h0), _np(w_hh), _np(bias), h_all.numpy(), saved.numpy(),
+                          h0.new_empty((B, 3 * H)).numpy())
+    return h_all, saved
+
+
+def gru_sequence_backward(dh_all, saved, h0, h_all, w_hh):
+    if not _fused(w_hh, saved, h0):
+        return _stepwise_gru_sequence_backward(dh_all, saved, h0, h_all, w_hh)
+    T, B, H = saved.shape[0], h0.shape[0], h0.shape[1]
+    dgx, dgh = saved.new_empty((T, B, 3 * H)), saved.new_empty((T, B, 3 * H))
+    dh, hw = torch.zeros_like(h0), torch.zeros_like(h0)
+    _gru_sequence_backward(_np(dh_all), _np(saved), _np(h0), _np(h_all), _np(w_hh), dgx.numpy(), dgh.numpy(),
+                           dh.numpy(), hw.numpy())
+    return dgx, dgh, dh.add_(hw)
+
+
+def rnn_sequence_forward(gx, h0, w_hh, relu):
+    if not _fused(w_hh, gx, h0):
+        return _stepwise_rnn_sequence_forward(gx, h0, w_hh, relu)
+    h_all = h0.new_empty((gx.shape[0], *h0.shape))
+    _rnn_sequence_forward(_np(gx), _np(h0), _np(w_hh), bool(relu), h_all.numpy(), torch.empty_like(h0).numpy())
+    return h_all
+
+
+def rnn_sequence_backward(dh_all, h0, h_all, w_hh, relu):
+    if not _fused(w_hh, h_all, h0):
+        return _stepwise_rnn_sequence_backward(dh_all, h0, h_all, w_hh, relu)
+    dpre, hw = torch.empty_like(h_all), torch.zeros_like(h0)
+    _rnn_sequence_backward(_np(dh_all), _np(h_all), _np(w_hh), bool(relu), dpre.numpy(), hw.numpy())
+    return dpre, hw
+
+
+# The step loop in Python, one oneDNN linear (blas.PackedLinear) and one parallel numba pass
+# per step: what runs when torch has no MKL GEMM to call from numba (blas.MKL_GEMM), or a
+# dimension is 0 or past BLAS's 32-bit sizes. Every numba pass writes straight into its
+# step's slice of the outputs and the carried gradients stay in place.
+
+
+def _stepwise_lstm_sequence_forward(gx, h0, c0, w_hh):
     T, B = gx.shape[0], gx.shape[1]
     h_all, c_all = h0.new_empty((T, *h0.shape)), c0.new_empty((T, *c0.shape))
     gates = torch.empty_like(gx)
@@ -175,7 +346,7 @@ def lstm_sequence_forward(gx, h0, c0, w_hh):
     return h_all, c_all, gates
 
 
-def lstm_sequence_backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh):
+def _stepwise_lstm_sequence_backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh):
     T, B = gates.shape[0], gates.shape[1]
     dpre = torch.empty_like(gates)
     dc = torch.zeros_like(c0)
@@ -191,7 +362,7 @@ def lstm_sequence_backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh):
     return dpre, hw, dc
 
 
-def gru_sequence_forward(gx, h0, w_hh, b_hh):
+def _stepwise_gru_sequence_forward(gx, h0, w_hh, b_hh):
     T, B, H = gx.shape[0], h0.shape[0], h0.shape[1]
     h_all, saved = h0.new_empty((T, B, H)), h0.new_empty((T, B, 4 * H))
     recurrent = PackedLinear(w_hh, B)
@@ -203,7 +374,7 @@ def gru_sequence_forward(gx, h0, w_hh, b_hh):
     return h_all, saved
 
 
-def gru_sequence_backward(dh_all, saved, h0, h_all, w_hh):
+def _stepwise_gru_sequence_backward(dh_all, saved, h0, h_all, w_hh):
     T, B, H = saved.shape[0], h0.shape[0], h0.shape[1]
     dgx, dgh = saved.new_empty((T, B, 3 * H)), saved.new_empty((T, B, 3 * H))
     dh, hw = torch.zeros_like(h0), torch.zeros_like(h0)
@@ -217,7 +388,7 @@ def gru_sequence_backward(dh_all, saved, h0, h_all, w_hh):
     return dgx, dgh, dh.add_(hw)
 
 
-def rnn_sequence_forward(gx, h0, w_hh, relu):
+def _stepwise_rnn_sequence_forward(gx, h0, w_hh, relu):
     T, B = gx.shape[0], gx.shape[1]
     h_all = h0.new_empty((T, *h0.shape))
     recurrent = PackedLinear(w_hh, B)
@@ -229,7 +400,7 @@ def rnn_sequence_forward(gx, h0, w_hh, relu):
     return h_all
 
 
-def rnn_sequence_backward(dh_all, h0, h_all, w_hh, relu):
+def _stepwise_rnn_sequence_backward(dh_all, h0, h_all, w_hh, relu):
     T, B = h_all.shape[0], h_all.shape[1]
     dpre = torch.empty_like(h_all)
     recurrent_t = PackedLinear(w_hh.t(), B)
