@@ -188,3 +188,13 @@ def test_kiln_generate_continues_a_prompt_and_refuses_bad_ones(capsys, tmp_path)
     _train(capsys, digits, "--model", "logistic", "--max-steps", "1")
     assert cli.main(["generate", str(digits / "last.pt"), "--prompt", "x"]) == 2
     assert "does not generate text" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["poly", "relu"])
+def test_curve_reports_the_closed_form_and_draws_the_fit(capsys, tmp_path, model):
+    out = tmp_path / model
+    assert cli.main(["train", "curve", "--model", model, "--out", str(out), "--epochs", "2", "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["test_mse"] > 0
+    assert ("closed_form_mse" in results) == (model == "poly")
+    assert (out / "fit.png").read_bytes()[:4] == b"\x89PNG"

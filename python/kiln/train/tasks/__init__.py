@@ -21,6 +21,7 @@ from kiln.train.data import Splits
 
 TASK_MODULES = {
     "digits": "kiln.train.tasks.digits",
+    "curve": "kiln.train.tasks.curve",
     "charlm": "kiln.train.tasks.charlm",
     "translate": "kiln.train.tasks.translate",
     "textclass": "kiln.train.tasks.textclass",
