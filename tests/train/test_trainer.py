@@ -29,7 +29,7 @@ def _accuracy(model, batch):
 
 
 def _trainer(seed=0, dropout=0.2, lr=1e-2, optimizer="adam", train_data=None, **kw):
-    torch.manual_seed(seed)
+    kiln.manual_seed(seed)  # torch and kiln's dropout generator, as kiln train does
     model = MLP(MLPConfig(in_features=8, hidden=[16], out_features=3, dropout=dropout))
     opt = make_optimizer(optimizer, model.parameters(), lr)
     scheduler = kw.pop("scheduler", torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=100))
