@@ -141,7 +141,7 @@ def train(task: str | Task, model: str | None = None, *, epochs: int | None = No
                       clip_grad_norm=settings["clip_grad_norm"], patience=settings["patience"],
                       seed=settings["seed"], device=device, progress=progress,
                       description=f"{task.name} {model} [{backend}]",
-                      callbacks=[RunFolder(out, config)])
+                      callbacks=[RunFolder(out, config), *task.callbacks(out)])
     if ckpt is not None:
         try:
             trainer.load_state_dict(ckpt)
