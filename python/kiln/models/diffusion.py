@@ -36,11 +36,12 @@ class DiffusionConfig:
     class_dropout: float = 0.1     # training drops the class this often (classifier-free guidance)
 
 
-def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02,
+                 max_beta: float = 0.999) -> Tensor:
     """Ho et al.'s linear schedule, its range scaled by 1000 / T so that abar_T is about the
-    same for any number of steps."""
+    same for any number of steps (clipped at ``max_beta`` for very few steps)."""
     scale = 1000 / timesteps
-    return torch.linspace(beta_start * scale, beta_end * scale, timesteps, dtype=torch.float64)
+    return torch.linspace(beta_start * scale, beta_end * scale, timesteps, dtype=torch.float64).clamp(max=max_beta)
 
 
 def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:

@@ -62,13 +62,16 @@ class Discriminator(nn.Module):
         self.features = nn.Sequential(knn.Conv2d(1, c, 4, stride=2, padding=1), nn.LeakyReLU(0.2),      # 4 x 4
                                       knn.Conv2d(c, 2 * c, 4, stride=2, padding=1), nn.LeakyReLU(0.2),  # 2 x 2
                                       knn.Flatten(), nn.Dropout(config.dropout))
-        self.logit = knn.Linear(2 * c * 2 * 2, 1)
+        # + 1: the minibatch standard deviation (Karras et al., 2018), which lets the
+        # discriminator see a batch of identical fakes (without it the generator ignored its noise)
+        self.logit = knn.Linear(2 * c * 2 * 2 + 1, 1)
         self.embed = nn.Embedding(config.num_classes, 2 * c * 2 * 2)   # the class projection
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
         """(N, 1, 8, 8) images in [0, 1] and their classes -> (N,) logits of "real"."""
         h = self.features(images * 2 - 1)
-        return self.logit(h).squeeze(-1) + (self.embed(labels) * h).sum(-1)
+        spread = h.std(0, correction=0).mean().expand(len(h), 1) if len(h) > 1 else h.new_zeros(len(h), 1)
+        return self.logit(torch.cat([h, spread], dim=1)).squeeze(-1) + (self.embed(labels) * h).sum(-1)
 
 
 class ConditionalGAN(nn.Module):

@@ -26,7 +26,7 @@ from kiln import nn as knn
 class VAEConfig:
     image_size: int = 8
     latent_dim: int = 16
-    hidden: tuple[int, ...] = (256, 256)   # the encoder's widths; the decoder mirrors them
+    hidden: tuple[int, ...] = (512, 256)   # the encoder's widths; the decoder mirrors them
 
 
 def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:

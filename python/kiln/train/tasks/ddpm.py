@@ -33,7 +33,7 @@ class DDPMTask(Task):
     default_model = "unet"
     metric = "eps_mse"
     headline = "test_eps_mse"
-    train = {"epochs": 60, "batch_size": 64, "lr": 1e-3, "optimizer": "adamw",
+    train = {"epochs": 40, "batch_size": 64, "lr": 1e-3, "optimizer": "adamw",
              "optimizer_kwargs": {"weight_decay": 0.0}, "clip_grad_norm": 1.0, "patience": None}
     num_samples = 1000
     guidance = 1.0

@@ -49,12 +49,12 @@ class GANTask(Task):
     description = "conditional DCGAN on 8x8 digits, non-saturating loss"
     models = {
         "dcgan": ModelEntry(ConditionalGAN, GANConfig(), "DCGAN: transposed-conv generator, strided-conv "
-                            "discriminator with class projection, 64 / 128 channels"),
+                            "discriminator with class projection and minibatch std, 64 / 128 channels"),
     }
     default_model = "dcgan"
     metric = "sample_accuracy"
     headline = "test_sample_accuracy"   # samples of the test split's labels
-    train = {"epochs": 100, "batch_size": 64, "lr": 2e-4, "optimizer": "adam",
+    train = {"epochs": 40, "batch_size": 64, "lr": 2e-4, "optimizer": "adam",
              "optimizer_kwargs": {"betas": (0.5, 0.999)}, "clip_grad_norm": None, "patience": None}
     num_samples = 1000
 

@@ -23,14 +23,14 @@ class VAETask(Task):
     name = "vae"
     description = "variational autoencoder on 8x8 digits, Bernoulli decoder"
     models = {
-        "mlp": ModelEntry(VAE, VAEConfig(), "MLP encoder / decoder 64-256-256, 16-D latent"),
-        "mlp2d": ModelEntry(VAE, VAEConfig(latent_dim=2), "MLP encoder / decoder 64-256-256, 2-D latent "
+        "mlp": ModelEntry(VAE, VAEConfig(), "MLP encoder / decoder 64-512-256, 16-D latent"),
+        "mlp2d": ModelEntry(VAE, VAEConfig(latent_dim=2), "MLP encoder / decoder 64-512-256, 2-D latent "
                             "(latent traversal plot)"),
     }
     default_model = "mlp"
     metric = "elbo"
     headline = "test_elbo"
-    train = {"epochs": 150, "batch_size": 64, "lr": 1e-3, "optimizer": "adam",
+    train = {"epochs": 200, "batch_size": 64, "lr": 1e-3, "optimizer": "adam",
              "optimizer_kwargs": {}, "clip_grad_norm": None, "patience": None}
     num_samples = 1000
 
