@@ -222,3 +222,15 @@ def test_save_grid_writes_a_png(tmp_path):
     import struct
     width, height = struct.unpack(">II", data[16:24])
     assert (width, height) == (10 * 33 + 1, 3 * 33 + 1)
+
+
+def test_gan_class_spread_is_the_within_class_std():
+    from kiln.models.gan import class_spread
+    torch.manual_seed(0)
+    h, labels = torch.randn(9, 5, dtype=torch.float64), torch.tensor([0, 1, 0, 2, 1, 0, 1, 1, 0])
+    got = class_spread(h, labels, 4)
+    for i, c in enumerate(labels):
+        rows = h[labels == c]
+        want = ((rows.var(0, correction=0) + 1e-8).sqrt()).mean()
+        torch.testing.assert_close(got[i, 0], want)
+    assert class_spread(h[3:4], labels[3:4], 4).item() < 1e-3   # a class seen once

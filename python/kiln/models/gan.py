@@ -55,6 +55,16 @@ class Generator(nn.Module):
         return torch.sigmoid(self.up(self.project(torch.cat([z, self.embed(labels)], dim=1))))
 
 
+def class_spread(h: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """(N, 1): for each row, the mean over features of the standard deviation of h among the
+    batch's rows of its class (0 for a class seen once)."""
+    onehot = F.one_hot(labels, num_classes).to(h.dtype)               # (N, K)
+    counts = onehot.sum(0).clamp_min(1)                                # (K,)
+    mean = (onehot.T @ h) / counts[:, None]                            # (K, D)
+    var = (onehot.T @ (h - mean[labels]).square()) / counts[:, None]   # (K, D)
+    return (var + 1e-8).sqrt().mean(1)[labels][:, None]
+
+
 class Discriminator(nn.Module):
     def __init__(self, config: GANConfig):
         super().__init__()
@@ -62,15 +72,16 @@ class Discriminator(nn.Module):
         self.features = nn.Sequential(knn.Conv2d(1, c, 4, stride=2, padding=1), nn.LeakyReLU(0.2),      # 4 x 4
                                       knn.Conv2d(c, 2 * c, 4, stride=2, padding=1), nn.LeakyReLU(0.2),  # 2 x 2
                                       knn.Flatten(), nn.Dropout(config.dropout))
-        # + 1: the minibatch standard deviation (Karras et al., 2018), which lets the
-        # discriminator see a batch of identical fakes (without it the generator ignored its noise)
+        # + 1: the minibatch standard deviation (Karras et al., 2018) within each image's class,
+        # which lets the discriminator see a class whose fakes are all alike (without it the
+        # generator ignored its noise and drew one image per class)
         self.logit = knn.Linear(2 * c * 2 * 2 + 1, 1)
         self.embed = nn.Embedding(config.num_classes, 2 * c * 2 * 2)   # the class projection
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
         """(N, 1, 8, 8) images in [0, 1] and their classes -> (N,) logits of "real"."""
         h = self.features(images * 2 - 1)
-        spread = h.std(0, correction=0).mean().expand(len(h), 1) if len(h) > 1 else h.new_zeros(len(h), 1)
+        spread = class_spread(h, labels, self.embed.num_embeddings)
         return self.logit(torch.cat([h, spread], dim=1)).squeeze(-1) + (self.embed(labels) * h).sum(-1)
 
 
