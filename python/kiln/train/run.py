@@ -198,7 +198,7 @@ def _train(world: World, task: str | Task, model: str | None, *, epochs, max_ste
                       clip_grad_norm=settings["clip_grad_norm"], patience=settings["patience"],
                       seed=settings["seed"], device=device, progress=progress,
                       description=f"{task.name} {model} [{backend}]",
-                      callbacks=[RunFolder(out, config, world)], world=world)
+                      callbacks=[RunFolder(out, config, world), *task.callbacks(out)], world=world)
     if ckpt is not None:
         try:
             trainer.load_state_dict(ckpt)

@@ -25,6 +25,9 @@ TASK_MODULES = {
     "charlm": "kiln.train.tasks.charlm",
     "translate": "kiln.train.tasks.translate",
     "textclass": "kiln.train.tasks.textclass",
+    "vae": "kiln.train.tasks.vae",
+    "gan": "kiln.train.tasks.gan",
+    "ddpm": "kiln.train.tasks.ddpm",
 }
 
 
@@ -98,6 +101,10 @@ class Task:
         """The model's continuation of ``prompt`` (``kiln generate``); ``decoding`` holds
         generate()'s arguments. Tasks whose models do not generate text refuse."""
         raise TaskError(f"task {self.name!r} does not generate text; the tasks that do: charlm, translate")
+
+    def callbacks(self, out_dir: str) -> list:
+        """Trainer callbacks of this task beside the run folder's (e.g. a sample grid per epoch)."""
+        return []
 
     def plots(self, out_dir: str, model: nn.Module, splits: Splits) -> list[str]:
         """Extra PNGs of this task written into ``out_dir`` (curves.png is written for all)."""
