@@ -568,3 +568,16 @@ def test_dropout_gpu_forms_drop_the_same_elements(activation):
             outs[backend] = kiln.ops.linear_act(x, w, b, activation, dropout=0.2)
     for backend in ("triton", "cuda"):
         assert torch.equal(outs[backend] == 0, outs["reference"] == 0)
+
+
+def test_autocast_lets_a_low_precision_input_meet_a_float32_weight_as_f_linear():
+    torch.manual_seed(0)
+    x = torch.randn(6, 16).bfloat16()
+    w, b = torch.randn(8, 16), torch.randn(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = kiln.ops.linear_act(x, w, b, "relu")
+        theirs = torch.relu(F.linear(x, w, b))
+        mha = kiln.nn.MultiheadAttention(16, 4, batch_first=True)
+        attended, _ = mha(x.float(), x.float(), x.float(), need_weights=False)
+    assert ours.dtype == theirs.dtype == torch.bfloat16 and attended.dtype == torch.bfloat16
+    assert rel_err(ours, theirs) < BOUND[torch.bfloat16]

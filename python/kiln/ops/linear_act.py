@@ -268,6 +268,12 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         raise ValueError(f"linear_act: unknown activation {activation!r}; "
                          f"expected one of {', '.join(ACTIVATIONS)}")
     check_floating(OP, x=x, weight=weight)
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        # as F.linear in an autocast region: every operand in the region's dtype (float64 kept),
+        # so a low-precision activation may meet a float32 weight, as in any torch model
+        region = torch.get_autocast_dtype(x.device.type)
+        x, weight, bias = (t.to(region) if t is not None and t.dtype != torch.float64 else t
+                           for t in (x, weight, bias))
     check_same_device_dtype(OP, x=x, weight=weight, bias=bias)
     if weight.dim() != 2:
         raise ValueError(f"linear_act: weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
