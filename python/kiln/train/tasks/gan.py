@@ -49,7 +49,8 @@ class GANTask(Task):
     description = "conditional DCGAN on 8x8 digits, non-saturating loss"
     models = {
         "dcgan": ModelEntry(ConditionalGAN, GANConfig(), "DCGAN: transposed-conv generator, strided-conv "
-                            "discriminator with class projection and minibatch std, 64 / 128 channels"),
+                            "discriminator with class projection and per-class minibatch std, mode seeking 0.2, "
+                            "64 / 128 channels"),
     }
     default_model = "dcgan"
     metric = "sample_accuracy"
