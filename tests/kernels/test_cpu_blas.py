@@ -22,6 +22,7 @@ def test_packed_linear_matches_float64(monkeypatch, onednn, rows, n_in, n_out, d
     if onednn and not blas._onednn_available():
         pytest.skip("this torch has no oneDNN")
     monkeypatch.setattr(blas, "_onednn_available", lambda: onednn)
+    monkeypatch.setattr(blas, "_ONEDNN_MIN_MACS", 0)   # the provider itself, at every size
     x, w, b, (x_, w_, b_) = _operands(rows, n_in, n_out, dtype)
     linear = blas.PackedLinear(w_, rows)
     assert linear.onednn == (onednn and dtype == torch.float32)  # oneDNN has no float64
@@ -39,3 +40,12 @@ def test_packed_linear_takes_a_transposed_weight_and_other_row_counts():
     d = torch.randn(12, 96, generator=g, dtype=torch.float64)
     linear = blas.PackedLinear(w.float().t(), 5)
     assert rel_err(linear(d.float()), d @ w) < BOUND[torch.float32]
+
+
+def test_small_products_skip_onednn_packing():
+    """Packing costs more than a small product saves: below _ONEDNN_MIN_MACS torch.mm runs."""
+    small = blas.PackedLinear(torch.randn(16, 8), 4)
+    assert not small.onednn
+    big_rows = blas._ONEDNN_MIN_MACS // (64 * 64) + 1
+    big = blas.PackedLinear(torch.randn(64, 64), big_rows)
+    assert big.onednn == blas._onednn_available()
