@@ -42,7 +42,7 @@ def info() -> None:
     print("op backends (float32):")
     for op, dtypes in kiln.ops.BACKEND_DTYPES.items():
         choice = backend.report(op, dtypes)
-        print(f"  {op:<14} " + "  ".join(f"{dev}: {name}" for dev, name in choice.items()))
+        print(f"  {op:<18} " + "  ".join(f"{dev}: {name}" for dev, name in choice.items()))
 
 
 class UsageError(Exception):
