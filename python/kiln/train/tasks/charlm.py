@@ -50,7 +50,7 @@ class CharLM(Task):
     default_model = "transformer"
     metric = "accuracy"
     headline = "test_char_accuracy"
-    train = {"epochs": 4, "batch_size": 32, "lr": 3e-3, "optimizer": "adamw",
+    train = {"epochs": 10, "batch_size": 32, "lr": 3e-3, "optimizer": "adamw",
              "optimizer_kwargs": {"weight_decay": 0.01}, "clip_grad_norm": 1.0, "patience": None}
 
     def splits(self) -> Splits:
