@@ -93,10 +93,13 @@ def test_cuda_extension_without_a_gpu_raises_instead_of_crashing():
         pytest.skip("this machine has a GPU; the gpu tests run the extension")
     assert ext.device_count() == 0
     assert ext.archs().split() and all(a.isdigit() for a in ext.archs().split())
+    # Keywords, so a new argument in the binding fails here by name instead of by position.
+    args = dict(x=8, w=8, b=0, out=8, preact=0, M=2, N=2, K=2, activation=1,
+                p=0.0, seed=0, offset=0, threshold=0, stream=0)
     with pytest.raises(RuntimeError, match="linear_act_forward: CUDA error"):
-        ext.linear_act_forward(8, 8, 0, 8, 0, 2, 2, 2, 0, 1, 0)
+        ext.linear_act_forward(dtype=0, **args)
     with pytest.raises(ValueError):
-        ext.linear_act_forward(8, 8, 0, 8, 0, 2, 2, 2, 7, 1, 0)  # no dtype has code 7
+        ext.linear_act_forward(dtype=7, **args)  # no dtype has code 7
 
 
 def test_a_misspelt_op_name_lists_the_valid_ones():
