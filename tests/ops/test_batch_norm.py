@@ -185,6 +185,13 @@ def test_cpu_autocast_output_dtype_and_values_as_torch(training, x_dtype):
     assert rel_err(rm, rm_t) < bound and rel_err(rv, rv_t) < bound
 
 
+def test_autocast_rules_are_on_the_devices_torch_has_them():
+    # torch's policy lists batch_norm for neither device.
+    name = torch.ops.kiln.batch_norm.default.name()
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "AutocastCPU") is False
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "AutocastCUDA") is False
+
+
 # --- zero-size -------------------------------------------------------------------------
 
 

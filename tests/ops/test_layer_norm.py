@@ -201,6 +201,13 @@ def test_half_input_with_float32_parameters(backend, x_dtype):
         assert rel_err(got, want) < BOUND[x_dtype]
 
 
+def test_autocast_rules_are_on_the_devices_torch_has_them():
+    # torch's policy: float32 under CUDA autocast (checked on a GPU below), none on CPU.
+    name = torch.ops.kiln.layer_norm.default.name()
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "AutocastCPU") is False
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "AutocastCUDA") is True
+
+
 # --- zero-size -------------------------------------------------------------------------
 
 

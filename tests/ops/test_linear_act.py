@@ -218,6 +218,13 @@ def test_cpu_autocast_leaves_float64_alone_as_torch():
     assert rel_err(out, ref) < 1e-12
 
 
+def test_autocast_rules_are_on_the_devices_torch_has_them():
+    # torch's policy: the region's dtype on both devices, as F.linear.
+    name = torch.ops.kiln.linear_act.default.name()
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "AutocastCPU") is True
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "AutocastCUDA") is True
+
+
 # --- zero-size -------------------------------------------------------------------------
 
 
