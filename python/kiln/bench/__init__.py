@@ -4,6 +4,8 @@ kiln against torch eager and torch.compile in the same run; tables, JSON and plo
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 
 
 def add_parser(sub) -> None:
@@ -29,5 +31,5 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     modes = runner.MODES if args.mode == "both" else (args.mode,)
     runner.main(args.names or None, args.device, args.quick, args.out, compile=not args.no_compile,
-                progress=not args.no_progress, modes=modes)
+                progress=not args.no_progress, modes=modes, command="kiln " + shlex.join(sys.argv[1:]))
     return 0

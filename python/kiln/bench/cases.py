@@ -160,6 +160,90 @@ def recurrent_case(kind, T, B, I, H, layers=1, quick=False):
                 2.0 * T * B * H * (I + H) * layers, build, quick)
 
 
+def rms_norm_case(N, D, quick=False):
+    def build(device, dtype, grad):
+        import kiln
+
+        x, w = _randn(N, D, device=device, dtype=dtype, grad=grad), _randn(D, device=device, dtype=dtype, grad=grad)
+        e = x.element_size()
+        return Workload((x, w), lambda x, w: kiln.ops.rms_norm(x, w),
+                        lambda x, w: F.rms_norm(x, (D,), w), bytes=(2 * N * D * e, 5 * N * D * e))
+    return Case("rms_norm", f"{N}x{D}", float(N * D), build, quick)
+
+
+def gated_case(N, D, activation="swiglu", quick=False):
+    def build(device, dtype, grad):
+        import kiln
+
+        gate, up = (_randn(N, D, device=device, dtype=dtype, grad=grad) for _ in range(2))
+        e = gate.element_size()
+        theirs = (lambda g, u: F.silu(g) * u) if activation == "swiglu" else (lambda g, u: F.gelu(g) * u)
+        # forward reads gate and up and writes the product; backward also reads the gradient and
+        # writes both input gradients
+        return Workload((gate, up), getattr(kiln.ops, activation), theirs, bytes=(3 * N * D * e, 8 * N * D * e))
+    return Case(activation, f"{N}x{D}", float(N * D), build, quick)
+
+
+def rotary_case(B, H, T, D, quick=False):
+    def build(device, dtype, grad):
+        import kiln
+
+        q, k = (_randn(B, H, T, D, device=device, dtype=dtype, grad=grad) for _ in range(2))
+        angle = torch.arange(T, device=device, dtype=dtype)[:, None] * torch.logspace(
+            0, -4, D // 2, device=device, dtype=dtype)[None]
+        cos, sin = torch.cat([angle.cos()] * 2, -1)[None], torch.cat([angle.sin()] * 2, -1)[None]
+
+        def rotate_half(x):  # Hugging Face's apply_rotary_pos_emb is the torch form
+            return torch.cat((-x[..., D // 2:], x[..., :D // 2]), dim=-1)
+
+        def theirs(q, k):
+            c, s = cos[:, None], sin[:, None]
+            return q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+        n = 2 * B * H * T * D * q.element_size()
+        return Workload((q, k), lambda q, k: kiln.ops.rotary_embedding(q, k, cos, sin), theirs,
+                        bytes=(2 * n, 4 * n))
+    return Case("rotary_embedding", f"B{B} H{H} T{T} D{D}", float(2 * B * H * T * D), build, quick)
+
+
+def dropout_case(N, D, p=0.1, quick=False):
+    def build(device, dtype, grad):
+        import kiln
+
+        x = _randn(N, D, device=device, dtype=dtype, grad=grad)
+        n = x.numel() * x.element_size()
+        # kiln regenerates the mask from its counter in backward; torch saves it
+        return Workload((x,), lambda x: kiln.ops.dropout(x, p), lambda x: F.dropout(x, p), bytes=(2 * n, 4 * n))
+    return Case("dropout", f"{N}x{D} p={p}", float(N * D), build, quick)
+
+
+def optimizer_step_case(kind, tensors, total, quick=False):
+    """One step of kiln.optim.<kind> against torch.optim.<kind> in its fastest CPU or GPU form
+    (fused where torch has it, else foreach) over ``tensors`` parameters of ``total`` elements."""
+    def build(device, dtype, grad):
+        import kiln
+
+        torch.manual_seed(0)
+        sizes = [total // tensors + (1 if i < total % tensors else 0) for i in range(tensors)]
+        ours_params = [torch.randn(n, device=device, dtype=dtype) for n in sizes]
+        for p in ours_params:
+            p.grad = torch.randn_like(p)
+        params = [ours_params, [p.clone() for p in ours_params]]
+        for p, q in zip(*params):
+            q.grad = p.grad.clone()
+        kwargs = {"Adam": {"lr": 1e-3}, "AdamW": {"lr": 1e-3}, "SGD": {"lr": 1e-2, "momentum": 0.9}}[kind]
+        ours = getattr(kiln.optim, kind)(params[0], **kwargs)
+        try:
+            theirs = getattr(torch.optim, kind)(params[1], fused=True, **kwargs)
+        except (RuntimeError, TypeError):  # no fused form of this optimizer on this device
+            theirs = getattr(torch.optim, kind)(params[1], foreach=True, **kwargs)
+        e = torch.tensor([], dtype=dtype).element_size()
+        # params and grads read, params and each state buffer read and written
+        moved = {"Adam": 7, "AdamW": 7, "SGD": 5}[kind] * total * e
+        return Workload((), ours.step, theirs.step, bytes=(moved, moved), compile=False)
+    return Case(f"{kind.lower()}_step", f"{tensors} tensors, {total / 1e6:g}M", float(total), build, quick,
+                tags=("step",))
+
+
 def _model_step_case(name, label, make_model, make_batch, quick=False):
     """One training step (forward, backward) of a kiln model: kiln's kernels against the same
     model on the reference backend (plain PyTorch ops), eager and compiled."""
@@ -230,6 +314,21 @@ CASES: list[Case] = [
     recurrent_case("LSTM", 64, 32, 256, 256),
     recurrent_case("GRU", 32, 8, 64, 64, quick=True),
     recurrent_case("GRU", 64, 32, 256, 256),
+    recurrent_case("RNN", 32, 8, 64, 64, quick=True),
+    recurrent_case("RNN", 64, 32, 256, 256),
+    rms_norm_case(1024, 1024, quick=True),
+    rms_norm_case(4096, 4096),
+    gated_case(1024, 1024, quick=True),
+    gated_case(4096, 11008),
+    gated_case(4096, 4096, activation="geglu"),
+    rotary_case(1, 8, 256, 64, quick=True),
+    rotary_case(2, 32, 2048, 128),
+    dropout_case(1024, 1024, quick=True),
+    dropout_case(8192, 4096),
+    optimizer_step_case("Adam", 20, 1_000_000, quick=True),
+    optimizer_step_case("Adam", 200, 20_000_000),
+    optimizer_step_case("AdamW", 200, 20_000_000),
+    optimizer_step_case("SGD", 200, 20_000_000),
     _model_step_case("mlp", "digits MLP 64-256-256-10, B64", _mlp_model,
                      lambda d, t: (torch.randn(64, 64, device=d, dtype=t), torch.randint(0, 10, (64,), device=d)), quick=True),
     _model_step_case("transformer", "LM dim128 depth4, B16 T128", _transformer_model,

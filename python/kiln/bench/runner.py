@@ -77,11 +77,14 @@ def _call(fn: Callable, args: tuple, mode: str) -> Callable:
             with torch.no_grad():
                 fn(*args)
         return forward
-    out = fn(*args)
-    seed = torch.ones_like(out) if out.dim() == 0 else torch.randn_like(out)
+    outs = fn(*args)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    # a dense random gradient per output: a .sum() would hand backward a broadcast scalar that
+    # torch's own backward uses without materializing it, unlike a real upstream gradient
+    seeds = [torch.ones_like(o) if o.dim() == 0 else torch.randn_like(o) for o in outs]
 
     def forward_backward():
-        fn(*args).backward(seed)
+        torch.autograd.backward(fn(*args), seeds)
     return forward_backward
 
 
@@ -102,7 +105,9 @@ def run(cases, device: torch.device, dtype: torch.dtype = torch.float32, modes=M
     timer = time_cuda if device.type == "cuda" else time_cpu
     rounds = {"rounds": 3, "min_round_s": 0.02} if quick and device.type == "cpu" else {}
     rows = []
-    jobs = [(c, m) for c in cases for m in modes if not ("model" in c.tags and m == "forward")]
+    # a model case is a training step (forward+backward only); an optimizer step has no backward
+    jobs = [(c, m) for c in cases for m in modes
+            if not ("model" in c.tags and m == "forward") and not ("step" in c.tags and m != "forward")]
     bar = tqdm(jobs, disable=not progress, desc="kiln bench", unit="case")
     for case, mode in bar:
         bar.set_postfix_str(f"{case.op} {case.label} {mode}", refresh=False)
@@ -125,10 +130,20 @@ def run(cases, device: torch.device, dtype: torch.dtype = torch.float32, modes=M
     return {"machine": machine_info(device), "dtype": str(dtype).removeprefix("torch."), "rows": rows}
 
 
+def _cpu_name() -> str:
+    try:  # Linux names the model; platform.processor() is often empty or just the architecture
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info(device: torch.device) -> dict:
     import kiln
 
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    info = {"platform": platform.platform(), "processor": _cpu_name(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "kiln": kiln.__version__,
             "device": device.type, "date": time.strftime("%Y-%m-%d %H:%M")}
     if device.type == "cuda":
@@ -186,6 +201,34 @@ def markdown(result: dict) -> str:
              f"matmul {roofs['matmul_GFLOPs']:.0f} GFLOP/s. Ratios > 1: kiln is faster.")
     errors = [f"- {r['op']} {r['case']} {r['mode']} {r['impl']}: {r['error']}" for r in rows if "error" in r]
     return "\n".join([title, "", *lines, *([""] + ["Errors:"] + errors if errors else [])]) + "\n"
+
+
+def summary(result: dict) -> str:
+    """One row per case: kiln's time and torch eager's and torch.compile's over it, forward and
+    forward+backward side by side (the README's "Benchmarks" table)."""
+    rows = [r for r in result["rows"] if "seconds" in r]
+    kiln_impl = next((r["impl"] for r in rows if r["impl"].startswith("kiln")), None)
+    cases: dict[tuple, dict] = {}
+    for r in rows:
+        cases.setdefault((r["op"], r["case"]), {})[(r["mode"], r["impl"])] = r["seconds"]
+    lines = ["| op | case | kiln fwd ms | eager / kiln | compile / kiln | kiln fwd+bwd ms | eager / kiln | compile / kiln |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (op, case), t in cases.items():
+        cells = [op, case]
+        for mode in MODES:
+            ours = t.get((mode, kiln_impl))
+            cells.append(f"{ours * 1e3:.3f}" if ours else "-")
+            for impl in ("torch", "torch.compile"):
+                theirs = t.get((mode, impl))
+                cells.append(f"{theirs / ours:.2f}x" if ours and theirs else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    m, roofs = result["machine"], result["roofs"]
+    where = m.get("gpu") or f"{m['processor']}, {m['threads']} threads"
+    head = (f"{kiln_impl} on {where}, torch {m['torch']}, {result['dtype']}, {m['date']}; copy "
+            f"{roofs['copy_GBps']:.1f} GB/s and matmul {roofs['matmul_GFLOPs']:.0f} GFLOP/s measured in the "
+            f"same run. Ratios are torch's time over kiln's (> 1: kiln is faster); an optimizer step has "
+            f"no backward, a model step no forward-only row.")
+    return "\n".join([head, "", *lines]) + "\n"
 
 
 def _ms(row: dict) -> str:
@@ -252,7 +295,7 @@ def write(result: dict, out_dir: Path) -> list[Path]:
 
 
 def main(names: Optional[list[str]], device: str, quick: bool, out: str, compile: bool = True,
-         progress: bool = True, modes=MODES) -> dict:
+         progress: bool = True, modes=MODES, command: Optional[str] = None) -> dict:
     from . import cases as case_table
 
     selected = case_table.select(names, quick)
@@ -261,6 +304,8 @@ def main(names: Optional[list[str]], device: str, quick: bool, out: str, compile
     roofs = measure_roofs(device, dtype, quick)
     result = run(selected, device, dtype, modes=modes, compile=compile, progress=progress, quick=quick)
     result["roofs"] = roofs
+    if command:
+        result["command"] = command
     paths = write(result, Path(out))
     print(markdown(result))
     print("wrote " + ", ".join(str(p) for p in paths))
