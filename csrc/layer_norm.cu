@@ -425,29 +425,8 @@ __global__ void __launch_bounds__(kParamThreads)
 // ---------------------------------------------------------------------------
 // Host side.
 
-// Keeps every in-kernel column index (plus a unit) inside int.
-constexpr std::int64_t kMaxCols = INT_MAX - 1024;
-
-// Row blocks of the dw / db partials: a function of (M, N) only, so that the
-// workspace size and the reduction order are fixed by the shape.
-struct ParamParts {
-  int parts;
-  std::int64_t rows_per_part;
-};
-
-ParamParts param_parts(std::int64_t M, std::int64_t N) {
-  const std::int64_t col_blocks = ceil_div<std::int64_t>(N, kParamCols);
-  std::int64_t p = ceil_div<std::int64_t>(kParamTargetBlocks, col_blocks);
-  p = std::min({p, kParamMaxParts, ceil_div<std::int64_t>(M, kParamMinRowsPerPart)});
-  p = std::max<std::int64_t>(p, 1);
-  const std::int64_t rows_per_part = ceil_div<std::int64_t>(M, p);
-  return {static_cast<int>(ceil_div<std::int64_t>(M, rows_per_part)), rows_per_part};
-}
-
-void check_shape(const char* where, std::int64_t M, std::int64_t N) {
-  check_arg(M >= 0, where, "M must be >= 0, got " + std::to_string(M));
-  check_arg(N >= 0 && N <= kMaxCols, where,
-            "N must be in [0, " + std::to_string(kMaxCols) + "], got " + std::to_string(N));
+reduce::RowParts param_parts(std::int64_t M, std::int64_t N) {
+  return reduce::row_parts(M, N, kParamCols, kParamTargetBlocks, kParamMaxParts, kParamMinRowsPerPart);
 }
 
 // Calls f(TypeTag<T>, IntC<K>) with K = 16 bytes of T when N allows it and every
@@ -480,7 +459,7 @@ void layer_norm_forward(std::uintptr_t x, std::uintptr_t w, std::uintptr_t b, st
                         std::uintptr_t stream) {
   constexpr const char* kWhere = "layer_norm_forward";
   check_dtype_code(kWhere, dtype);
-  check_shape(kWhere, M, N);
+  reduce::check_rows_cols(kWhere, M, N);
   check_arg(std::isfinite(eps) && eps >= 0.0, kWhere, "eps must be finite and >= 0, got " + std::to_string(eps));
   if (M == 0 || N == 0) return;
   check_required(kWhere, "x", x);
@@ -512,9 +491,9 @@ void layer_norm_forward(std::uintptr_t x, std::uintptr_t w, std::uintptr_t b, st
 }
 
 std::int64_t layer_norm_backward_workspace(std::int64_t M, std::int64_t N) {
-  check_shape("layer_norm_backward_workspace", M, N);
+  reduce::check_rows_cols("layer_norm_backward_workspace", M, N);
   if (M == 0 || N == 0) return 0;
-  const ParamParts pp = param_parts(M, N);
+  const reduce::RowParts pp = param_parts(M, N);
   return 2 * static_cast<std::int64_t>(pp.parts) * N;
 }
 
@@ -524,7 +503,7 @@ void layer_norm_backward(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t w, 
                          std::uintptr_t stream) {
   constexpr const char* kWhere = "layer_norm_backward";
   check_dtype_code(kWhere, dtype);
-  check_shape(kWhere, M, N);
+  reduce::check_rows_cols(kWhere, M, N);
   check_arg(dw == 0 || w != 0, kWhere, "dw was given but w is null (0): no weight, no weight gradient");
   if (N == 0) return;
   const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
@@ -547,7 +526,7 @@ void layer_norm_backward(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t w, 
   }
   if (want_params) check_required(kWhere, "workspace", workspace);
 
-  const ParamParts pp = param_parts(M, N);
+  const reduce::RowParts pp = param_parts(M, N);
   float* part_w = as_mutable<float>(workspace);
   float* part_b = part_w + static_cast<std::int64_t>(pp.parts) * N;
   const bool aligned = all_aligned16({dy, x, w, dx});

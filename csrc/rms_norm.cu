@@ -150,24 +150,8 @@ __global__ void __launch_bounds__(kPartThreads)
   dw[col] = from_float<T>(acc);
 }
 
-struct Parts {
-  int parts;
-  std::int64_t rows_per_part;
-};
-
-Parts dw_parts(std::int64_t M, std::int64_t N) {
-  const std::int64_t col_blocks = ceil_div<std::int64_t>(N, kPartThreads);
-  std::int64_t p = ceil_div<std::int64_t>(kTargetBlocks, col_blocks);
-  p = std::min({p, kMaxParts, ceil_div<std::int64_t>(M, kMinRowsPerPart)});
-  p = std::max<std::int64_t>(p, 1);
-  const std::int64_t rows_per_part = ceil_div<std::int64_t>(M, p);
-  return {static_cast<int>(ceil_div<std::int64_t>(M, rows_per_part)), rows_per_part};
-}
-
-void check_shape(const char* where, std::int64_t M, std::int64_t N) {
-  check_arg(M >= 0, where, "M must be >= 0, got " + std::to_string(M));
-  check_arg(N >= 0 && N <= INT_MAX - 1024, where,
-            "N must be in [0, " + std::to_string(INT_MAX - 1024) + "], got " + std::to_string(N));
+reduce::RowParts dw_parts(std::int64_t M, std::int64_t N) {
+  return reduce::row_parts(M, N, kPartThreads, kTargetBlocks, kMaxParts, kMinRowsPerPart);
 }
 
 // Calls f(TypeTag<T>, IntC<K>, IntC<G>): K = 16 bytes of T when N allows it and every
@@ -206,7 +190,7 @@ void rms_norm_forward(std::uintptr_t x, std::uintptr_t w, std::uintptr_t y, std:
                       std::int64_t N, double eps, double offset, int dtype, std::uintptr_t stream) {
   constexpr const char* kWhere = "rms_norm_forward";
   check_dtype_code(kWhere, dtype);
-  check_shape(kWhere, M, N);
+  reduce::check_rows_cols(kWhere, M, N);
   check_arg(std::isfinite(eps) && eps >= 0.0, kWhere, "eps must be finite and >= 0, got " + std::to_string(eps));
   if (M == 0 || N == 0) return;
   check_required(kWhere, "x", x);
@@ -225,7 +209,7 @@ void rms_norm_forward(std::uintptr_t x, std::uintptr_t w, std::uintptr_t y, std:
 }
 
 std::int64_t rms_norm_backward_workspace(std::int64_t M, std::int64_t N) {
-  check_shape("rms_norm_backward_workspace", M, N);
+  reduce::check_rows_cols("rms_norm_backward_workspace", M, N);
   if (M == 0 || N == 0) return 0;
   return static_cast<std::int64_t>(dw_parts(M, N).parts) * N;
 }
@@ -235,7 +219,7 @@ void rms_norm_backward(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t w, st
                        int dtype, std::uintptr_t stream) {
   constexpr const char* kWhere = "rms_norm_backward";
   check_dtype_code(kWhere, dtype);
-  check_shape(kWhere, M, N);
+  reduce::check_rows_cols(kWhere, M, N);
   check_arg(dw == 0 || w != 0, kWhere, "dw was given but w is null (0): no weight, no weight gradient");
   if (N == 0) return;
   const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
@@ -265,7 +249,7 @@ void rms_norm_backward(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t w, st
     }
   });
   if (dw != 0) {
-    const Parts pp = dw_parts(M, N);
+    const reduce::RowParts pp = dw_parts(M, N);
     const unsigned col_blocks = static_cast<unsigned>(ceil_div<std::int64_t>(N, kPartThreads));
     dispatch_dtype(dtype, [&](auto type) {
       using T = typename decltype(type)::type;

@@ -8,7 +8,10 @@
 // groups merge with Chan, Golub and LeVeque's pairwise update.
 #pragma once
 
+#include <algorithm>
+#include <climits>
 #include <cstdint>
+#include <string>
 
 #include "kiln/common.cuh"
 
@@ -227,6 +230,35 @@ __device__ __forceinline__ void group_sum(float (&v)[V]) {
     }
     __syncthreads();
   }
+}
+
+// ---------------------------------------------------------------------------
+// Host side: the row split of a column reduction done in parts (dw / db of the norms).
+
+// Keeps every in-kernel column index (plus a unit) inside int.
+constexpr std::int64_t kMaxCols = INT_MAX - 1024;
+
+struct RowParts {
+  int parts;
+  std::int64_t rows_per_part;
+};
+
+// Row blocks of the column partials: a function of (M, N) and the kernel's constants only,
+// so that the workspace size and the reduction order are fixed by the shape.
+inline RowParts row_parts(std::int64_t M, std::int64_t N, std::int64_t cols_per_block,
+                          std::int64_t target_blocks, std::int64_t max_parts, std::int64_t min_rows_per_part) {
+  const std::int64_t col_blocks = ceil_div<std::int64_t>(N, cols_per_block);
+  std::int64_t p = ceil_div<std::int64_t>(target_blocks, col_blocks);
+  p = std::min({p, max_parts, ceil_div<std::int64_t>(M, min_rows_per_part)});
+  p = std::max<std::int64_t>(p, 1);
+  const std::int64_t rows_per_part = ceil_div<std::int64_t>(M, p);
+  return {static_cast<int>(ceil_div<std::int64_t>(M, rows_per_part)), rows_per_part};
+}
+
+inline void check_rows_cols(const char* where, std::int64_t M, std::int64_t N) {
+  check_arg(M >= 0, where, "M must be >= 0, got " + std::to_string(M));
+  check_arg(N >= 0 && N <= kMaxCols, where,
+            "N must be in [0, " + std::to_string(kMaxCols) + "], got " + std::to_string(N));
 }
 
 }  // namespace reduce
