@@ -150,7 +150,8 @@ def check_same_loss(task, sides: list[Side], batch) -> None:
             raise SystemExit(f"{task.name}: the {side.name} loss {value} differs from kiln's {values[0]}")
 
 
-def batches(task, batch_size: int, count: int) -> list:
+def batches(task, batch_size: int, count: int) -> tuple[list, int, int]:
+    """The first ``count`` batches of one epoch's order (at most an epoch's), steps per epoch, samples."""
     data = task.splits().train
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
     per_epoch = math.ceil(len(data) / batch_size)
@@ -188,11 +189,12 @@ def measure(task_name: str, model_name: str, args) -> dict:
 def environment() -> list[str]:
     import numba
 
+    env = {name: os.environ.get(name, "unset") for name in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")}
     return [f"- command: `{' '.join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])}`",
             f"- torch {torch.__version__}, kiln {kiln.__version__}, numba {numba.__version__}, "
             f"python {platform.python_version()}",
-            f"- threads: torch {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), "
-            f"numba {numba.get_num_threads()} (NUMBA_NUM_THREADS={os.environ.get('NUMBA_NUM_THREADS', 'unset')})",
+            f"- threads: torch {torch.get_num_threads()} (OMP_NUM_THREADS={env['OMP_NUM_THREADS']}), "
+            f"numba {numba.get_num_threads()} (NUMBA_NUM_THREADS={env['NUMBA_NUM_THREADS']})",
             f"- machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M')}"]
 

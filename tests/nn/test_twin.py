@@ -167,6 +167,8 @@ def test_twin_of_every_task_model_runs_torch_only_and_matches(task, name, monkey
     assert twin is not model
     assert not _kiln_classes_left(twin), _kiln_classes_left(twin)
     assert twin.state_dict().keys() == model.state_dict().keys()
+    twin.load_state_dict(model.state_dict())
+    model.load_state_dict(twin.state_dict())
     make_batch, run = IO[task]
     torch.manual_seed(123)
     batch = make_batch()

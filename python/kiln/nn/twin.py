@@ -295,7 +295,8 @@ def _tensors(module: nn.Module) -> dict[str, Tensor]:
 def _move_in(twin: nn.Module, module: nn.Module, path: str) -> nn.Module:
     """The twin (built on the meta device) takes ``module``'s Parameter and buffer objects, by name."""
     theirs, ours = _tensors(twin), _tensors(module)
-    if theirs.keys() != ours.keys() or twin.state_dict(keep_vars=True).keys() != module.state_dict(keep_vars=True).keys():
+    same_state = twin.state_dict(keep_vars=True).keys() == module.state_dict(keep_vars=True).keys()
+    if theirs.keys() != ours.keys() or not same_state:
         raise TwinError(f"torch_twin: {path or 'the model'} ({type(module).__qualname__}): its torch.nn twin "
                         f"{type(twin).__qualname__} names its tensors differently: {sorted(theirs)} vs kiln's "
                         f"{sorted(ours)}")
