@@ -245,50 +245,85 @@ def optimizer_step_case(kind, tensors, total, quick=False):
 
 
 def _model_step_case(name, label, make_model, make_batch, quick=False):
-    """One training step (forward, backward) of a kiln model: kiln's kernels against the same
-    model on the reference backend (plain PyTorch ops), eager and compiled."""
+    """One training step (forward, loss, backward) of a kiln model against the same model built from
+    torch.nn (kiln.nn.torch_twin: the same weights on torch's modules and ops), eager and compiled."""
     def build(device, dtype, grad):
         import kiln
 
         torch.manual_seed(0)
         model = make_model().to(device=device, dtype=dtype)
+        twin = kiln.nn.torch_twin(model)
         batch = make_batch(device, dtype)
 
         def loss(*batch):
             return model(*batch)
 
-        def on_reference(*batch):
-            with kiln.backend.use("reference"):
-                return model(*batch)
-        return Workload(batch, loss, on_reference)
+        def torch_loss(*batch):
+            return twin(*batch)
+        return Workload(batch, loss, torch_loss)
     return Case(name, label, 0.0, build, quick, tags=("model",))
+
+
+class _Classifier(torch.nn.Module):
+    """A classifier's training loss: cross-entropy of its logits."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, y):
+        return F.cross_entropy(self.net(x), y)
+
+
+class _LanguageModel(torch.nn.Module):
+    """A language model's training loss, which it computes itself (without the logits on kiln)."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, idx, targets):
+        return self.lm(idx, targets)[1]
 
 
 def _mlp_model():
     import kiln
 
-    class Classifier(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mlp = kiln.nn.MLP([64, 256, 256, 10])
+    return _Classifier(kiln.nn.MLP([64, 256, 256, 10]))
 
-        def forward(self, x, y):
-            return F.cross_entropy(self.mlp(x), y)
-    return Classifier()
+
+def _cnn_model():
+    from kiln.models.cnn import CNN, CNNConfig
+
+    return _Classifier(CNN(CNNConfig()))
+
+
+def _vit_model():
+    from kiln.models.vit import ViT, ViTConfig
+
+    return _Classifier(ViT(ViTConfig(conv_stem=32)))
 
 
 def _transformer_model():
     from kiln.models.transformer import TransformerConfig, TransformerLM
 
-    class LM(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lm = TransformerLM(TransformerConfig(vocab_size=128, block_size=128, dim=128, depth=4, heads=4,
-                                                      dropout=0.0))
+    return _LanguageModel(TransformerLM(TransformerConfig(vocab_size=128, block_size=128, dim=128, depth=4, heads=4,
+                                                          dropout=0.0)))
 
-        def forward(self, idx, targets):
-            return self.lm(idx, targets)[1]
-    return LM()
+
+def _lstm_lm_model():
+    from kiln.models.rnn_lm import RNNLM, RNNLMConfig
+
+    return _LanguageModel(RNNLM(RNNLMConfig(cell="lstm", embed_dim=128, hidden_size=192, num_layers=2)))
+
+
+def _digits_batch(device, dtype):
+    return torch.randn(64, 64, device=device, dtype=dtype), torch.randint(0, 10, (64,), device=device)
+
+
+def _tokens_batch(batch, length):
+    return lambda device, dtype: (torch.randint(0, 128, (batch, length), device=device),
+                                  torch.randint(0, 128, (batch, length), device=device))
 
 
 CASES: list[Case] = [
@@ -329,10 +364,11 @@ CASES: list[Case] = [
     optimizer_step_case("Adam", 200, 20_000_000),
     optimizer_step_case("AdamW", 200, 20_000_000),
     optimizer_step_case("SGD", 200, 20_000_000),
-    _model_step_case("mlp", "digits MLP 64-256-256-10, B64", _mlp_model,
-                     lambda d, t: (torch.randn(64, 64, device=d, dtype=t), torch.randint(0, 10, (64,), device=d)), quick=True),
-    _model_step_case("transformer", "LM dim128 depth4, B16 T128", _transformer_model,
-                     lambda d, t: (torch.randint(0, 128, (16, 128), device=d), torch.randint(0, 128, (16, 128), device=d))),
+    _model_step_case("mlp", "digits MLP 64-256-256-10, B64", _mlp_model, _digits_batch, quick=True),
+    _model_step_case("cnn", "digits CNN 32-64 channels, BN, B64", _cnn_model, _digits_batch),
+    _model_step_case("vit", "digits ViT conv stem 32, dim64 depth4, B64", _vit_model, _digits_batch),
+    _model_step_case("transformer", "LM dim128 depth4, B16 T128", _transformer_model, _tokens_batch(16, 128)),
+    _model_step_case("lstm_lm", "LSTM LM 2 x 192, B32 T96", _lstm_lm_model, _tokens_batch(32, 96)),
 ]
 
 

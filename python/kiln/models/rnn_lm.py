@@ -114,6 +114,8 @@ class RecurrentStack(nn.Module):
 
 
 class RNNLM(nn.Module):
+    ops = ops   # the op namespace forward calls; kiln.nn.torch_twin's subclass puts torch's here
+
     def __init__(self, config: RNNLMConfig):
         super().__init__()
         _check(config.cell)
@@ -141,7 +143,7 @@ class RNNLM(nn.Module):
         h, _ = self.hidden(idx)
         if targets is None:
             return self.head(h), None
-        loss = ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.head.weight, targets.reshape(-1),
+        loss = self.ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.head.weight, targets.reshape(-1),
                                         ignore_index=ignore_index)
         return None, loss
 

@@ -109,6 +109,8 @@ class _Decodes:
 class TransformerLM(_Decodes, nn.Module):
     """Decoder-only language model (17.7-17.9)."""
 
+    ops = ops   # the op namespace forward calls; kiln.nn.torch_twin's subclass puts torch's here
+
     def __init__(self, config: TransformerConfig):
         super().__init__()
         _check_config(config)
@@ -133,7 +135,7 @@ class TransformerLM(_Decodes, nn.Module):
         h = self.hidden(idx)
         if targets is None:
             return self.head(h), None
-        loss = ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.head.weight, targets.reshape(-1),
+        loss = self.ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.head.weight, targets.reshape(-1),
                                         ignore_index=ignore_index)
         return None, loss
 
@@ -160,6 +162,8 @@ class Seq2SeqConfig(TransformerConfig):
 class Seq2SeqTransformer(_Decodes, nn.Module):
     """Encoder-decoder Transformer (17.10): the encoder's self-attention sees the whole source,
     the decoder's is masked and each decoder layer cross-attends to the encoder's output."""
+
+    ops = ops   # the op namespace forward calls; kiln.nn.torch_twin's subclass puts torch's here
 
     def __init__(self, config: Seq2SeqConfig):
         super().__init__()
@@ -199,7 +203,7 @@ class Seq2SeqTransformer(_Decodes, nn.Module):
         h = self.decode(tgt_in, memory, padding)
         if tgt_out is None:
             return self.head(h), None
-        loss = ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.head.weight, tgt_out.reshape(-1),
+        loss = self.ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.head.weight, tgt_out.reshape(-1),
                                         ignore_index=self.config.pad_id)
         return None, loss
 

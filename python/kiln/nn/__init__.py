@@ -15,6 +15,7 @@ from .norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, LayerNorm
 from .rnn import GRU, LSTM, RNN, CellRNN, GRUCell, HighwayRNNCell, LSTMCell, ResidualRNNCell, RNNCell
 from .transformer import (TransformerDecoder, TransformerDecoderLayer, TransformerEncoder,
                           TransformerEncoderLayer)
+from .twin import torch_twin
 
 __all__ = ["Linear", "MLP", "Dropout", "Conv2d", "ConvTranspose2d", "MaxOverShifts", "MaxPool2d", "AvgPool2d",
            "Flatten", "Upsample", "Embedding", "CausalSelfAttention", "CrossAttention",
@@ -23,4 +24,4 @@ __all__ = ["Linear", "MLP", "Dropout", "Conv2d", "ConvTranspose2d", "MaxOverShif
            "SinusoidalPositionalEncoding", "LearnedPositionalEmbedding", "LSTM", "GRU",
            "LSTMCell", "GRUCell", "RNNCell", "ResidualRNNCell", "HighwayRNNCell", "RNN", "CellRNN",
            "TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder", "TransformerDecoder",
-           "RMSNorm", "GatedMLP", "RotaryEmbedding"]
+           "RMSNorm", "GatedMLP", "RotaryEmbedding", "torch_twin"]

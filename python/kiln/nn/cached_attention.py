@@ -74,6 +74,8 @@ class CausalSelfAttention(nn.Module):
     """Masked multi-head self-attention (position t sees positions <= t); ``causal=False`` for an
     encoder. ``cache`` (a LayerCache) makes it incremental."""
 
+    ops = ops   # the op namespace forward calls; kiln.nn.torch_twin's subclass puts torch's here
+
     def __init__(self, dim: int, heads: int, bias: bool = True, causal: bool = True, device=None, dtype=None):
         super().__init__()
         if dim % heads:
@@ -87,13 +89,15 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
         if cache is not None:
             k, v = cache.append(k, v)
-        out = ops.attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask)
+        out = self.ops.attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask)
         return self.proj(_merge(out))
 
 
 class CrossAttention(nn.Module):
     """Queries from the decoder, keys and values from the encoder's output (notes 17.10). With a
     cache the memory's keys and values are projected once and reused at every step."""
+
+    ops = ops   # the op namespace forward calls; kiln.nn.torch_twin's subclass puts torch's here
 
     def __init__(self, dim: int, heads: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
@@ -113,5 +117,5 @@ class CrossAttention(nn.Module):
             k, v = (_heads(t, self.heads) for t in self.kv(memory).chunk(2, dim=-1))
             if cache is not None:
                 cache.append(k, v)
-        out = ops.attention(q, k, v, causal=False, key_padding_mask=memory_padding_mask)
+        out = self.ops.attention(q, k, v, causal=False, key_padding_mask=memory_padding_mask)
         return self.proj(_merge(out))

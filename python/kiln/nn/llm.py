@@ -37,8 +37,8 @@ class RMSNorm(nn.RMSNorm):
         return ops.rms_norm(x, self.weight, self.eps, self.offset, normalized_shape=self.normalized_shape)
 
 
-_GATED = {"silu": lambda g, u: ops.swiglu(g, u), "gelu": lambda g, u: ops.geglu(g, u, "none"),
-          "gelu_tanh": lambda g, u: ops.geglu(g, u, "tanh")}
+# activation -> (the gated op, its extra arguments)
+_GATED = {"silu": ("swiglu", ()), "gelu": ("geglu", ("none",)), "gelu_tanh": ("geglu", ("tanh",))}
 
 
 class GatedMLP(nn.Module):
@@ -58,6 +58,8 @@ class GatedMLP(nn.Module):
     through ``load_state_dict`` with its ``gate_proj.weight`` / ``up_proj.weight`` /
     ``down_proj.weight`` (and ``.bias``) keys, which a load hook concatenates.
     """
+
+    ops = ops   # the op namespace forward calls; kiln.nn.torch_twin's subclass puts torch's here
 
     def __init__(self, hidden_size: int, intermediate_size: int, activation: str = "silu", bias: bool = False,
                  device=None, dtype=None):
@@ -129,9 +131,10 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         I = self.intermediate_size
-        gate_up = ops.linear_act(x, self.gate_up_weight, self.gate_up_bias, "identity")
-        hidden = _GATED[self.activation](gate_up[..., :I], gate_up[..., I:])
-        return ops.linear_act(hidden, self.down_weight, self.down_bias, "identity")
+        gate_up = self.ops.linear_act(x, self.gate_up_weight, self.gate_up_bias, "identity")
+        gated, extra = _GATED[self.activation]
+        hidden = getattr(self.ops, gated)(gate_up[..., :I], gate_up[..., I:], *extra)
+        return self.ops.linear_act(hidden, self.down_weight, self.down_bias, "identity")
 
 
 class RotaryEmbedding(nn.Module):

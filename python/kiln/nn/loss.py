@@ -50,6 +50,7 @@ class LinearCrossEntropyLoss(nn.Module):
     """
 
     __constants__ = ["num_classes", "out_features", "reduction", "ignore_index", "label_smoothing"]
+    ops = ops   # the op namespace forward calls; kiln.nn.torch_twin's subclass puts torch's here
 
     def __init__(self, in_features: int, num_classes: int, *, out_features: tuple[int, ...] = (),
                  bias: bool = False, device=None, dtype=None, reduction: str = "mean",
@@ -78,12 +79,12 @@ class LinearCrossEntropyLoss(nn.Module):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         linear_weight, linear_bias = self._projection()
-        return ops.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
+        return self.ops.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
                                         reduction=self.reduction, ignore_index=self.ignore_index,
                                         label_smoothing=self.label_smoothing, options=self.options)
 
     def logits(self, input: torch.Tensor) -> torch.Tensor:
-        out = ops.linear_act(input, self.linear.weight, self.linear.bias, "identity")
+        out = self.ops.linear_act(input, self.linear.weight, self.linear.bias, "identity")
         return out.reshape(*input.shape[:-1], self.num_classes, *self.out_features)
 
     def extra_repr(self) -> str:

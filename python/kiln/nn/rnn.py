@@ -519,14 +519,17 @@ class RNNCell(nn.RNNCell):
 # The notes' RNN cells (section 16) and one sequence wrapper for any of them.
 
 
-def _one_gemm(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], activation: str):
-    """act(x W_ih^T + h W_hh^T + b) as one fused GEMM over the concatenation [x, h]."""
+def _one_gemm(ops, x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], activation: str):
+    """act(x W_ih^T + h W_hh^T + b) as one fused GEMM over the concatenation [x, h] (``ops``: the
+    cell's op namespace)."""
     return ops.linear_act(torch.cat([x, h], -1), torch.cat([w_ih, w_hh], 1), bias, activation)
 
 
 class ResidualRNNCell(nn.Module):
     """h_t = Q h_{t-1} + phi(A x_t + C h_{t-1} + b) (the notes, section 16.4).
     Parameters: weight_ih = A, weight_hh = C, weight_skip = Q, bias = b."""
+
+    ops = ops   # the op namespace forward calls; kiln.nn.torch_twin's subclass puts torch's here
 
     def __init__(self, input_size: int, hidden_size: int, nonlinearity: str = "tanh", bias: bool = True,
                  device=None, dtype=None):
@@ -549,8 +552,8 @@ class ResidualRNNCell(nn.Module):
     def forward(self, x: Tensor, hx: Optional[Tensor] = None) -> Tensor:
         if hx is None:
             hx = x.new_zeros((*x.shape[:-1], self.hidden_size))
-        update = _one_gemm(x, hx, self.weight_ih, self.weight_hh, self.bias, self.nonlinearity)
-        return ops.linear_act(hx, self.weight_skip, None, "identity") + update
+        update = _one_gemm(self.ops, x, hx, self.weight_ih, self.weight_hh, self.bias, self.nonlinearity)
+        return self.ops.linear_act(hx, self.weight_skip, None, "identity") + update
 
 
 class HighwayRNNCell(nn.Module):
@@ -558,6 +561,8 @@ class HighwayRNNCell(nn.Module):
     a = sigmoid(W_xa x + W_ha h + b_a), h_t = h~ * a + x * (1 - a). The carried term is the
     input x, as the notes write it, so input_size must equal hidden_size.
     Parameters: weight_ih (2H, in) = [W_x; W_xa], weight_hh (2H, H) = [W_h; W_ha], bias (2H)."""
+
+    ops = ops   # the op namespace forward calls; kiln.nn.torch_twin's subclass puts torch's here
 
     def __init__(self, input_size: int, hidden_size: int, nonlinearity: str = "tanh", bias: bool = True,
                  device=None, dtype=None):
@@ -582,8 +587,8 @@ class HighwayRNNCell(nn.Module):
             hx = x.new_zeros((*x.shape[:-1], self.hidden_size))
         H = self.hidden_size
         b_h, b_a = (None, None) if self.bias is None else self.bias.split(H)
-        h_tilde = _one_gemm(x, hx, self.weight_ih[:H], self.weight_hh[:H], b_h, self.nonlinearity)
-        a = _one_gemm(x, hx, self.weight_ih[H:], self.weight_hh[H:], b_a, "sigmoid")
+        h_tilde = _one_gemm(self.ops, x, hx, self.weight_ih[:H], self.weight_hh[:H], b_h, self.nonlinearity)
+        a = _one_gemm(self.ops, x, hx, self.weight_ih[H:], self.weight_hh[H:], b_a, "sigmoid")
         return h_tilde * a + x * (1 - a)
 
 
