@@ -205,6 +205,21 @@ def _grad_preact(dy, saved, has_saved, dz, db_parts, code, drop, row0, k0, k1, o
                 col_sum[j] += dz_row[j]
 
 
+@njit(**KERNEL_OPTIONS)
+def _column_sums(dy, db_parts):
+    """db_parts[p] += column sums of part p's rows of dy: _grad_preact's db for an identity
+    activation without dropout, where dz is dy itself and need not be written."""
+    rows = dy.shape[0]
+    parts = db_parts.shape[0]
+    per_part = (rows + parts - 1) // parts
+    for p in prange(parts):
+        col_sum = db_parts[p]
+        for i in range(p * per_part, min(rows, (p + 1) * per_part)):
+            row = dy[i]
+            for j in range(row.size):
+                col_sum[j] += row[j]
+
+
 def _dropout_args(p: float, seed: int, offset: int, threshold: int, dtype):
     """(drop, k0, k1, offset, threshold, scale) as the kernels take them."""
     k0, k1 = key_of(seed)
@@ -244,9 +259,17 @@ def backward(grad_out, x, weight, saved, activation: int, need_dx: bool, need_dw
     """(dx, dW, db) from dz = dy * dropout factor * act'(saved); None where not needed."""
     M, N = grad_out.shape
     drop = _dropout_args(p, seed, offset, threshold, grad_out.dtype)
-    dz = torch.empty_like(grad_out)
     dx = torch.empty_like(x) if need_dx else None
     db_parts = np.zeros((_DB_PARTS, N), np.float64)
+    if activation == IDENTITY and not drop[0]:  # dz is dy: no pass writes it
+        if need_db:
+            _column_sums(grad_out.numpy(), db_parts)
+        if need_dx:
+            torch.mm(grad_out, weight, out=dx)
+        dw = torch.mm(grad_out.t(), x) if need_dw else None
+        db = torch.from_numpy(db_parts.sum(0)).to(grad_out.dtype) if need_db else None
+        return dx, dw, db
+    dz = torch.empty_like(grad_out)
     saved_np = saved.numpy() if saved is not None else grad_out.new_empty((1, 1)).numpy()
     step = _rows_per_block(N, grad_out.element_size())
     for r0 in range(0, M, step):
