@@ -201,9 +201,13 @@ def _train(world: World, task: str | Task, model: str | None, *, epochs, max_ste
                                **settings["optimizer_kwargs"])
     steps_per_epoch = math.ceil(len(splits.train) / settings["batch_size"])
     total_steps = settings["epochs"] * steps_per_epoch
-    scheduler = task.scheduler(optimizer, total_steps)
-    if scheduler is not None and settings["time_limit"] is not None:
+    if settings["time_limit"] is None:
+        scheduler = task.scheduler(optimizer, total_steps)
+    else:
+        # built once: a schedule may set the optimizer's rate when made (a one-cycle starts at max / 25)
         scheduler = TimedSchedule(lambda n: task.scheduler(optimizer, n), total_steps, settings["time_limit"])
+        if scheduler.inner is None:
+            scheduler = None
     config = {"task": task.name, "model": model, "model_config": model_config, "train": settings}
     backend = backend_of(device)
     trainer = Trainer(train_net, optimizer, task.loss, splits.train, splits.val, scheduler=scheduler,

@@ -28,8 +28,9 @@ Time limit (``time_limit``, seconds): after the step that reaches it the run sto
 ``max_steps`` (the part epoch is validated and written as a row; ``stop_reason`` is
 "time_limit"). It counts ``elapsed``, the training seconds of every run that led here, so a
 resumed run stops at the same total; time spent inside ``off_the_clock()`` does not count (an
-experiment's extra validation probes). That row, the last, is also a candidate for the best
-weights (nothing trains after it), unlike a part epoch cut by ``max_steps`` and resumed.
+experiment's extra validation probes). Under data parallel rank 0's clock decides (one
+all-reduce a step), so that every rank stops after the same step. That row, the last, is also a
+candidate for the best weights (nothing trains after it), unlike a part epoch cut by ``max_steps``.
 ``TimedSchedule`` stretches a task's step schedule over the limit, so that it ends at the stop.
 
 Callbacks are objects with any of ``on_step_end(trainer)``, ``on_epoch_end(trainer)``
@@ -75,11 +76,11 @@ class TimedSchedule:
 
     RESOLUTION = 10_000   # schedule steps over the whole run
 
-    def __init__(self, make: Callable[[int], torch.optim.lr_scheduler.LRScheduler], total_steps: int,
+    def __init__(self, make: Callable[[int], torch.optim.lr_scheduler.LRScheduler | None], total_steps: int,
                  time_limit: float):
         if not time_limit > 0:
             raise ValueError(f"time_limit must be > 0 seconds, got {time_limit}")
-        self.inner = make(self.RESOLUTION)
+        self.inner = make(self.RESOLUTION)   # None: the task has no schedule (the caller drops it)
         self.total_steps, self.time_limit = max(total_steps, 1), time_limit
         self.steps = 0
         self.clock: Callable[[], float] = lambda: 0.0
@@ -165,6 +166,7 @@ class Trainer:
         self.history: list[dict] = []
         self.elapsed = 0.0          # seconds of training, over every run that led here
         self._started: float | None = None  # perf_counter() at which elapsed was 0 (during fit)
+        self.now = 0.0              # clock(): training seconds as of the last step
         self.stop_reason: str | None = None
 
     @property
@@ -174,12 +176,24 @@ class Trainer:
     def _out_of_steps(self) -> bool:
         return self.max_steps is not None and self.step >= self.max_steps
 
-    def clock(self) -> float:
-        """Seconds of training so far (``elapsed``, live during ``fit``)."""
+    def _local_clock(self) -> float:
+        """Seconds of training so far on this process (``elapsed``, live during ``fit``)."""
         return self.elapsed if self._started is None else time.perf_counter() - self._started
 
+    def clock(self) -> float:
+        """Seconds of training as of the last step, the same on every rank (rank 0's clock):
+        what ``time_limit`` and a TimedSchedule go by, so that the ranks stop after the same
+        step and take the same learning rates."""
+        return self.now
+
+    def _tick(self) -> None:
+        now = self._local_clock()
+        if self.time_limit is not None and self.world.distributed:
+            now = self.world.all_reduce_sum([now if self.world.rank == 0 else 0.0], self.device)[0]
+        self.now = now
+
     def _out_of_time(self) -> bool:
-        return self.time_limit is not None and self.clock() >= self.time_limit
+        return self.time_limit is not None and self.now >= self.time_limit
 
     @contextlib.contextmanager
     def off_the_clock(self):
@@ -201,6 +215,7 @@ class Trainer:
         step (what ``state_dict`` saves); ``restore_best_weights`` swaps in the best ones.
         """
         self._started = time.perf_counter() - self.elapsed
+        self.now = self.elapsed    # the same on every rank (a checkpoint's)
         total = self.epochs * self.steps_per_epoch
         if self.max_steps is not None:
             total = min(total, self.max_steps)
@@ -209,6 +224,7 @@ class Trainer:
         self.stop_reason = None
         self.train_model.train()
         while self.stop_reason is None:
+            self._tick()  # (the last epoch's validation took time too)
             if self.epoch >= self.epochs:
                 self.stop_reason = "epochs"
             elif self._out_of_steps():
@@ -217,12 +233,12 @@ class Trainer:
                 self.stop_reason = "time_limit"
             else:
                 completed = self._run_epoch(bar)
-                self.elapsed = self.clock()
+                self.elapsed = self._local_clock()
                 self._end_epoch(completed)
                 row = self.history[-1]
                 bar.set_postfix({k: f"{row[k]:.4g}" for k in ("train_loss", "val_loss") if k in row})
         bar.close()
-        self.elapsed = self.clock()
+        self.elapsed = self._local_clock()
         self._started = None
         for callback in self.callbacks:
             if hasattr(callback, "on_train_end"):
@@ -278,6 +294,7 @@ class Trainer:
         if self.clip_grad_norm is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
         self.optimizer.step()
+        self._tick()
         if self.scheduler is not None and self.scheduler_interval == "step":
             self.scheduler.step()
         self.step += 1
