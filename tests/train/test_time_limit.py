@@ -125,8 +125,9 @@ def test_kiln_train_time_limit_writes_the_folder_as_at_a_normal_end(capsys, tmp_
     model = kiln.train.load(out / "best.pt")
     # (the first steps' warm-up takes much of so short a budget: the accuracy is no measure here)
     assert not model.training and 0 <= results["test_accuracy"] <= 1
-    # the cosine schedule ran on the clock: the last epoch's rate is near its end, 0
-    assert last["trainer"]["history"][-1]["lr"] < 0.05 * 1e-3
+    # the schedule ran on the clock: by steps it would be at 1/1000 of its length at most (the
+    # limit may also pass during an epoch end's validation, after the last step)
+    assert last["scheduler"]["inner"]["last_epoch"] > TimedSchedule.RESOLUTION // 2
 
 
 def test_resume_keeps_the_limit_and_a_step_schedule_cannot_take_one(capsys, tmp_path):
@@ -181,4 +182,4 @@ def test_a_timed_one_cycle_peaks_at_the_tasks_rate(capsys, tmp_path, monkeypatch
                      "--epochs", "1000", "--time-limit", "0.5", "--lr", "0.01", "--no-progress"]) == 0
     group = checkpoint.load(out / "last.pt")["optimizer"]["param_groups"][0]
     assert group["max_lr"] == 0.01 and group["initial_lr"] == pytest.approx(0.01 / 25)
-    assert group["lr"] < 1e-4 * 0.01   # annealed at the limit
+    assert checkpoint.load(out / "last.pt")["scheduler"]["inner"]["last_epoch"] > TimedSchedule.RESOLUTION // 2
