@@ -428,7 +428,7 @@ def run_charlm_equal_time(out: Path, quick: bool = False, seeds: int | None = No
         # epochs far beyond the budget: the clock ends every run, and its schedule with it
         result = train_run.train(task, model, epochs=10**4, time_limit=seconds, out=str(Path(runs) / model),
                                  progress=False)
-        history = read_history(Path(runs) / model)
+        history = _read_history(Path(runs) / model)
         # the curve: the probes and every validated row (epoch ends and the stop at the limit)
         batch_tokens = task.train["batch_size"] * CONTEXT
         points = sorted([*task.probe.points,
@@ -476,7 +476,7 @@ def run_charlm_equal_time(out: Path, quick: bool = False, seeds: int | None = No
     return rows
 
 
-def read_history(folder: Path) -> list[dict]:
+def _read_history(folder: Path) -> list[dict]:
     from kiln.train.run import read_metrics
 
     return read_metrics(str(folder / "metrics.csv"))

@@ -106,8 +106,8 @@ def backend_of(device: torch.device) -> str:
 
 
 def train(task: str | Task, model: str | None = None, *, epochs: int | None = None,
-          max_steps: int | None = None, time_limit: float | None = None, batch_size: int | None = None, lr: float | None = None,
-          seed: int | None = None, out: str | None = None, resume: str | None = None,
+          max_steps: int | None = None, time_limit: float | None = None, batch_size: int | None = None,
+          lr: float | None = None, seed: int | None = None, out: str | None = None, resume: str | None = None,
           device: str = "cpu", progress: bool = True, fsdp: bool = False) -> dict:
     """Train ``model`` of ``task`` into the folder ``out`` and return results.json's dict.
 
@@ -115,8 +115,9 @@ def train(task: str | Task, model: str | None = None, *, epochs: int | None = No
     resuming; a resumed run may change ``epochs``, ``max_steps`` and ``time_limit`` only (both
     limits count from the start of the first run). ``time_limit`` (seconds of training) stops
     the run after the step that reaches it and runs the task's LR schedule on the clock, so that
-    it ends at the limit (or at the last epoch if that comes first: kiln.train.trainer.TimedSchedule). ``batch_size`` is the global batch of a
-    step, split over the ranks of a torchrun run; ``fsdp`` shards a Transformer with FSDP2.
+    it ends at the limit (or at the last epoch if that comes first: trainer.TimedSchedule).
+    ``batch_size`` is the global batch of a step, split over the ranks of a torchrun run;
+    ``fsdp`` shards a Transformer with FSDP2.
     """
     try:
         world, device = World.from_env(device, fsdp)

@@ -73,7 +73,8 @@ class TimedSchedule:
     progress, ``max(step / total_steps, trainer.clock() / time_limit)`` of its length. So the
     schedule ends at the time limit, or at ``total_steps`` if that comes first, whatever the
     speed of the machine. (Should the limit pass during an epoch end's validation, the run stops
-    there and its last step was that validation's time short of the end.) ``clock`` (a callable, seconds) is set to the Trainer's ``clock``."""
+    there and its last step was that validation's time short of the end.) ``clock`` (a callable,
+    seconds) is set to the Trainer's ``clock``."""
 
     RESOLUTION = 10_000   # schedule steps over the whole run
 
