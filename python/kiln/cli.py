@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="passes over the training set (default: the task's)")
     train.add_argument("--max-steps", type=_positive_int, default=None,
                        help="stop after this many optimizer steps in all, even mid-epoch")
+    train.add_argument("--time-limit", type=_positive_float, default=None, metavar="SECONDS",
+                       help="stop after the step that reaches SECONDS of training (counted from the start of "
+                            "the first run when resuming), validating and writing the folder as at a normal end; "
+                            "the LR schedule runs on the clock and ends at the limit (or at the last epoch if "
+                            "that comes first)")
     train.add_argument("--batch-size", type=_positive_int, default=None,
                        help="examples per optimizer step, over all processes of a torchrun run "
                             "(default: the task's)")
@@ -142,9 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     from kiln.train.experiments import EXPERIMENTS
 
-    experiment = sub.add_parser("experiment", help="run a regularization / initialization experiment on the digits",
+    experiment = sub.add_parser("experiment", help="run a regularization / initialization experiment on the digits, "
+                                                   "or the charlm models for equal time",
                                 description="Run one of the experiments of notes 11, 14 and 15 on scikit-learn's "
-                                            "digits; write its markdown table and PNG plot to --out. "
+                                            "digits, or the charlm models for equal time; write its markdown table "
+                                            "and PNG plot to --out. "
                                             + "; ".join(f"{k}: {v}" for k, v in EXPERIMENTS.items()) + ".")
     experiment.add_argument("name", choices=list(EXPERIMENTS), help="the experiment to run")
     experiment.add_argument("--out", default="bench/results", help="folder for the table and the plot "
@@ -155,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="seeds to average over (default: the experiment's)")
     experiment.add_argument("--epochs", type=_positive_int, default=None,
                             help="training epochs per model (default: the experiment's)")
+    experiment.add_argument("--time-limit", type=_positive_float, default=None, metavar="SECONDS",
+                            help="charlm-equal-time: seconds of training per model (default 240)")
     from kiln import bench
 
     bench.add_parser(sub)
@@ -183,6 +192,7 @@ def train(args) -> None:
     device = _check_device(args.device)
     with kiln.backend.use(args.backend):
         result = run.train(task, args.model, epochs=args.epochs, max_steps=args.max_steps,
+                           time_limit=args.time_limit,
                            batch_size=args.batch_size, lr=args.lr, seed=args.seed, out=args.out,
                            resume=args.resume, device=device, progress=not args.no_progress, fsdp=args.fsdp)
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone reports
@@ -217,7 +227,15 @@ def _run(argv: list[str] | None) -> int:
     if args.command == "experiment":
         from kiln.train.experiments import run as run_experiment
 
-        run_experiment(args.name, args.out, quick=args.quick, seeds=args.seeds, epochs=args.epochs)
+        timed = args.name == "charlm-equal-time"
+        if timed and (args.seeds is not None or args.epochs is not None):
+            raise UsageError("charlm-equal-time trains each model once for a time: give --time-limit, "
+                             "not --seeds or --epochs", "kiln experiment")
+        if not timed and args.time_limit is not None:
+            raise UsageError(f"--time-limit is charlm-equal-time's; {args.name} takes --seeds and --epochs",
+                             "kiln experiment")
+        options = {"time_limit": args.time_limit} if timed else {}
+        run_experiment(args.name, args.out, quick=args.quick, seeds=args.seeds, epochs=args.epochs, **options)
         print(f"wrote {args.out}")
         return 0
     if args.command == "bench":

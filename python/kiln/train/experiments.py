@@ -10,6 +10,11 @@ each writing a markdown table and a PNG plot.
   same masks. Test accuracy against sparsity.
 * ``init``: activation and gradient second moments per layer of a 20-layer ReLU network of width
   256 on the digits, for the initializations of notes 11 (averaged over the seeds).
+* ``charlm-equal-time``: the four charlm models (Transformer, LSTM, GRU, basic RNN; ~0.56-0.61M
+  parameters each) trained one after the other for the same seconds each (``time_limit``,
+  default 240) with their LR schedule on the clock (`kiln train --time-limit`); validation
+  bits/char against training seconds and against tokens seen, probed every tenth of the budget
+  off the clock. Run it with one thread (``OMP_NUM_THREADS=1``) so that the runs are alike.
 
 ``quick=True`` shrinks every budget to seconds (the test's mode); its files are named ``*-quick``
 and say so in their title.
@@ -36,6 +41,7 @@ EXPERIMENTS: dict[str, str] = {
     "regularizers": "digits MLP, each regularizer on and off: test accuracy and train-test gap over seeds",
     "lottery-ticket": "test accuracy against sparsity, rewound tickets vs the same masks randomly re-initialized",
     "init": "activation and gradient second moment per layer of a 20-layer ReLU net per initialization",
+    "charlm-equal-time": "charlm Transformer, LSTM, GRU and RNN for the same seconds each: val bits/char curves",
 }
 
 
@@ -358,7 +364,125 @@ def run_init(out: Path, quick: bool = False, seeds: int | None = None, epochs: i
 # ------------------------------------------------------------------------------------------------
 
 
-def _write(out: Path, stem: str, quick: bool, header: str, lines: list[str], draw) -> None:
+# ------------------------------------------------------------------------------------------------
+# charlm: the four models for the same time
+
+
+class _Probe:
+    """Trainer callback: the validation bits/char every ``every`` seconds of training, measured
+    off the clock (so the probes cost no model any training time)."""
+
+    def __init__(self, every: float, tokens_per_step: int):
+        self.every, self.tokens_per_step = every, tokens_per_step
+        self.points: list[dict] = []
+
+    def on_step_end(self, trainer) -> None:
+        if trainer.clock() < self.every * (len(self.points) + 1):
+            return
+        with trainer.off_the_clock():
+            bits = trainer.evaluate(trainer.val_data)["loss"] / math.log(2)
+        self.points.append({"seconds": trainer.clock(), "step": trainer.step,
+                            "tokens": trainer.step * self.tokens_per_step, "val_bits": bits})
+
+
+def _probed_charlm(every: float, eval_windows: int | None):
+    """The charlm task with a _Probe on every run (same name and models: its checkpoints load
+    as charlm's); ``eval_windows`` cuts validation and test to their first windows (--quick)."""
+    from torch.utils.data import Subset
+
+    from kiln.train.tasks.charlm import CONTEXT, CharLM
+
+    class ProbedCharLM(CharLM):
+        def splits(self):
+            splits = super().splits()
+            if eval_windows is None:
+                return splits
+            return type(splits)(splits.train, *(Subset(s, range(min(eval_windows, len(s))))
+                                                for s in (splits.val, splits.test)))
+
+        def callbacks(self, out_dir):
+            self.probe = _Probe(every, self.train["batch_size"] * CONTEXT)
+            return [*super().callbacks(out_dir), self.probe]
+
+    return ProbedCharLM()
+
+
+def run_charlm_equal_time(out: Path, quick: bool = False, seeds: int | None = None, epochs: int | None = None,
+                          log: Callable[[str], None] = print, time_limit: float | None = None,
+                          runs: str | Path = "runs/charlm-equal-time") -> list[dict]:
+    from kiln.train import run as train_run
+    from kiln.train.tasks.charlm import CONTEXT
+
+    if seeds is not None or epochs is not None:
+        raise ValueError("charlm-equal-time trains each model once (seed 0) for a time, not for seeds or epochs; "
+                         "give --time-limit")
+    if time_limit is not None and not time_limit > 0:
+        raise ValueError(f"time_limit must be > 0 seconds, got {time_limit}")
+    seconds = time_limit or (2.0 if quick else 240.0)
+    task = _probed_charlm(seconds / 10, 16 if quick else None)
+    rows = []
+    for model in task.models:
+        entry = task.model_entry(model)
+        log(f"charlm {model}: {sum(p.numel() for p in entry.build().parameters()):,} parameters, "
+            f"{seconds:g} s of training ...")
+        # epochs far beyond the budget: the clock ends every run, and its schedule with it
+        result = train_run.train(task, model, epochs=10**4, time_limit=seconds, out=str(Path(runs) / model),
+                                 progress=False)
+        history = _read_history(Path(runs) / model)
+        # the curve: the probes and every validated row (epoch ends and the stop at the limit)
+        batch_tokens = task.train["batch_size"] * CONTEXT
+        points = sorted([*task.probe.points,
+                         *({"seconds": r["seconds"], "step": int(r["step"]), "tokens": int(r["step"]) * batch_tokens,
+                            "val_bits": r["val_loss"] / math.log(2)} for r in history)], key=lambda p: p["seconds"])
+        final = history[-1]
+        rows.append({"model": model, "detail": entry.description, "parameters": result["parameters"],
+                     "steps": result["steps"], "epochs": final["epoch"], "seconds": result["wall_s"],
+                     "tokens_per_s": result["tokens_per_s"], "val_bits": final["val_loss"] / math.log(2),
+                     "test_bits": result["test_bits_per_char"], "sample": result["sample_t0.8"],
+                     "stop_reason": result["stop_reason"], "points": points})
+        log(f"  {result['steps']} steps, {result['tokens_per_s']:,.0f} tokens/s, val bits/char at the limit "
+            f"{rows[-1]['val_bits']:.3f} (stopped on {result['stop_reason']})")
+    threads = torch.get_num_threads()
+    header = (f"Each model trained for {seconds:g} s of training time (`kiln train charlm --model M --time-limit "
+              f"{seconds:g} --epochs 10000`: the one-cycle LR schedule runs on the clock and ends at the limit), "
+              f"one after the other, torch threads {threads}; batch 32 of 96-character windows, AdamW, the task's "
+              f"learning rates. Validation bits/char probed every {seconds / 10:g} s off the clock (and at "
+              f"each epoch end and the limit; the epoch-end validations, ~1 s each, are on the clock as in any "
+              f"`kiln train` run). Val bits/char is that of the weights at the limit.")
+    lines = ["| model | what | parameters | steps | epochs | tokens/s | val bits/char at the limit | test bits/char |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['detail']} | {r['parameters']:,} | {r['steps']} | {r['epochs']:.2f} | "
+                     f"{r['tokens_per_s']:,.0f} | {r['val_bits']:.3f} | {r['test_bits']:.3f} |")
+    lines += ["", "Sampled continuations of `def __init__(self, ` (temperature 0.8, seed 0):", ""]
+    lines += [f"* {r['model']}: `{' / '.join(x for x in r['sample'].splitlines() if x.strip())}`" for r in rows]
+
+    def plot(fig):
+        by_time, by_tokens = fig.subplots(1, 2, sharey=True)
+        for r in rows:
+            label = f"{r['model']} ({r['parameters'] / 1e3:.0f}k)"
+            by_time.plot([p["seconds"] for p in r["points"]], [p["val_bits"] for p in r["points"]], marker=".",
+                         label=label)
+            by_tokens.plot([p["tokens"] / 1e6 for p in r["points"]], [p["val_bits"] for p in r["points"]],
+                           marker=".", label=label)
+        top = min(4.5, max(p["val_bits"] for r in rows for p in r["points"]) + 0.1)
+        by_time.set(xlabel="training seconds (one thread)", ylabel="validation bits/char", ylim=(None, top),
+                    title=f"equal time: {seconds:g} s each")
+        by_tokens.set(xlabel="training tokens (millions)", title="the same runs against tokens seen")
+        by_time.legend()
+
+    _write(out, "charlm_equal_time", quick, header, lines, plot,
+           command=f"kiln experiment charlm-equal-time --time-limit {seconds:g}")
+    return rows
+
+
+def _read_history(folder: Path) -> list[dict]:
+    from kiln.train.run import read_metrics
+
+    return read_metrics(str(folder / "metrics.csv"))
+
+
+def _write(out: Path, stem: str, quick: bool, header: str, lines: list[str], draw, command: str | None = None) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -367,7 +491,7 @@ def _write(out: Path, stem: str, quick: bool, header: str, lines: list[str], dra
     stem = f"{stem}-quick" if quick else stem
     title = stem.replace("experiment_", "kiln experiment ").replace("_", "-")
     label = " (--quick: a smoke-test budget, not a result)" if quick else ""
-    command = f"kiln experiment {stem.split('experiment_')[1].split('-quick')[0].replace('_', '-')}"
+    command = command or f"kiln experiment {stem.split('experiment_')[1].split('-quick')[0].replace('_', '-')}"
     command += " --quick" if quick else ""
     text = [f"# {title}{label}", "", f"Command: `OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 {command}`", "", header, "",
             *lines, "", f"Plot: {stem}.png", ""]
@@ -379,14 +503,19 @@ def _write(out: Path, stem: str, quick: bool, header: str, lines: list[str], dra
     fig.savefig(out / f"{stem}.png", dpi=100)
 
 
-RUNNERS = {"regularizers": run_regularizers, "lottery-ticket": run_lottery_ticket, "init": run_init}
+RUNNERS = {"regularizers": run_regularizers, "lottery-ticket": run_lottery_ticket, "init": run_init,
+           "charlm-equal-time": run_charlm_equal_time}
 
 
 def run(name: str, out: str | Path = "bench/results", quick: bool = False, seeds: int | None = None,
-        epochs: int | None = None, log: Callable[[str], None] = print) -> list[dict]:
-    """Run experiment ``name`` (one of EXPERIMENTS) into ``out``; returns its table's rows."""
+        epochs: int | None = None, log: Callable[[str], None] = print, **options) -> list[dict]:
+    """Run experiment ``name`` (one of EXPERIMENTS) into ``out``; returns its table's rows.
+    ``options``: charlm-equal-time's ``time_limit`` (seconds per model) and ``runs`` (the
+    folder of its run folders)."""
     if name not in RUNNERS:
         raise ValueError(f"experiment {name!r} is not one of {', '.join(RUNNERS)}")
     if seeds is not None and seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
-    return RUNNERS[name](Path(out), quick=quick, seeds=seeds, epochs=epochs, log=log)
+    if options and name != "charlm-equal-time":
+        raise ValueError(f"experiment {name!r} takes no {', '.join(options)}")
+    return RUNNERS[name](Path(out), quick=quick, seeds=seeds, epochs=epochs, log=log, **options)

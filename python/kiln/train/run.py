@@ -27,7 +27,7 @@ from kiln.train.checkpoint import CheckpointError
 from kiln.train.distributed import SINGLE, DistributedError, World, transformer_blocks
 from kiln.train.optimizers import make_optimizer
 from kiln.train.tasks import Task, TaskError, get_task
-from kiln.train.trainer import Trainer
+from kiln.train.trainer import TimedSchedule, Trainer
 
 
 class RunError(ValueError):
@@ -78,6 +78,8 @@ class RunFolder:
         if not self.world.is_main:
             return
         checkpoint.save(state, os.path.join(self.out, "last.pt"))
+        if trainer.improved:  # the part epoch at a time limit was the best (no on_epoch_end for it)
+            checkpoint.save(state, os.path.join(self.out, "best.pt"))
         write_metrics(trainer.history, os.path.join(self.out, "metrics.csv"))
 
 
@@ -104,15 +106,18 @@ def backend_of(device: torch.device) -> str:
 
 
 def train(task: str | Task, model: str | None = None, *, epochs: int | None = None,
-          max_steps: int | None = None, batch_size: int | None = None, lr: float | None = None,
-          seed: int | None = None, out: str | None = None, resume: str | None = None,
+          max_steps: int | None = None, time_limit: float | None = None, batch_size: int | None = None,
+          lr: float | None = None, seed: int | None = None, out: str | None = None, resume: str | None = None,
           device: str = "cpu", progress: bool = True, fsdp: bool = False) -> dict:
     """Train ``model`` of ``task`` into the folder ``out`` and return results.json's dict.
 
     Settings left None come from the task (and model entry), or from the checkpoint when
-    resuming; a resumed run may change ``epochs`` and ``max_steps`` only (``max_steps`` counts
-    every step since the start of the first run). ``batch_size`` is the global batch of a
-    step, split over the ranks of a torchrun run; ``fsdp`` shards a Transformer with FSDP2.
+    resuming; a resumed run may change ``epochs``, ``max_steps`` and ``time_limit`` only (both
+    limits count from the start of the first run). ``time_limit`` (seconds of training) stops
+    the run after the step that reaches it and runs the task's LR schedule on the clock, so that
+    it ends at the limit (or at the last epoch if that comes first: trainer.TimedSchedule).
+    ``batch_size`` is the global batch of a step, split over the ranks of a torchrun run;
+    ``fsdp`` shards a Transformer with FSDP2.
     """
     try:
         world, device = World.from_env(device, fsdp)
@@ -120,7 +125,8 @@ def train(task: str | Task, model: str | None = None, *, epochs: int | None = No
         raise RunError(str(e)) from None
     try:
         with _fsdp_backend(world, device):
-            return _train(world, task, model, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
+            return _train(world, task, model, epochs=epochs, max_steps=max_steps, time_limit=time_limit,
+                          batch_size=batch_size, lr=lr,
                           seed=seed, out=out, resume=resume, device=device, progress=progress)
     finally:
         world.close()  # also on an error: no rank is left waiting in a collective
@@ -146,14 +152,17 @@ def _fsdp_backend(world: World, device: torch.device) -> kiln.backend.use:
     return kiln.backend.use("reference", ops=default)
 
 
-def _train(world: World, task: str | Task, model: str | None, *, epochs, max_steps, batch_size, lr, seed,
+def _train(world: World, task: str | Task, model: str | None, *, epochs, max_steps, time_limit, batch_size, lr, seed,
            out, resume, device: torch.device, progress: bool) -> dict:
     task = get_task(task) if isinstance(task, str) else task
     model = model or task.default_model
     entry = task.model_entry(model)
-    settings = {**task.train_settings(model), "seed": 0}
+    if time_limit is not None and not time_limit > 0:
+        raise RunError(f"--time-limit must be > 0 seconds, got {time_limit}")
+    settings = {**task.train_settings(model), "seed": 0, "time_limit": None}
     given = {key: value for key, value in
-             {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}.items() if value is not None}
+             {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
+              "time_limit": time_limit}.items() if value is not None}
     model_config, ckpt = entry.config_dict(), None
     if resume is not None:
         ckpt = checkpoint.load(resume, map_location="cpu")
@@ -163,6 +172,9 @@ def _train(world: World, task: str | Task, model: str | None, *, epochs, max_ste
             if key in given and given[key] != saved["train"][key]:
                 raise RunError(f"--{key.replace('_', '-')} {given[key]} differs from the checkpoint's "
                                f"{saved['train'][key]}; a resumed run keeps it")
+        if time_limit is not None and saved["train"].get("time_limit") is None:
+            raise RunError("--time-limit: the checkpoint's run has no time limit, its LR schedule runs by steps; "
+                           "resume it without --time-limit")
         settings.update(saved["train"])
         model_config = saved["model_config"]
     settings.update(given)
@@ -189,16 +201,26 @@ def _train(world: World, task: str | Task, model: str | None, *, epochs, max_ste
     optimizer = make_optimizer(settings["optimizer"], net.parameters(), settings["lr"],
                                **settings["optimizer_kwargs"])
     steps_per_epoch = math.ceil(len(splits.train) / settings["batch_size"])
-    scheduler = task.scheduler(optimizer, settings["epochs"] * steps_per_epoch)
+    total_steps = settings["epochs"] * steps_per_epoch
+    if settings["time_limit"] is None:
+        scheduler = task.scheduler(optimizer, total_steps)
+    else:
+        # built once: a schedule may set the optimizer's rate when made (a one-cycle starts at max / 25)
+        scheduler = TimedSchedule(lambda n: task.scheduler(optimizer, n), total_steps, settings["time_limit"])
+        if scheduler.inner is None:
+            scheduler = None
     config = {"task": task.name, "model": model, "model_config": model_config, "train": settings}
     backend = backend_of(device)
     trainer = Trainer(train_net, optimizer, task.loss, splits.train, splits.val, scheduler=scheduler,
                       metric_fn=task.metric_value, metric_name=task.metric,
                       batch_size=settings["batch_size"], epochs=settings["epochs"], max_steps=max_steps,
+                      time_limit=settings["time_limit"],
                       clip_grad_norm=settings["clip_grad_norm"], patience=settings["patience"],
                       seed=settings["seed"], device=device, progress=progress,
                       description=f"{task.name} {model} [{backend}]",
                       callbacks=[RunFolder(out, config, world), *task.callbacks(out)], world=world)
+    if isinstance(scheduler, TimedSchedule):
+        scheduler.clock = trainer.clock
     if ckpt is not None:
         try:
             trainer.load_state_dict(ckpt)
@@ -220,6 +242,7 @@ def _train(world: World, task: str | Task, model: str | None, *, epochs, max_ste
     results = {
         "task": task.name, "model": model, "seed": settings["seed"],
         "steps": trainer.step, "epochs": trainer.epoch, "stop_reason": trainer.stop_reason,
+        "time_limit_s": settings["time_limit"],
         "parameters": sum(p.numel() for p in net.parameters()),
         "wall_s": round(trainer.elapsed, 3), "backend": backend, "device": str(device),
         "world_size": world.size, "fsdp": world.fsdp,

@@ -24,6 +24,15 @@ epoch are the same on every rank, and ``state_dict`` is the plain model's, as on
 writes it (the caller saves it on rank 0 only). Every rank must call ``fit``, ``evaluate``,
 ``state_dict`` and ``restore_best_weights`` together: they meet in collectives.
 
+Time limit (``time_limit``, seconds): after the step that reaches it the run stops as at
+``max_steps`` (the part epoch is validated and written as a row; ``stop_reason`` is
+"time_limit"). It counts ``elapsed``, the training seconds of every run that led here, so a
+resumed run stops at the same total; time spent inside ``off_the_clock()`` does not count (an
+experiment's extra validation probes). Under data parallel rank 0's clock decides (one
+all-reduce a step), so that every rank stops after the same step. That row, the last, is also a
+candidate for the best weights (nothing trains after it), unlike a part epoch cut by ``max_steps``.
+``TimedSchedule`` stretches a task's step schedule over the limit, so that it ends at the stop.
+
 Callbacks are objects with any of ``on_step_end(trainer)``, ``on_epoch_end(trainer)``
 (``trainer.history[-1]`` is the new row, ``trainer.improved`` says whether it is the best
 so far) and ``on_train_end(trainer)``.
@@ -31,6 +40,7 @@ so far) and ``on_train_end(trainer)``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import sys
@@ -57,6 +67,49 @@ def _to_device(batch, device: torch.device):
     return batch
 
 
+class TimedSchedule:
+    """A step-based LR schedule driven by the clock: ``make(n)`` builds the task's schedule over
+    ``n`` steps (e.g. a one-cycle), and after each optimizer step it is advanced to the run's
+    progress, ``max(step / total_steps, trainer.clock() / time_limit)`` of its length. So the
+    schedule ends at the time limit, or at ``total_steps`` if that comes first, whatever the
+    speed of the machine. (Should the limit pass during an epoch end's validation, the run stops
+    there and its last step was that validation's time short of the end.) ``clock`` (a callable,
+    seconds) is set to the Trainer's ``clock``."""
+
+    RESOLUTION = 10_000   # schedule steps over the whole run
+
+    def __init__(self, make: Callable[[int], torch.optim.lr_scheduler.LRScheduler | None], total_steps: int,
+                 time_limit: float):
+        if not time_limit > 0:
+            raise ValueError(f"time_limit must be > 0 seconds, got {time_limit}")
+        self.inner = make(self.RESOLUTION)   # None: the task has no schedule (the caller drops it)
+        self.total_steps, self.time_limit = max(total_steps, 1), time_limit
+        self.steps = 0
+        self.clock: Callable[[], float] = lambda: 0.0
+
+    def progress(self) -> float:
+        return min(max(self.steps / self.total_steps, self.clock() / self.time_limit), 1.0)
+
+    def step(self) -> None:
+        self.steps += 1
+        # a one-cycle refuses steps past its length: the last position is RESOLUTION - 1
+        target = min(int(self.progress() * self.RESOLUTION), self.RESOLUTION - 1)
+        while self.inner.last_epoch < target:
+            self.inner.step()
+
+    def get_last_lr(self) -> list[float]:
+        return self.inner.get_last_lr()
+
+    def state_dict(self) -> dict:
+        return {"inner": self.inner.state_dict(), "steps": self.steps, "timed": True}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state.get("timed"):
+            raise ValueError("the checkpoint's schedule runs by steps, not by a time limit")
+        self.inner.load_state_dict(state["inner"])
+        self.steps = state["steps"]
+
+
 class Trainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: Callable[[nn.Module, object], torch.Tensor],
@@ -66,7 +119,7 @@ class Trainer:
                  metric_fn: Callable[[nn.Module, object], float] | None = None,
                  metric_name: str = "metric",
                  batch_size: int = 64, eval_batch_size: int = 1024,
-                 epochs: int = 1, max_steps: int | None = None,
+                 epochs: int = 1, max_steps: int | None = None, time_limit: float | None = None,
                  clip_grad_norm: float | None = None,
                  patience: int | None = None,
                  seed: int = 0, device: str | torch.device = "cpu",
@@ -76,6 +129,8 @@ class Trainer:
             raise ValueError(f"scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}")
         if len(train_data) == 0:
             raise ValueError("train_data is empty")
+        if time_limit is not None and not time_limit > 0:
+            raise ValueError(f"time_limit must be > 0 seconds, got {time_limit}")
         self.world = world
         world.local_batch_size(batch_size)  # a global batch the ranks cannot split is refused
         # train_model is what the loss sees in training (DDP syncs gradients in its forward);
@@ -87,7 +142,7 @@ class Trainer:
         self.scheduler, self.scheduler_interval = scheduler, scheduler_interval
         self.metric_fn, self.metric_name = metric_fn, metric_name
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.epochs, self.max_steps = epochs, max_steps
+        self.epochs, self.max_steps, self.time_limit = epochs, max_steps, time_limit
         self.clip_grad_norm = clip_grad_norm
         self.patience = patience
         self.device = torch.device(device)
@@ -112,6 +167,8 @@ class Trainer:
         self.improved = False
         self.history: list[dict] = []
         self.elapsed = 0.0          # seconds of training, over every run that led here
+        self._started: float | None = None  # perf_counter() at which elapsed was 0 (during fit)
+        self.now = 0.0              # clock(): training seconds as of the last step
         self.stop_reason: str | None = None
 
     @property
@@ -121,6 +178,36 @@ class Trainer:
     def _out_of_steps(self) -> bool:
         return self.max_steps is not None and self.step >= self.max_steps
 
+    def _local_clock(self) -> float:
+        """Seconds of training so far on this process (``elapsed``, live during ``fit``)."""
+        return self.elapsed if self._started is None else time.perf_counter() - self._started
+
+    def clock(self) -> float:
+        """Seconds of training as of the last step, the same on every rank (rank 0's clock):
+        what ``time_limit`` and a TimedSchedule go by, so that the ranks stop after the same
+        step and take the same learning rates."""
+        return self.now
+
+    def _tick(self) -> None:
+        now = self._local_clock()
+        if self.time_limit is not None and self.world.distributed:
+            now = self.world.all_reduce_sum([now if self.world.rank == 0 else 0.0], self.device)[0]
+        self.now = now
+
+    def _out_of_time(self) -> bool:
+        return self.time_limit is not None and self.now >= self.time_limit
+
+    @contextlib.contextmanager
+    def off_the_clock(self):
+        """Time spent in this block is not training time: not in ``elapsed``, not against
+        ``time_limit`` (e.g. a callback's extra validation)."""
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._started is not None:
+                self._started += time.perf_counter() - begin
+
     # -- the loop ------------------------------------------------------------------------
 
     def fit(self) -> list[dict]:
@@ -129,7 +216,8 @@ class Trainer:
         Returns the metrics rows. The model ends in eval mode with the weights of the last
         step (what ``state_dict`` saves); ``restore_best_weights`` swaps in the best ones.
         """
-        started = time.perf_counter() - self.elapsed
+        self._started = time.perf_counter() - self.elapsed
+        self.now = self.elapsed    # the same on every rank (a checkpoint's)
         total = self.epochs * self.steps_per_epoch
         if self.max_steps is not None:
             total = min(total, self.max_steps)
@@ -138,18 +226,22 @@ class Trainer:
         self.stop_reason = None
         self.train_model.train()
         while self.stop_reason is None:
+            self._tick()  # (the last epoch's validation took time too)
             if self.epoch >= self.epochs:
                 self.stop_reason = "epochs"
             elif self._out_of_steps():
                 self.stop_reason = "max_steps"
+            elif self._out_of_time():
+                self.stop_reason = "time_limit"
             else:
                 completed = self._run_epoch(bar)
-                self.elapsed = time.perf_counter() - started
+                self.elapsed = self._local_clock()
                 self._end_epoch(completed)
                 row = self.history[-1]
                 bar.set_postfix({k: f"{row[k]:.4g}" for k in ("train_loss", "val_loss") if k in row})
         bar.close()
-        self.elapsed = time.perf_counter() - started
+        self.elapsed = self._local_clock()
+        self._started = None
         for callback in self.callbacks:
             if hasattr(callback, "on_train_end"):
                 callback.on_train_end(self)
@@ -171,14 +263,15 @@ class Trainer:
         yield from self.train_loader
 
     def _run_epoch(self, bar) -> bool:
-        """Train on the rest of the epoch; False when ``max_steps`` stopped it part way."""
+        """Train on the rest of the epoch; False when ``max_steps`` or ``time_limit`` stopped it
+        part way."""
         for batch in self._epoch_batches():
             self.train_step(batch)
             bar.update()
             for callback in self.callbacks:
                 if hasattr(callback, "on_step_end"):
                     callback.on_step_end(self)
-            if self._out_of_steps() and self.batches_done < self.steps_per_epoch:
+            if (self._out_of_steps() or self._out_of_time()) and self.batches_done < self.steps_per_epoch:
                 return False
         return True
 
@@ -203,6 +296,7 @@ class Trainer:
         if self.clip_grad_norm is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
         self.optimizer.step()
+        self._tick()
         if self.scheduler is not None and self.scheduler_interval == "step":
             self.scheduler.step()
         self.step += 1
@@ -213,6 +307,7 @@ class Trainer:
 
     def _end_epoch(self, completed: bool) -> None:
         """Write the metrics row of a completed epoch (or of a stop part way through one)."""
+        last = not completed and not self._out_of_steps() and self._out_of_time()  # the fit stops on time
         train_loss = self._loss_sum / max(self._samples, 1)
         lr = self.optimizer.param_groups[0]["lr"]
         epoch = self.epoch + (1 if completed else self.batches_done / self.steps_per_epoch)
@@ -233,10 +328,13 @@ class Trainer:
         row["seconds"] = self.elapsed
         self.history.append(row)
         # Only whole epochs count for early stopping, so that where a run was cut and
-        # resumed cannot change when it stops.
-        self.improved = completed and "val_loss" in row and row["val_loss"] < self.best_val_loss
+        # resumed cannot change when it stops; the part epoch at a time limit is the end of
+        # training and may hold the best weights (its epoch is fractional), but patience
+        # ignores it.
+        self.improved = (completed or last) and "val_loss" in row and row["val_loss"] < self.best_val_loss
         if self.improved:
-            self.best_val_loss, self.best_epoch, self.bad_epochs = row["val_loss"], self.epoch, 0
+            self.best_val_loss, self.best_epoch = row["val_loss"], (self.epoch if completed else epoch)
+            self.bad_epochs = 0 if completed else self.bad_epochs
             self.best_model = {k: v.detach().to("cpu", copy=True)
                                for k, v in self.world.model_state_dict(self.model).items()}
         elif completed and "val_loss" in row:

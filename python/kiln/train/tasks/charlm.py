@@ -6,6 +6,10 @@ the notes' basic cell, GRU and LSTM (16). Trained on non-overlapping windows of 
 (a fresh order each epoch). results.json: ``val_bits_per_char`` (mean cross-entropy over the
 validation split in bits), ``test_bits_per_char``, ``tokens_per_s`` (training throughput) and a
 greedy and a sampled continuation of a fixed prompt.
+
+`kiln experiment charlm-equal-time` trains the four for the same seconds each (``kiln train
+charlm --model M --time-limit S``: the one-cycle schedule then runs on the clock and ends at
+the limit) and plots their validation bits/char against time and tokens.
 """
 
 from __future__ import annotations
