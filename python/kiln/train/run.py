@@ -98,6 +98,26 @@ def load(path: str, map_location: str | torch.device = "cpu") -> torch.nn.Module
     return model.to(map_location).eval()
 
 
+def _distillation_loss(task: Task, settings: dict, device: torch.device):
+    """The task's training loss with the teacher of ``settings["teacher"]`` (--teacher), which
+    must be a checkpoint of the same task; its model runs in eval mode, without gradients."""
+    path = settings["teacher"]
+    if not hasattr(task, "distillation_loss"):
+        raise RunError(f"--teacher: task {task.name!r} has no distillation loss (the digits task has)")
+    ckpt = checkpoint.load(path, map_location="cpu")
+    config = _checkpoint_config(ckpt, path)
+    if config["task"] != task.name:
+        raise RunError(f"--teacher {path!r} is a {config['task']!r} checkpoint, not one of task {task.name!r}")
+    try:
+        teacher = load(path, map_location=device)
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"--teacher {path!r} does not load ({checkpoint.error_line(e)})") from None
+    try:
+        return task.distillation_loss(teacher, settings["distill_temperature"], settings["distill_weight"])
+    except (KeyError, ValueError) as e:
+        raise RunError(f"--teacher: {e}") from None
+
+
 def backend_of(device: torch.device) -> str:
     """The kiln backend that runs linear_act (every kiln model's workhorse) on ``device``."""
     return kiln.backend.select("linear_act", device, torch.float32, kiln.ops.BACKEND_DTYPES["linear_act"])
@@ -106,13 +126,16 @@ def backend_of(device: torch.device) -> str:
 def train(task: str | Task, model: str | None = None, *, epochs: int | None = None,
           max_steps: int | None = None, batch_size: int | None = None, lr: float | None = None,
           seed: int | None = None, out: str | None = None, resume: str | None = None,
-          device: str = "cpu", progress: bool = True, fsdp: bool = False) -> dict:
+          device: str = "cpu", progress: bool = True, fsdp: bool = False,
+          teacher: str | None = None) -> dict:
     """Train ``model`` of ``task`` into the folder ``out`` and return results.json's dict.
 
     Settings left None come from the task (and model entry), or from the checkpoint when
     resuming; a resumed run may change ``epochs`` and ``max_steps`` only (``max_steps`` counts
     every step since the start of the first run). ``batch_size`` is the global batch of a
     step, split over the ranks of a torchrun run; ``fsdp`` shards a Transformer with FSDP2.
+    ``teacher``: a checkpoint of the same task whose model the student distills (tasks with a
+    ``distillation_loss``, e.g. digits); kept in the checkpoint, so a resumed run goes on distilling.
     """
     try:
         world, device = World.from_env(device, fsdp)
@@ -121,7 +144,8 @@ def train(task: str | Task, model: str | None = None, *, epochs: int | None = No
     try:
         with _fsdp_backend(world, device):
             return _train(world, task, model, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
-                          seed=seed, out=out, resume=resume, device=device, progress=progress)
+                          seed=seed, out=out, resume=resume, device=device, progress=progress,
+                          teacher=teacher)
     finally:
         world.close()  # also on an error: no rank is left waiting in a collective
 
@@ -147,20 +171,22 @@ def _fsdp_backend(world: World, device: torch.device) -> kiln.backend.use:
 
 
 def _train(world: World, task: str | Task, model: str | None, *, epochs, max_steps, batch_size, lr, seed,
-           out, resume, device: torch.device, progress: bool) -> dict:
+           out, resume, device: torch.device, progress: bool, teacher: str | None = None) -> dict:
     task = get_task(task) if isinstance(task, str) else task
     model = model or task.default_model
     entry = task.model_entry(model)
     settings = {**task.train_settings(model), "seed": 0}
     given = {key: value for key, value in
              {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}.items() if value is not None}
+    if teacher is not None:
+        given["teacher"] = os.fspath(teacher)
     model_config, ckpt = entry.config_dict(), None
     if resume is not None:
         ckpt = checkpoint.load(resume, map_location="cpu")
         checkpoint.check_matches(ckpt, resume, task.name, model)
         saved = _checkpoint_config(ckpt, resume)
-        for key in ("batch_size", "lr", "seed"):
-            if key in given and given[key] != saved["train"][key]:
+        for key in ("batch_size", "lr", "seed", "teacher"):
+            if key in given and given[key] != saved["train"].get(key):
                 raise RunError(f"--{key.replace('_', '-')} {given[key]} differs from the checkpoint's "
                                f"{saved['train'][key]}; a resumed run keeps it")
         settings.update(saved["train"])
@@ -175,6 +201,8 @@ def _train(world: World, task: str | Task, model: str | None, *, epochs, max_ste
     if world.fsdp and settings["optimizer"] == "ngd":
         raise RunError("--fsdp: the ngd optimizer normalizes by the whole gradient's norm, which a shard does "
                        "not hold; train this model without --fsdp")
+
+    loss_fn = task.loss if settings.get("teacher") is None else _distillation_loss(task, settings, device)
 
     splits = task.splits()
     random.seed(settings["seed"])
@@ -192,7 +220,7 @@ def _train(world: World, task: str | Task, model: str | None, *, epochs, max_ste
     scheduler = task.scheduler(optimizer, settings["epochs"] * steps_per_epoch)
     config = {"task": task.name, "model": model, "model_config": model_config, "train": settings}
     backend = backend_of(device)
-    trainer = Trainer(train_net, optimizer, task.loss, splits.train, splits.val, scheduler=scheduler,
+    trainer = Trainer(train_net, optimizer, loss_fn, splits.train, splits.val, scheduler=scheduler,
                       metric_fn=task.metric_value, metric_name=task.metric,
                       batch_size=settings["batch_size"], epochs=settings["epochs"], max_steps=max_steps,
                       clip_grad_norm=settings["clip_grad_norm"], patience=settings["patience"],

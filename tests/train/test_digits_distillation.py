@@ -1,0 +1,120 @@
+"""digits: the test-set figures every run writes, and knowledge distillation (--teacher, notes 18.4)."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kiln import cli
+from kiln.train import checkpoint
+from kiln.train.tasks import get_task
+from tests.numerics import BOUND, rel_err
+
+FAST = ["--batch-size", "256", "--no-progress"]  # 5 steps an epoch
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A digits checkpoint (a logistic run of one epoch) to distill from."""
+    out = tmp_path_factory.mktemp("teacher") / "logistic"
+    assert cli.main(["train", "digits", "--model", "logistic", "--epochs", "1", "--out", str(out), *FAST]) == 0
+    return out / "best.pt"
+
+
+def test_a_digits_run_writes_the_test_confusion_matrix_and_misclassified_images(capsys, tmp_path, teacher):
+    from matplotlib.image import imread
+
+    out = teacher.parent
+    assert sorted(os.listdir(out)) == ["best.pt", "confusion.png", "curves.png", "last.pt", "metrics.csv",
+                                       "misclassified.png", "results.json"]
+    for name in ("confusion.png", "misclassified.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+        image = imread(out / name)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+        assert image[..., :3].std() > 0.05  # something is drawn
+
+
+def _distillation_formula(student, teacher, x, y, temperature, weight, smoothing):
+    soft = torch.softmax(teacher(x) / temperature, dim=-1)
+    logits = student(x)
+    hard = F.cross_entropy(logits, y, label_smoothing=smoothing)
+    return (1 - weight) * hard + weight * temperature ** 2 * F.cross_entropy(logits / temperature, soft)
+
+
+def test_the_distillation_loss_is_the_formula_in_float64():
+    task = get_task("digits")
+    torch.manual_seed(0)
+    student = task.model_entry("logistic").build().double()
+    teacher = task.model_entry("mlp").build().double()
+    x, y = task.splits().val.tensors
+    x = x.double()
+    loss_fn = task.distillation_loss(teacher, temperature=3.0, weight=0.7)
+    student.train()
+    got = loss_fn(student, (x, y))
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    want = _distillation_formula(student, teacher, x, y, 3.0, 0.7, task.label_smoothing)
+    assert rel_err(got, want) <= BOUND[torch.float64]
+    params = list(student.parameters())
+    for grad, want_grad in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
+        assert rel_err(grad, want_grad) <= BOUND[torch.float64]
+    # the soft term counts: the loss without a teacher is another number
+    assert rel_err(task.loss(student, (x, y)), want) > 1e-3
+    # validation and test see the label loss alone
+    student.eval()
+    with torch.no_grad():
+        assert rel_err(loss_fn(student, (x, y)), F.cross_entropy(student(x), y, label_smoothing=0.1)) \
+            <= BOUND[torch.float64]
+    with pytest.raises(ValueError, match="distill_temperature"):
+        task.distillation_loss(teacher, 0.0, 0.5)
+    with pytest.raises(ValueError, match="distill_weight"):
+        task.distillation_loss(teacher, 2.0, 1.5)
+
+
+def _train(capsys, out, *flags):
+    code = cli.main(["train", "digits", "--out", str(out), *FAST, *flags])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+
+
+def _weights(path):
+    return checkpoint.load(path)["model"]
+
+
+def test_resume_keeps_distilling_bit_exact(capsys, tmp_path, teacher):
+    # the mlp student has dropout: the masks must come out the same too
+    _train(capsys, tmp_path / "whole", "--epochs", "3", "--max-steps", "8", "--teacher", str(teacher))
+    _train(capsys, tmp_path / "plain", "--epochs", "3", "--max-steps", "8")
+    _train(capsys, tmp_path / "cut", "--epochs", "3", "--max-steps", "4", "--teacher", str(teacher))
+    _train(capsys, tmp_path / "cut", "--epochs", "3", "--max-steps", "8", "--resume", str(tmp_path / "cut" / "last.pt"))
+    whole, plain, resumed = (_weights(tmp_path / name / "last.pt") for name in ("whole", "plain", "cut"))
+    assert checkpoint.load(tmp_path / "cut" / "last.pt")["config"]["train"]["teacher"] == str(teacher)
+    assert all(torch.equal(value, resumed[key]) for key, value in whole.items())
+    assert not all(torch.equal(value, plain[key]) for key, value in whole.items())  # the teacher counted
+
+
+def _refused(capsys, argv, needle):
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and needle in err, err
+
+
+def test_a_bad_teacher_is_one_line_status_2(capsys, tmp_path, teacher):
+    out = tmp_path / "run"
+    train = ["train", "digits", "--out", str(out), *FAST, "--max-steps", "1"]
+    _refused(capsys, [*train, "--teacher", str(tmp_path / "nope.pt")], "no such file")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    _refused(capsys, [*train, "--teacher", str(junk)], "corrupt")
+    other = checkpoint.load(teacher)
+    other["config"]["task"] = "curve"
+    checkpoint.save(other, tmp_path / "curve.pt")
+    _refused(capsys, [*train, "--teacher", str(tmp_path / "curve.pt")], "is a 'curve' checkpoint, not one of task 'digits'")
+    _refused(capsys, ["train", "curve", "--out", str(out), "--no-progress", "--teacher", str(teacher)],
+             "task 'curve' has no distillation loss")
+    assert not out.exists()
+    _train(capsys, out, "--teacher", str(teacher), "--epochs", "1")
+    _refused(capsys, [*train, "--epochs", "1", "--resume", str(out / "last.pt"), "--teacher", str(tmp_path / "x.pt")],
+             "differs from the checkpoint's")
