@@ -118,3 +118,15 @@ def test_a_bad_teacher_is_one_line_status_2(capsys, tmp_path, teacher):
     _train(capsys, out, "--teacher", str(teacher), "--epochs", "1")
     _refused(capsys, [*train, "--epochs", "1", "--resume", str(out / "last.pt"), "--teacher", str(tmp_path / "x.pt")],
              "differs from the checkpoint's")
+
+
+def test_a_teacher_named_by_model_is_its_default_run_trained_first_when_absent(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _train(capsys, "student", "--max-steps", "2", "--teacher", "logistic")
+    assert (tmp_path / "runs" / "digits-logistic" / "best.pt").is_file()  # trained with its default settings
+    teacher = checkpoint.load(tmp_path / "runs" / "digits-logistic" / "last.pt")
+    assert teacher["config"]["model"] == "logistic"
+    assert teacher["config"]["train"]["batch_size"] == 64 and teacher["config"]["train"]["max_steps"] is None
+    assert checkpoint.load(tmp_path / "student" / "last.pt")["config"]["train"]["teacher"] == "logistic"
+    _train(capsys, "none", "--max-steps", "2", "--teacher", "none")
+    assert checkpoint.load(tmp_path / "none" / "last.pt")["config"]["train"]["teacher"] is None

@@ -98,12 +98,29 @@ def load(path: str, map_location: str | torch.device = "cpu") -> torch.nn.Module
     return model.to(map_location).eval()
 
 
-def _distillation_loss(task: Task, settings: dict, device: torch.device):
-    """The task's training loss with the teacher of ``settings["teacher"]`` (--teacher), which
-    must be a checkpoint of the same task; its model runs in eval mode, without gradients."""
-    path = settings["teacher"]
+def _teacher_checkpoint(world: World, task: Task, teacher: str, device: torch.device, progress: bool) -> str:
+    """--teacher's checkpoint: a path, or a model name of the task, which stands for that
+    model's default run, runs/TASK-MODEL/best.pt, trained first (default settings) when absent."""
+    if teacher not in task.models:
+        return teacher
+    path = os.path.join("runs", f"{task.name}-{teacher}", "best.pt")
+    if not os.path.isfile(path):
+        if world.distributed:
+            raise RunError(f"--teacher {teacher}: {path} does not exist; train it first "
+                           f"(kiln train {task.name} --model {teacher}), then distill under torchrun")
+        logging.getLogger("kiln").warning("--teacher %s: %s does not exist, training it first", teacher, path)
+        _train(world, task, teacher, epochs=None, max_steps=None, batch_size=None, lr=None, seed=None,
+               out=os.path.dirname(path), resume=None, device=device, progress=progress)
+    return path
+
+
+def _distillation_loss(world: World, task: Task, settings: dict, device: torch.device, progress: bool):
+    """The task's training loss with the teacher of ``settings["teacher"]`` (--teacher), a
+    checkpoint of the same task (or a model name: _teacher_checkpoint); its model runs in eval
+    mode, without gradients."""
     if not hasattr(task, "distillation_loss"):
         raise RunError(f"--teacher: task {task.name!r} has no distillation loss (the digits task has)")
+    path = _teacher_checkpoint(world, task, settings["teacher"], device, progress)
     ckpt = checkpoint.load(path, map_location="cpu")
     config = _checkpoint_config(ckpt, path)
     if config["task"] != task.name:
@@ -179,7 +196,7 @@ def _train(world: World, task: str | Task, model: str | None, *, epochs, max_ste
     given = {key: value for key, value in
              {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}.items() if value is not None}
     if teacher is not None:
-        given["teacher"] = os.fspath(teacher)
+        given["teacher"] = None if teacher == "none" else os.fspath(teacher)
     model_config, ckpt = entry.config_dict(), None
     if resume is not None:
         ckpt = checkpoint.load(resume, map_location="cpu")
@@ -202,7 +219,8 @@ def _train(world: World, task: str | Task, model: str | None, *, epochs, max_ste
         raise RunError("--fsdp: the ngd optimizer normalizes by the whole gradient's norm, which a shard does "
                        "not hold; train this model without --fsdp")
 
-    loss_fn = task.loss if settings.get("teacher") is None else _distillation_loss(task, settings, device)
+    loss_fn = (task.loss if settings.get("teacher") is None
+               else _distillation_loss(world, task, settings, device, progress))
 
     splits = task.splits()
     random.seed(settings["seed"])
@@ -254,6 +272,8 @@ def _train(world: World, task: str | Task, model: str | None, *, epochs, max_ste
         "best_epoch": trainer.best_epoch, "test_loss": test["loss"],
         task.headline: test[task.metric],
     }
+    if settings.get("teacher") is not None:
+        results["teacher"] = settings["teacher"]
     net.eval()
     results.update(task.results(net, splits, device, trainer))  # every rank: it may evaluate
     if world.is_main:
