@@ -130,3 +130,26 @@ def test_a_teacher_named_by_model_is_its_default_run_trained_first_when_absent(c
     assert checkpoint.load(tmp_path / "student" / "last.pt")["config"]["train"]["teacher"] == "logistic"
     _train(capsys, "none", "--max-steps", "2", "--teacher", "none")
     assert checkpoint.load(tmp_path / "none" / "last.pt")["config"]["train"]["teacher"] is None
+
+
+def test_the_vit_default_distills_from_the_cnn_and_is_tested_with_its_last_weights(capsys, tmp_path, monkeypatch):
+    import json
+
+    import kiln
+
+    task = get_task("digits")
+    settings = task.train_settings("vit")
+    assert settings["teacher"] == "cnn" and settings["restore_best"] is False
+    assert task.train_settings("cnn")["teacher"] is None and "restore_best" not in task.train_settings("cnn")
+    # restore_best False: the test accuracy (and the figures) are of the last epoch's weights
+    from kiln.train.trainer import Trainer
+
+    monkeypatch.setitem(task.models["logistic"].train, "restore_best", False)
+    monkeypatch.setattr(Trainer, "restore_best_weights", lambda self: pytest.fail("the best weights were restored"))
+    _train(capsys, tmp_path / "last", "--model", "logistic", "--epochs", "2")
+    results = json.loads((tmp_path / "last" / "results.json").read_text())
+    model = kiln.train.load(tmp_path / "last" / "last.pt")
+    x, y = task.splits().test.tensors
+    with torch.no_grad():
+        assert results["test_weights"] == "last"
+        assert results["test_accuracy"] == pytest.approx((model(x).argmax(-1) == y).double().mean().item(), abs=1e-12)

@@ -255,7 +255,10 @@ def _train(world: World, task: str | Task, model: str | None, *, epochs, max_ste
     if world.is_main:
         os.makedirs(out, exist_ok=True)
     trainer.fit()
-    trainer.restore_best_weights()  # after fit's last checkpoint, which keeps the last step's
+    # the best validation epoch's weights (after fit's last checkpoint, which keeps the last
+    # step's), unless the task's settings say the last epoch's (restore_best False)
+    if settings.get("restore_best", True):
+        trainer.restore_best_weights()
     if world.fsdp:
         # the results (decoding calls blocks outside the root's forward) on a plain copy of
         # the full model on every rank; evaluation stays sharded over the ranks
@@ -269,7 +272,8 @@ def _train(world: World, task: str | Task, model: str | None, *, epochs, max_ste
         "parameters": sum(p.numel() for p in net.parameters()),
         "wall_s": round(trainer.elapsed, 3), "backend": backend, "device": str(device),
         "world_size": world.size, "fsdp": world.fsdp,
-        "best_epoch": trainer.best_epoch, "test_loss": test["loss"],
+        "best_epoch": trainer.best_epoch, "test_weights": "best" if settings.get("restore_best", True) else "last",
+        "test_loss": test["loss"],
         task.headline: test[task.metric],
     }
     if settings.get("teacher") is not None:
