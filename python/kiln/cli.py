@@ -123,8 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="knowledge distillation (digits): a checkpoint of the same task (e.g. "
                             "runs/digits-cnn/best.pt) whose softened predictions the model also learns, or a "
                             "model name (cnn: runs/digits-cnn/best.pt, trained first when absent), or none; "
-                            "the training settings distill_temperature and distill_weight mix the losses "
-                            "(default: the model's setting, none but for digits vit)")
+                            "the training settings distill_temperature and distill_weight mix the losses")
     train.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     train.add_argument("--backend", default=None, choices=BACKENDS,
                        help="kiln backend for every op (default: by device)")

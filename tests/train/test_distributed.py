@@ -81,7 +81,7 @@ def runs(tmp_path_factory):
         {**LOGISTIC, "out": str(root / "two3"), "max_steps": 3},
         {**LOGISTIC, "out": str(root / "two7_from_one3"), "max_steps": 7, "resume": str(root / "one3" / "last.pt")},
         {"task": "digits", "model": "vit", "batch_size": 16, "max_steps": 2, "fsdp": True, "progress": False,
-         "out": str(root / "fsdp"), "teacher": "none"},
+         "out": str(root / "fsdp")},
     ])
     one("one7_from_two3", max_steps=7, resume=str(root / "two3" / "last.pt"))
     torch.set_num_threads(threads[0])

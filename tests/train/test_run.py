@@ -140,8 +140,7 @@ def test_a_cuda_run_saves_cuda_rng_and_loads_on_cpu(capsys, tmp_path):
 @pytest.mark.parametrize("model", ["cnn", "vit"])
 def test_the_vision_models_train_two_steps_and_reload(capsys, tmp_path, model):
     out = tmp_path / model
-    # (the vit's default teacher, the default cnn run, is trained when absent: not here)
-    _train(capsys, out, "--model", model, "--max-steps", "2", *(["--teacher", "none"] if model == "vit" else []))
+    _train(capsys, out, "--model", model, "--max-steps", "2")
     rebuilt = kiln.train.load(out / "last.pt")
     assert type(rebuilt).__name__.lower() == model
     results = json.loads((out / "results.json").read_text())
