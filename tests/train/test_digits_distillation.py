@@ -153,3 +153,18 @@ def test_the_vit_is_tested_with_its_last_weights(capsys, tmp_path, monkeypatch):
     with torch.no_grad():
         assert results["test_weights"] == "last"
         assert results["test_accuracy"] == pytest.approx((model(x).argmax(-1) == y).double().mean().item(), abs=1e-12)
+
+
+def test_random_shift_moves_each_image_by_whole_pixels_with_a_zero_border():
+    from kiln.train.regularizers import random_shift
+
+    torch.manual_seed(0)
+    x = torch.randn(200, 64, dtype=torch.float64)
+    out = random_shift(x, 1).reshape(-1, 8, 8)
+    images = F.pad(x.reshape(-1, 8, 8), (1, 1, 1, 1))
+    seen = set()
+    for image, moved in zip(images, out):
+        shifts = [(dy, dx) for dy in range(3) for dx in range(3) if torch.equal(image[dy:dy + 8, dx:dx + 8], moved)]
+        assert len(shifts) == 1
+        seen.add(shifts[0])
+    assert len(seen) == 9  # every shift of up to one pixel each way occurs
