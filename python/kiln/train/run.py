@@ -205,7 +205,7 @@ def _train(world: World, task: str | Task, model: str | None, *, epochs, max_ste
         for key in ("batch_size", "lr", "seed", "teacher"):
             if key in given and given[key] != saved["train"].get(key):
                 raise RunError(f"--{key.replace('_', '-')} {given[key]} differs from the checkpoint's "
-                               f"{saved['train'][key]}; a resumed run keeps it")
+                               f"{saved['train'].get(key)}; a resumed run keeps it")
         settings.update(saved["train"])
         model_config = saved["model_config"]
     settings.update(given)
