@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=None, help="the run folder (default runs/TASK-MODEL)")
     train.add_argument("--resume", default=None, metavar="CKPT",
                        help="continue the run saved in this checkpoint, exactly where it stopped")
+    train.add_argument("--teacher", default=None, metavar="CKPT",
+                       help="knowledge distillation (digits): a checkpoint of the same task (e.g. "
+                            "runs/digits-cnn/best.pt) whose softened predictions the model also learns, or a "
+                            "model name (cnn: runs/digits-cnn/best.pt, trained first when absent), or none; "
+                            "the training settings distill_temperature and distill_weight mix the losses")
     train.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     train.add_argument("--backend", default=None, choices=BACKENDS,
                        help="kiln backend for every op (default: by device)")
@@ -194,7 +199,8 @@ def train(args) -> None:
         result = run.train(task, args.model, epochs=args.epochs, max_steps=args.max_steps,
                            time_limit=args.time_limit,
                            batch_size=args.batch_size, lr=args.lr, seed=args.seed, out=args.out,
-                           resume=args.resume, device=device, progress=not args.no_progress, fsdp=args.fsdp)
+                           resume=args.resume, device=device, progress=not args.no_progress, fsdp=args.fsdp,
+                           teacher=args.teacher)
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone reports
         return
     out = args.out or f"runs/{task.name}-{result['model']}"

@@ -171,7 +171,8 @@ def test_only_rank_0_writes_the_run_folder(runs):
     lines = [line.split(" ", 2) for line in stdout.splitlines() if line.startswith("WRITES")]
     assert sorted(rank for _, rank, _ in lines) == ["0", "1"]
     assert [json.loads(w) for _, rank, w in lines if rank == "1"] == [[]]
-    assert sorted(os.listdir(root / "two3")) == ["curves.png", "last.pt", "metrics.csv", "results.json"]
+    assert sorted(os.listdir(root / "two3")) == ["confusion.png", "curves.png", "last.pt", "metrics.csv",
+                                                 "misclassified.png", "results.json"]
 
 
 def test_an_fsdp_checkpoint_loads_and_resumes_in_one_process(runs):

@@ -32,7 +32,8 @@ def test_the_run_folder_holds_checkpoints_metrics_results_and_curves(capsys, tmp
     out = tmp_path / "run"
     printed = _train(capsys, out, "--epochs", "2", "--model", "logistic")
     assert "test_accuracy" in printed and str(out) in printed
-    assert sorted(os.listdir(out)) == ["best.pt", "curves.png", "last.pt", "metrics.csv", "results.json"]
+    assert sorted(os.listdir(out)) == ["best.pt", "confusion.png", "curves.png", "last.pt", "metrics.csv",
+                                       "misclassified.png", "results.json"]
     with open(out / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["epoch", "step", "train_loss", "val_loss", "val_accuracy", "lr", "seconds"]

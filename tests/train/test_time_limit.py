@@ -113,7 +113,8 @@ def test_kiln_train_time_limit_writes_the_folder_as_at_a_normal_end(capsys, tmp_
                      "--epochs", "1000", "--time-limit", "1.5", "--no-progress"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert sorted(os.listdir(out)) == ["best.pt", "curves.png", "last.pt", "metrics.csv", "results.json"]
+    assert sorted(os.listdir(out)) == ["best.pt", "confusion.png", "curves.png", "last.pt", "metrics.csv",
+                                       "misclassified.png", "results.json"]
     results = json.loads((out / "results.json").read_text())
     assert results["stop_reason"] == "time_limit" and results["time_limit_s"] == 1.5
     assert results["wall_s"] >= 1.5 and 0 < results["epochs"] < 1000

@@ -100,6 +100,43 @@ def load(path: str, map_location: str | torch.device = "cpu") -> torch.nn.Module
     return model.to(map_location).eval()
 
 
+def _teacher_checkpoint(world: World, task: Task, teacher: str, device: torch.device, progress: bool) -> str:
+    """--teacher's checkpoint: a path, or a model name of the task, which stands for that
+    model's default run, runs/TASK-MODEL/best.pt, trained first (default settings) when absent."""
+    if teacher not in task.models:
+        return teacher
+    path = os.path.join("runs", f"{task.name}-{teacher}", "best.pt")
+    if not os.path.isfile(path):
+        if world.distributed:
+            raise RunError(f"--teacher {teacher}: {path} does not exist; train it first "
+                           f"(kiln train {task.name} --model {teacher}), then distill under torchrun")
+        logging.getLogger("kiln").warning("--teacher %s: %s does not exist, training it first", teacher, path)
+        _train(world, task, teacher, epochs=None, max_steps=None, time_limit=None, batch_size=None, lr=None, seed=None,
+               out=os.path.dirname(path), resume=None, device=device, progress=progress)
+    return path
+
+
+def _distillation_loss(world: World, task: Task, settings: dict, device: torch.device, progress: bool):
+    """The task's training loss with the teacher of ``settings["teacher"]`` (--teacher), a
+    checkpoint of the same task (or a model name: _teacher_checkpoint); its model runs in eval
+    mode, without gradients."""
+    if not hasattr(task, "distillation_loss"):
+        raise RunError(f"--teacher: task {task.name!r} has no distillation loss (the digits task has)")
+    path = _teacher_checkpoint(world, task, settings["teacher"], device, progress)
+    ckpt = checkpoint.load(path, map_location="cpu")
+    config = _checkpoint_config(ckpt, path)
+    if config["task"] != task.name:
+        raise RunError(f"--teacher {path!r} is a {config['task']!r} checkpoint, not one of task {task.name!r}")
+    try:
+        teacher = load(path, map_location=device)
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"--teacher {path!r} does not load ({checkpoint.error_line(e)})") from None
+    try:
+        return task.distillation_loss(teacher, settings["distill_temperature"], settings["distill_weight"])
+    except (KeyError, ValueError) as e:
+        raise RunError(f"--teacher: {e}") from None
+
+
 def backend_of(device: torch.device) -> str:
     """The kiln backend that runs linear_act (every kiln model's workhorse) on ``device``."""
     return kiln.backend.select("linear_act", device, torch.float32, kiln.ops.BACKEND_DTYPES["linear_act"])
@@ -108,7 +145,8 @@ def backend_of(device: torch.device) -> str:
 def train(task: str | Task, model: str | None = None, *, epochs: int | None = None,
           max_steps: int | None = None, time_limit: float | None = None, batch_size: int | None = None,
           lr: float | None = None, seed: int | None = None, out: str | None = None, resume: str | None = None,
-          device: str = "cpu", progress: bool = True, fsdp: bool = False) -> dict:
+          device: str = "cpu", progress: bool = True, fsdp: bool = False,
+          teacher: str | None = None) -> dict:
     """Train ``model`` of ``task`` into the folder ``out`` and return results.json's dict.
 
     Settings left None come from the task (and model entry), or from the checkpoint when
@@ -118,6 +156,8 @@ def train(task: str | Task, model: str | None = None, *, epochs: int | None = No
     it ends at the limit (or at the last epoch if that comes first: trainer.TimedSchedule).
     ``batch_size`` is the global batch of a step, split over the ranks of a torchrun run;
     ``fsdp`` shards a Transformer with FSDP2.
+    ``teacher``: a checkpoint of the same task whose model the student distills (tasks with a
+    ``distillation_loss``, e.g. digits); kept in the checkpoint, so a resumed run goes on distilling.
     """
     try:
         world, device = World.from_env(device, fsdp)
@@ -126,8 +166,8 @@ def train(task: str | Task, model: str | None = None, *, epochs: int | None = No
     try:
         with _fsdp_backend(world, device):
             return _train(world, task, model, epochs=epochs, max_steps=max_steps, time_limit=time_limit,
-                          batch_size=batch_size, lr=lr,
-                          seed=seed, out=out, resume=resume, device=device, progress=progress)
+                          batch_size=batch_size, lr=lr, seed=seed, out=out, resume=resume, device=device,
+                          progress=progress, teacher=teacher)
     finally:
         world.close()  # also on an error: no rank is left waiting in a collective
 
@@ -153,7 +193,7 @@ def _fsdp_backend(world: World, device: torch.device) -> kiln.backend.use:
 
 
 def _train(world: World, task: str | Task, model: str | None, *, epochs, max_steps, time_limit, batch_size, lr, seed,
-           out, resume, device: torch.device, progress: bool) -> dict:
+           out, resume, device: torch.device, progress: bool, teacher: str | None = None) -> dict:
     task = get_task(task) if isinstance(task, str) else task
     model = model or task.default_model
     entry = task.model_entry(model)
@@ -163,15 +203,17 @@ def _train(world: World, task: str | Task, model: str | None, *, epochs, max_ste
     given = {key: value for key, value in
              {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
               "time_limit": time_limit}.items() if value is not None}
+    if teacher is not None:
+        given["teacher"] = None if teacher == "none" else os.fspath(teacher)
     model_config, ckpt = entry.config_dict(), None
     if resume is not None:
         ckpt = checkpoint.load(resume, map_location="cpu")
         checkpoint.check_matches(ckpt, resume, task.name, model)
         saved = _checkpoint_config(ckpt, resume)
-        for key in ("batch_size", "lr", "seed"):
-            if key in given and given[key] != saved["train"][key]:
+        for key in ("batch_size", "lr", "seed", "teacher"):
+            if key in given and given[key] != saved["train"].get(key):
                 raise RunError(f"--{key.replace('_', '-')} {given[key]} differs from the checkpoint's "
-                               f"{saved['train'][key]}; a resumed run keeps it")
+                               f"{saved['train'].get(key)}; a resumed run keeps it")
         if time_limit is not None and saved["train"].get("time_limit") is None:
             raise RunError("--time-limit: the checkpoint's run has no time limit, its LR schedule runs by steps; "
                            "resume it without --time-limit")
@@ -187,6 +229,9 @@ def _train(world: World, task: str | Task, model: str | None, *, epochs, max_ste
     if world.fsdp and settings["optimizer"] == "ngd":
         raise RunError("--fsdp: the ngd optimizer normalizes by the whole gradient's norm, which a shard does "
                        "not hold; train this model without --fsdp")
+
+    loss_fn = (task.loss if settings.get("teacher") is None
+               else _distillation_loss(world, task, settings, device, progress))
 
     splits = task.splits()
     random.seed(settings["seed"])
@@ -211,7 +256,7 @@ def _train(world: World, task: str | Task, model: str | None, *, epochs, max_ste
             scheduler = None
     config = {"task": task.name, "model": model, "model_config": model_config, "train": settings}
     backend = backend_of(device)
-    trainer = Trainer(train_net, optimizer, task.loss, splits.train, splits.val, scheduler=scheduler,
+    trainer = Trainer(train_net, optimizer, loss_fn, splits.train, splits.val, scheduler=scheduler,
                       metric_fn=task.metric_value, metric_name=task.metric,
                       batch_size=settings["batch_size"], epochs=settings["epochs"], max_steps=max_steps,
                       time_limit=settings["time_limit"],
@@ -231,7 +276,10 @@ def _train(world: World, task: str | Task, model: str | None, *, epochs, max_ste
     if world.is_main:
         os.makedirs(out, exist_ok=True)
     trainer.fit()
-    trainer.restore_best_weights()  # after fit's last checkpoint, which keeps the last step's
+    # the best validation epoch's weights (after fit's last checkpoint, which keeps the last
+    # step's), unless the task's settings say the last epoch's (restore_best False)
+    if settings.get("restore_best", True):
+        trainer.restore_best_weights()
     if world.fsdp:
         # the results (decoding calls blocks outside the root's forward) on a plain copy of
         # the full model on every rank; evaluation stays sharded over the ranks
@@ -246,9 +294,12 @@ def _train(world: World, task: str | Task, model: str | None, *, epochs, max_ste
         "parameters": sum(p.numel() for p in net.parameters()),
         "wall_s": round(trainer.elapsed, 3), "backend": backend, "device": str(device),
         "world_size": world.size, "fsdp": world.fsdp,
-        "best_epoch": trainer.best_epoch, "test_loss": test["loss"],
+        "best_epoch": trainer.best_epoch, "test_weights": "best" if settings.get("restore_best", True) else "last",
+        "test_loss": test["loss"],
         task.headline: test[task.metric],
     }
+    if settings.get("teacher") is not None:
+        results["teacher"] = settings["teacher"]
     net.eval()
     results.update(task.results(net, splits, device, trainer))  # every rank: it may evaluate
     if world.is_main:
