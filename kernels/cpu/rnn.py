@@ -246,8 +246,8 @@ def _lstm_sequence_forward(gx, h0, c0, w_hh, h_all, c_all, gates, hw):
 
 
 @njit(**_SEQUENCE_OPTIONS)
-def _lstm_sequence_backward(dh_all, dc_all, gates, c0, c_all, w_hh, dpre, dc, hw):
-    """dc, hw (B, H) zero in; out dc0, dh0."""
+def _lstm_sequence_backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh, dpre, dc, hw, dw_hh):
+    """dc, hw (B, H) zero in; out dc0, dh0, and dw_hh (4H, H) = sum_t dpre_t^T h_{t-1}."""
     T, B, G = gates.shape
     H = G // 4
     for t in range(T - 1, -1, -1):
@@ -255,6 +255,11 @@ def _lstm_sequence_backward(dh_all, dc_all, gates, c0, c_all, w_hh, dpre, dc, hw
         for b in range(B):
             _lstm_backward_row(dh_all[t, b], dc_all[t, b], hw[b], gates[t, b], c[b], c_all[t, b], dpre[t, b], dc[b])
         mkl_gemm(0, 0, H, B, G, w_hh, H, dpre[t], G, 0.0, hw, H)  # hw = dpre_t W_hh
+    # dw_hh, row-major (G, H), is the column-major (H x G) h_prev^T dpre: h0 against step 0,
+    # then h_all[:T-1] (contiguous) against steps 1.. (no concatenated h_prev copy).
+    mkl_gemm(0, 1, H, G, B, h0, H, dpre[0], G, 0.0, dw_hh, H)
+    if T > 1:
+        mkl_gemm(0, 1, H, G, (T - 1) * B, h_all, H, dpre[1], G, 1.0, dw_hh, H)
 
 
 @njit(**_SEQUENCE_OPTIONS)
@@ -332,9 +337,10 @@ def lstm_sequence_backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh):
     if not _fused(w_hh, gates, h0):
         return _stepwise_lstm_sequence_backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh)
     dpre, dc, hw = torch.empty_like(gates), torch.zeros_like(c0), torch.zeros_like(h0)
-    _lstm_sequence_backward(_np(dh_all), _np(dc_all), _np(gates), _np(c0), _np(c_all), _np(w_hh), dpre.numpy(),
-                            dc.numpy(), hw.numpy())
-    return dpre, hw, dc
+    dw_hh = torch.empty_like(w_hh)
+    _lstm_sequence_backward(_np(dh_all), _np(dc_all), _np(gates), _np(h0), _np(c0), _np(h_all), _np(c_all), _np(w_hh),
+                            dpre.numpy(), dc.numpy(), hw.numpy(), dw_hh.numpy())
+    return dpre, hw, dc, dw_hh
 
 
 def gru_sequence_forward(gx, h0, w_hh, b_hh):

@@ -477,7 +477,9 @@ def _lstm_sequence_backward(dh_all: Tensor, dc_all: Tensor, gates: Tensor, h0: T
                             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (dgx (T, B, 4H), dh0, dc0, dw_hh)."""
     backward = _sequence_function(_implementation("lstm", w_hh), "lstm_sequence_backward")
-    dpre_all, dh, dc = backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh)
+    dpre_all, dh, dc, *own_dw = backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh)
+    if own_dw:  # the form's sequence backward formed dw_hh itself (cpu: inside its one numba call)
+        return dpre_all, dh, dc, own_dw[0].to(w_hh.dtype)
     h_prev = torch.cat([h0[None], h_all])[:h_all.shape[0]].reshape(-1, h0.shape[1])
     dw_hh = dpre_all.reshape(-1, gates.shape[2]).t() @ h_prev
     return dpre_all, dh, dc, dw_hh.to(w_hh.dtype)
