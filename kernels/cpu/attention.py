@@ -1,5 +1,10 @@
 """CPU form of attention: query blocks against key blocks, numba around torch's BLAS.
 
+Two forms. Without attn_bias (``_fused``): forward and backward are each one numba
+parallel region (prange over (head, query block) tasks forward, over heads backward)
+whose tasks call MKL's GEMM themselves (blas.mkl_gemm, one thread each) on score blocks
+that stay in the worker's cache. With attn_bias, the batched form below:
+
 The block products (q k^T, p v, and in backward do v^T, p^T do, ds k, ds^T q) are
 batched matmuls over a chunk of (batch, head) pairs at once from torch (MKL); numba does
 the rest in one pass over each score block, in place: scale, masks and the online-softmax
@@ -342,7 +347,74 @@ def _batched_forward(q, k, v, causal: bool, key_padding_mask, scale: float, attn
     return o.reshape(q.shape), lse.reshape(B, Hq, Tq)
 
 
+@njit(parallel=True, cache=True, error_model="numpy", fastmath={"contract"})
+def _fused_backward(do, q, k, v, lse, delta, dq, dk, dv, causal, mask, has_mask, scale, heads, group, bq, bk):
+    """One task per (batch, query head) bh, which owns dq[bh], dk[bh] and dv[bh] (per query
+    head: the caller sums a GQA group's), so no two tasks write the same rows. Per query
+    block and key block: s = q k^T and dp = do v^T (MKL), then p = exp(s scale - lse),
+    ds = scale p (dp - delta) in place, and dv += p^T do, dk += ds^T q, dq += ds k."""
+    BH, Tq, D = q.shape
+    Tk = k.shape[1]
+    offset = Tk - Tq
+    for bh in prange(BH):
+        previous = mkl_set_num_threads_local(1)
+        kvh = (bh // heads) * (heads // group) + (bh % heads) // group
+        s = np.empty((bq, bk), q.dtype)
+        dp = np.empty((bq, bk), q.dtype)
+        mask_row = mask[bh // heads] if has_mask else mask[0]
+        for q0 in range(0, Tq, bq):
+            q1 = min(Tq, q0 + bq)
+            nq = q1 - q0
+            key_end = _key_end_nb(q1, Tq, Tk, causal)
+            for k0 in range(0, key_end, bk):
+                nk = min(key_end, k0 + bk) - k0
+                mkl_gemm(1, 0, nk, nq, D, k[kvh, k0:], D, q[bh, q0:], D, 0.0, s, bk)  # s = q k^T
+                mkl_gemm(1, 0, nk, nq, D, v[kvh, k0:], D, do[bh, q0:], D, 0.0, dp, bk)  # dp = do v^T
+                for i in range(nq):
+                    row, g = s[i, :nk], dp[i, :nk]
+                    limit = _visible(causal, nk, q0 + i, k0, offset)
+                    sc = like(row[0], scale)
+                    lse_i = like(row[0], lse[bh, q0 + i])
+                    d = like(row[0], delta[bh, q0 + i])
+                    for j in range(limit):
+                        p = exp(row[j] * sc - lse_i)
+                        row[j] = p
+                        g[j] = sc * p * (g[j] - d)
+                    if has_mask:
+                        _hide_masked(row, limit, mask_row, k0, like(row[0], 0.0))
+                        _hide_masked(g, limit, mask_row, k0, like(row[0], 0.0))
+                    row[limit:] = 0
+                    g[limit:] = 0
+                mkl_gemm(0, 1, D, nk, nq, do[bh, q0:], D, s, bk, 1.0, dv[bh, k0:], D)  # dv += p^T do
+                mkl_gemm(0, 1, D, nk, nq, q[bh, q0:], D, dp, bk, 1.0, dk[bh, k0:], D)  # dk += ds^T q
+                mkl_gemm(0, 0, D, nq, nk, k[kvh, k0:], D, dp, bk, 1.0, dq[bh, q0:], D)  # dq += ds k
+        mkl_set_num_threads_local(previous)
+
+
 def backward(do, q, k, v, o, lse, causal: bool, key_padding_mask, scale: float, attn_bias=None):
+    if not _fused(q, k, attn_bias):
+        return _batched_backward(do, q, k, v, o, lse, causal, key_padding_mask, scale, attn_bias)
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    BH = B * Hq
+    qf = q.contiguous().reshape(BH, Tq, D)
+    kf, vf = k.contiguous().reshape(B * Hkv, Tk, D), v.contiguous().reshape(B * Hkv, Tk, D)
+    dof = do.contiguous().reshape(BH, Tq, D)
+    delta = (dof.to(lse.dtype) * o.reshape(BH, Tq, D).to(lse.dtype)).sum(-1)
+    dq = torch.zeros_like(qf)
+    dk = torch.zeros(BH, Tk, D, dtype=q.dtype)
+    dv = torch.zeros(BH, Tk, D, dtype=q.dtype)
+    mask, has_mask = _mask_np(key_padding_mask)
+    _fused_backward(dof.numpy(), qf.numpy(), kf.numpy(), vf.numpy(), lse.reshape(BH, Tq).contiguous().numpy(),
+                    delta.numpy(), dq.numpy(), dk.numpy(), dv.numpy(), bool(causal), mask, has_mask, float(scale), Hq,
+                    Hq // Hkv, FUSED_BLOCK_Q, FUSED_BLOCK_K)
+    group = Hq // Hkv
+    dk = dk.reshape(B, Hkv, group, Tk, D).sum(2)
+    dv = dv.reshape(B, Hkv, group, Tk, D).sum(2)
+    return dq.reshape(q.shape), dk, dv
+
+
+def _batched_backward(do, q, k, v, o, lse, causal: bool, key_padding_mask, scale: float, attn_bias=None):
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     if attn_bias is not None:
