@@ -210,6 +210,12 @@ FUSED_BLOCK_Q = 64  # query rows per task: 64 x 256 float32 scores are 64 KiB, i
 FUSED_BLOCK_K = 256
 
 
+def _fused_blocks():
+    """(query rows, keys) of a fused block: at most the batched form's BLOCK_Q, BLOCK_K (so
+    a test that shrinks those runs several blocks in both forms)."""
+    return min(FUSED_BLOCK_Q, BLOCK_Q), min(FUSED_BLOCK_K, BLOCK_K)
+
+
 @njit(inline="always")
 def _key_end_nb(q1, Tq, Tk, causal):
     return Tk if not causal else min(Tk, max(0, q1 - 1 + Tk - Tq + 1))
@@ -296,7 +302,7 @@ def _fused_forward_call(q, k, v, causal, key_padding_mask, scale):
     lse = empty((B * Hq, Tq), _stats_dtype(q.dtype))
     mask, has_mask = _mask_np(key_padding_mask)
     _fused_forward(qf.numpy(), kf.numpy(), vf.numpy(), o.numpy(), lse.numpy(), bool(causal), mask, has_mask,
-                   float(scale), Hq, Hq // Hkv, FUSED_BLOCK_Q, FUSED_BLOCK_K)
+                   float(scale), Hq, Hq // Hkv, *_fused_blocks())
     return o.reshape(q.shape), lse.reshape(B, Hq, Tq)
 
 
@@ -407,7 +413,7 @@ def backward(do, q, k, v, o, lse, causal: bool, key_padding_mask, scale: float, 
     mask, has_mask = _mask_np(key_padding_mask)
     _fused_backward(dof.numpy(), qf.numpy(), kf.numpy(), vf.numpy(), lse.reshape(BH, Tq).contiguous().numpy(),
                     delta.numpy(), dq.numpy(), dk.numpy(), dv.numpy(), bool(causal), mask, has_mask, float(scale), Hq,
-                    Hq // Hkv, FUSED_BLOCK_Q, FUSED_BLOCK_K)
+                    Hq // Hkv, *_fused_blocks())
     group = Hq // Hkv
     dk = dk.reshape(B, Hkv, group, Tk, D).sum(2)
     dv = dv.reshape(B, Hkv, group, Tk, D).sum(2)
