@@ -105,8 +105,8 @@ def _interleaved(repeats, shapes):
                 # On a loaded machine the minima (each side's least disturbed repeat) scatter
                 # less than the medians.
                 best = min(times["torch"]) / min(times["kiln"])
-                print(f"| {kind} {mode} {_name(shape)} | {ours:.3f} | {theirs:.3f} | {theirs / ours:.2f} | {best:.2f} |",
-                      flush=True)
+                print(f"| {kind} {mode} {_name(shape)} | {ours:.3f} | {theirs:.3f} | {theirs / ours:.2f} "
+                      f"| {best:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
