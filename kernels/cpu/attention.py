@@ -1,5 +1,10 @@
 """CPU form of attention: query blocks against key blocks, numba around torch's BLAS.
 
+Two forms. Without attn_bias (``_fused``): forward and backward are each one numba
+parallel region (prange over (head, query block) tasks forward, over heads backward)
+whose tasks call MKL's GEMM themselves (blas.mkl_gemm, one thread each) on score blocks
+that stay in the worker's cache. With attn_bias, the batched form below:
+
 The block products (q k^T, p v, and in backward do v^T, p^T do, ds k, ds^T q) are
 batched matmuls over a chunk of (batch, head) pairs at once from torch (MKL); numba does
 the rest in one pass over each score block, in place: scale, masks and the online-softmax
@@ -27,6 +32,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from .blas import MKL_THREADS, mkl_gemm, mkl_set_num_threads_local
 from .fastmath import KERNEL_OPTIONS, exp, like
 from .lanes import lane_max, lane_sum_f64
 from .memory import empty
@@ -189,7 +195,124 @@ def _add_bias(s, attn_bias, h0, h1, q0, q1, k0, k1, scale):
         s[i].add_(attn_bias[h // Hq, h % Hq, q0:q1, k0:k1], alpha=1.0 / scale)
 
 
+# ---------------------------------------------------------------------------------------
+# The forward in one parallel region: numba prange over (head, query block) tasks, each
+# running its key blocks with MKL's GEMM called from numba (blas.mkl_gemm, sequential
+# inside a task: mkl_set_num_threads_local(1)) and the online softmax between the two
+# products, on a score block that stays in the worker's cache for p v. The batched form
+# below pays three parallel regions per block (torch's bmm, the numba pass, bmm), each
+# ending in a barrier and handing the cores between two thread pools: with two threads on
+# a busy machine it ran at half of SDPA's flash kernel (bench/results/attention_cpu.md).
+# It runs when MKL is reachable, with no attn_bias (whose tiles the batched form adds with
+# torch), in float32 / float64, every size nonzero and within BLAS's 32-bit ints.
+
+FUSED_BLOCK_Q = 64  # query rows per task: 64 x 256 float32 scores are 64 KiB, in L2
+FUSED_BLOCK_K = 256
+
+
+def _fused_blocks():
+    """(query rows, keys) of a fused block: at most the batched form's BLOCK_Q, BLOCK_K (so
+    a test that shrinks those runs several blocks in both forms)."""
+    return min(FUSED_BLOCK_Q, BLOCK_Q), min(FUSED_BLOCK_K, BLOCK_K)
+
+
+@njit(inline="always")
+def _key_end_nb(q1, Tq, Tk, causal):
+    return Tk if not causal else min(Tk, max(0, q1 - 1 + Tk - Tq + 1))
+
+
+@njit(parallel=True, cache=True, error_model="numpy", fastmath={"contract"})
+def _fused_forward(q, k, v, o, lse, causal, mask, has_mask, scale, heads, group, bq, bk):
+    """q, o (BH, Tq, D); k, v (B * heads // group, Tk, D); lse (BH, Tq). Task (bh, query
+    block): scores s = q k^T of one key block at a time (nq x nk, row stride bk), online
+    softmax in place, acc += p v; then o = acc / l, lse = m + log l."""
+    BH, Tq, D = q.shape
+    Tk = k.shape[1]
+    offset = Tk - Tq
+    n_qb = (Tq + bq - 1) // bq
+    for task in prange(BH * n_qb):
+        previous = mkl_set_num_threads_local(1)
+        bh, qb = task // n_qb, task % n_qb
+        kvh = (bh // heads) * (heads // group) + (bh % heads) // group
+        q0 = qb * bq
+        q1 = min(Tq, q0 + bq)
+        nq = q1 - q0
+        s = np.empty((bq, bk), q.dtype)
+        acc = np.zeros((bq, D), q.dtype)
+        m = np.full(bq, -np.inf)
+        l = np.zeros(bq)
+        mask_row = mask[bh // heads] if has_mask else mask[0]
+        key_end = _key_end_nb(q1, Tq, Tk, causal)
+        for k0 in range(0, key_end, bk):
+            nk = min(key_end, k0 + bk) - k0
+            mkl_gemm(1, 0, nk, nq, D, k[kvh, k0:], D, q[bh, q0:], D, 0.0, s, bk)  # s = q k^T
+            for i in range(nq):
+                row = s[i, :nk]
+                limit = _visible(causal, nk, q0 + i, k0, offset)
+                sc = like(row[0], scale)
+                for j in range(limit):
+                    row[j] = row[j] * sc
+                if has_mask:
+                    _hide_masked(row, limit, mask_row, k0, like(row[0], -np.inf))
+                m_old = m[i]
+                m_new = max(m_old, np.float64(lane_max(row[:limit])))
+                if m_new == -np.inf:  # nothing seen yet in this row: p = 0
+                    row[:] = 0
+                    continue
+                mn = like(row[0], m_new)
+                for j in range(limit):
+                    row[j] = exp(row[j] - mn)
+                row[limit:] = 0
+                total = lane_sum_f64(row[:limit])
+                a = math.exp(m_old - m_new)  # 0 when m_old is -inf: acc's row is 0 then
+                m[i], l[i] = m_new, l[i] * a + total
+                if a != 1.0:
+                    out = acc[i]
+                    a_x = like(row[0], a)
+                    for d in range(D):
+                        out[d] *= a_x
+            mkl_gemm(0, 0, D, nq, nk, v[kvh, k0:], D, s, bk, 1.0, acc, D)  # acc += p v
+        for i in range(nq):
+            out = o[bh, q0 + i]
+            if l[i] > 0:
+                inv = like(out[0], 1.0 / l[i])
+                for d in range(D):
+                    out[d] = acc[i, d] * inv
+                lse[bh, q0 + i] = m[i] + np.log(l[i])
+            else:
+                out[:] = 0
+                lse[bh, q0 + i] = np.inf
+        mkl_set_num_threads_local(previous)
+
+
+_INT32_MAX = 2 ** 31 - 1
+
+
+def _fused(q, k, attn_bias) -> bool:
+    return (MKL_THREADS and attn_bias is None and q.dtype in (torch.float32, torch.float64)
+            and all(0 < n <= _INT32_MAX for t in (q, k) for n in t.shape))
+
+
+def _fused_forward_call(q, k, v, causal, key_padding_mask, scale):
+    B, Hq, Tq, D = q.shape
+    Hkv = k.shape[1]
+    qf = q.contiguous().reshape(B * Hq, Tq, D)
+    kf, vf = k.contiguous().reshape(B * Hkv, -1, D), v.contiguous().reshape(B * Hkv, -1, D)
+    o = empty(qf.shape, q.dtype)
+    lse = empty((B * Hq, Tq), _stats_dtype(q.dtype))
+    mask, has_mask = _mask_np(key_padding_mask)
+    _fused_forward(qf.numpy(), kf.numpy(), vf.numpy(), o.numpy(), lse.numpy(), bool(causal), mask, has_mask,
+                   float(scale), Hq, Hq // Hkv, *_fused_blocks())
+    return o.reshape(q.shape), lse.reshape(B, Hq, Tq)
+
+
 def forward(q, k, v, causal: bool, key_padding_mask, scale: float, attn_bias=None):
+    if _fused(q, k, attn_bias):
+        return _fused_forward_call(q, k, v, causal, key_padding_mask, scale)
+    return _batched_forward(q, k, v, causal, key_padding_mask, scale, attn_bias)
+
+
+def _batched_forward(q, k, v, causal: bool, key_padding_mask, scale: float, attn_bias=None):
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
     if attn_bias is not None:
@@ -230,7 +353,74 @@ def forward(q, k, v, causal: bool, key_padding_mask, scale: float, attn_bias=Non
     return o.reshape(q.shape), lse.reshape(B, Hq, Tq)
 
 
+@njit(parallel=True, cache=True, error_model="numpy", fastmath={"contract"})
+def _fused_backward(do, q, k, v, lse, delta, dq, dk, dv, causal, mask, has_mask, scale, heads, group, bq, bk):
+    """One task per (batch, query head) bh, which owns dq[bh], dk[bh] and dv[bh] (per query
+    head: the caller sums a GQA group's), so no two tasks write the same rows. Per query
+    block and key block: s = q k^T and dp = do v^T (MKL), then p = exp(s scale - lse),
+    ds = scale p (dp - delta) in place, and dv += p^T do, dk += ds^T q, dq += ds k."""
+    BH, Tq, D = q.shape
+    Tk = k.shape[1]
+    offset = Tk - Tq
+    for bh in prange(BH):
+        previous = mkl_set_num_threads_local(1)
+        kvh = (bh // heads) * (heads // group) + (bh % heads) // group
+        s = np.empty((bq, bk), q.dtype)
+        dp = np.empty((bq, bk), q.dtype)
+        mask_row = mask[bh // heads] if has_mask else mask[0]
+        for q0 in range(0, Tq, bq):
+            q1 = min(Tq, q0 + bq)
+            nq = q1 - q0
+            key_end = _key_end_nb(q1, Tq, Tk, causal)
+            for k0 in range(0, key_end, bk):
+                nk = min(key_end, k0 + bk) - k0
+                mkl_gemm(1, 0, nk, nq, D, k[kvh, k0:], D, q[bh, q0:], D, 0.0, s, bk)  # s = q k^T
+                mkl_gemm(1, 0, nk, nq, D, v[kvh, k0:], D, do[bh, q0:], D, 0.0, dp, bk)  # dp = do v^T
+                for i in range(nq):
+                    row, g = s[i, :nk], dp[i, :nk]
+                    limit = _visible(causal, nk, q0 + i, k0, offset)
+                    sc = like(row[0], scale)
+                    lse_i = like(row[0], lse[bh, q0 + i])
+                    d = like(row[0], delta[bh, q0 + i])
+                    for j in range(limit):
+                        p = exp(row[j] * sc - lse_i)
+                        row[j] = p
+                        g[j] = sc * p * (g[j] - d)
+                    if has_mask:
+                        _hide_masked(row, limit, mask_row, k0, like(row[0], 0.0))
+                        _hide_masked(g, limit, mask_row, k0, like(row[0], 0.0))
+                    row[limit:] = 0
+                    g[limit:] = 0
+                mkl_gemm(0, 1, D, nk, nq, do[bh, q0:], D, s, bk, 1.0, dv[bh, k0:], D)  # dv += p^T do
+                mkl_gemm(0, 1, D, nk, nq, q[bh, q0:], D, dp, bk, 1.0, dk[bh, k0:], D)  # dk += ds^T q
+                mkl_gemm(0, 0, D, nq, nk, k[kvh, k0:], D, dp, bk, 1.0, dq[bh, q0:], D)  # dq += ds k
+        mkl_set_num_threads_local(previous)
+
+
 def backward(do, q, k, v, o, lse, causal: bool, key_padding_mask, scale: float, attn_bias=None):
+    if not _fused(q, k, attn_bias):
+        return _batched_backward(do, q, k, v, o, lse, causal, key_padding_mask, scale, attn_bias)
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    BH = B * Hq
+    qf = q.contiguous().reshape(BH, Tq, D)
+    kf, vf = k.contiguous().reshape(B * Hkv, Tk, D), v.contiguous().reshape(B * Hkv, Tk, D)
+    dof = do.contiguous().reshape(BH, Tq, D)
+    delta = (dof.to(lse.dtype) * o.reshape(BH, Tq, D).to(lse.dtype)).sum(-1)
+    dq = torch.zeros_like(qf)
+    dk = torch.zeros(BH, Tk, D, dtype=q.dtype)
+    dv = torch.zeros(BH, Tk, D, dtype=q.dtype)
+    mask, has_mask = _mask_np(key_padding_mask)
+    _fused_backward(dof.numpy(), qf.numpy(), kf.numpy(), vf.numpy(), lse.reshape(BH, Tq).contiguous().numpy(),
+                    delta.numpy(), dq.numpy(), dk.numpy(), dv.numpy(), bool(causal), mask, has_mask, float(scale), Hq,
+                    Hq // Hkv, *_fused_blocks())
+    group = Hq // Hkv
+    dk = dk.reshape(B, Hkv, group, Tk, D).sum(2)
+    dv = dv.reshape(B, Hkv, group, Tk, D).sum(2)
+    return dq.reshape(q.shape), dk, dv
+
+
+def _batched_backward(do, q, k, v, o, lse, causal: bool, key_padding_mask, scale: float, attn_bias=None):
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     if attn_bias is not None:

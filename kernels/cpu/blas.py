@@ -139,3 +139,41 @@ def mkl_gemm(typingctx, trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc)
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+# MKL_Set_Num_Threads_Local(n) (C, by value; returns the previous setting, 0 = the global
+# one): code that calls mkl_gemm from inside its own parallel region (numba prange) sets
+# it to 1 on each worker, so MKL does not start threads of its own under each of them.
+_THREADS_SYMBOL = ("kiln_mkl_set_num_threads_local", "MKL_Set_Num_Threads_Local")
+
+
+def _register_mkl_threads() -> bool:
+    libs = glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.*"))
+    try:
+        address = ctypes.cast(getattr(ctypes.CDLL(libs[0]), _THREADS_SYMBOL[1]), ctypes.c_void_p).value
+    except (IndexError, OSError, AttributeError):
+        return False
+    if not address:
+        return False
+    llvm.add_symbol(_THREADS_SYMBOL[0], address)
+    return True
+
+
+# Whether mkl_set_num_threads_local can run (then MKL_GEMM is true too).
+MKL_THREADS = MKL_GEMM and _register_mkl_threads()
+
+
+@intrinsic
+def mkl_set_num_threads_local(typingctx, n):
+    """MKL's per-thread thread count for the calling thread: -> the previous one. Only when
+    MKL_THREADS."""
+    sig = types.int32(n)
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        value = context.cast(builder, args[0], signature.args[0], types.int32)
+        function_type = ir.FunctionType(i32, [i32])
+        return builder.call(cgutils.get_or_insert_function(builder.module, function_type, _THREADS_SYMBOL[0]),
+                            [value])
+
+    return sig, codegen

@@ -13,11 +13,56 @@ over steps writes every GEMM and every numba pass straight into its step's slice
 outputs and carries dh / dc in place, so nothing is copied or allocated per step (those
 copies were a quarter of the step time at B 32, H 512)."""
 
+import math
+
+import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from .blas import MKL_GEMM, PackedLinear, mkl_gemm
-from .fastmath import KERNEL_OPTIONS, exp, like, tanh
+from .fastmath import KERNEL_OPTIONS, exp, like
+
+# The gates' tanh. float64: math.tanh. float32: a rational minimax approximation (the one
+# Eigen and XLA use: odd degree-13 numerator over even degree-6 denominator on
+# |x| <= 7.905, +-1 past it), within 3e-7 relative of tanh everywhere: one division and a
+# dozen FMAs, no exp, 0.42 ns a value against fastmath.tanh's 1.02 (an exp, a select
+# between two branches and a division; one thread, AVX2). The sigmoid stays
+# 1 / (1 + exp(-z)) (0.60 ns; 1/2 + tanh(z/2)/2 would be 0.49 ns but only accurate in
+# absolute terms for z < -10).
+_F32 = np.float32
+_TANH_CLAMP = _F32(7.90531110763549805)
+_TANH_P = tuple(_F32(a) for a in (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11,
+                                  5.12229709037114e-08, 1.48572235717979e-05, 6.37261928875436e-04,
+                                  4.89352455891786e-03))
+_TANH_Q = tuple(_F32(b) for b in (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03,
+                                  4.89352518554385e-03))
+_ONE = _F32(1.0)
+
+
+def _tanh_f32(x):
+    # Past the clamp +-1 exactly (tanh there is within 3e-7 of it; the polynomials would
+    # give 1 - 2.4e-7 for every larger x). NaN fails every comparison and stays NaN.
+    c = _TANH_CLAMP if x > _TANH_CLAMP else x
+    c = -_TANH_CLAMP if c < -_TANH_CLAMP else c
+    c2 = c * c
+    p13, p11, p9, p7, p5, p3, p1 = _TANH_P
+    p = c * (p1 + c2 * (p3 + c2 * (p5 + c2 * (p7 + c2 * (p9 + c2 * (p11 + c2 * p13))))))
+    q6, q4, q2, q0 = _TANH_Q
+    y = p / (q0 + c2 * (q2 + c2 * (q4 + c2 * q6)))
+    y = _ONE if x >= _TANH_CLAMP else y
+    return -_ONE if x <= -_TANH_CLAMP else y
+
+
+def tanh(x):
+    return math.tanh(x)
+
+
+@overload(tanh)
+def _tanh_impl(x):
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+        return _tanh_f32
+    return lambda x: math.tanh(x)
 
 
 @njit(inline="always")
@@ -183,7 +228,10 @@ def _rnn_backward_row(dh_out, hw, hn, d, relu):
 # cores back and forth every step; here MKL threads its GEMM itself and the pass (a few
 # percent of a step's FLOPs) runs on the calling thread (bench/results/rnn_cpu_issue14.md).
 
-_SEQUENCE_OPTIONS = dict(cache=True, error_model="numpy")
+# contract: LLVM may fuse a multiply and an add into one FMA (no other fast-math licence:
+# NaN and inf keep their IEEE meaning). The gate pass is polynomials and divisions, and
+# fusing took it from ~2.6 to ~1.2 ns a transcendental at H 256 (one thread).
+_SEQUENCE_OPTIONS = dict(cache=True, error_model="numpy", fastmath={"contract"})
 
 
 @njit(**_SEQUENCE_OPTIONS)
@@ -198,8 +246,8 @@ def _lstm_sequence_forward(gx, h0, c0, w_hh, h_all, c_all, gates, hw):
 
 
 @njit(**_SEQUENCE_OPTIONS)
-def _lstm_sequence_backward(dh_all, dc_all, gates, c0, c_all, w_hh, dpre, dc, hw):
-    """dc, hw (B, H) zero in; out dc0, dh0."""
+def _lstm_sequence_backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh, dpre, dc, hw, dw_hh):
+    """dc, hw (B, H) zero in; out dc0, dh0, and dw_hh (4H, H) = sum_t dpre_t^T h_{t-1}."""
     T, B, G = gates.shape
     H = G // 4
     for t in range(T - 1, -1, -1):
@@ -207,6 +255,11 @@ def _lstm_sequence_backward(dh_all, dc_all, gates, c0, c_all, w_hh, dpre, dc, hw
         for b in range(B):
             _lstm_backward_row(dh_all[t, b], dc_all[t, b], hw[b], gates[t, b], c[b], c_all[t, b], dpre[t, b], dc[b])
         mkl_gemm(0, 0, H, B, G, w_hh, H, dpre[t], G, 0.0, hw, H)  # hw = dpre_t W_hh
+    # dw_hh, row-major (G, H), is the column-major (H x G) h_prev^T dpre: h0 against step 0,
+    # then h_all[:T-1] (contiguous) against steps 1.. (no concatenated h_prev copy).
+    mkl_gemm(0, 1, H, G, B, h0, H, dpre[0], G, 0.0, dw_hh, H)
+    if T > 1:
+        mkl_gemm(0, 1, H, G, (T - 1) * B, h_all, H, dpre[1], G, 1.0, dw_hh, H)
 
 
 @njit(**_SEQUENCE_OPTIONS)
@@ -284,9 +337,10 @@ def lstm_sequence_backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh):
     if not _fused(w_hh, gates, h0):
         return _stepwise_lstm_sequence_backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh)
     dpre, dc, hw = torch.empty_like(gates), torch.zeros_like(c0), torch.zeros_like(h0)
-    _lstm_sequence_backward(_np(dh_all), _np(dc_all), _np(gates), _np(c0), _np(c_all), _np(w_hh), dpre.numpy(),
-                            dc.numpy(), hw.numpy())
-    return dpre, hw, dc
+    dw_hh = torch.empty_like(w_hh)
+    _lstm_sequence_backward(_np(dh_all), _np(dc_all), _np(gates), _np(h0), _np(c0), _np(h_all), _np(c_all), _np(w_hh),
+                            dpre.numpy(), dc.numpy(), hw.numpy(), dw_hh.numpy())
+    return dpre, hw, dc, dw_hh
 
 
 def gru_sequence_forward(gx, h0, w_hh, b_hh):

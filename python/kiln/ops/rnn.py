@@ -477,7 +477,9 @@ def _lstm_sequence_backward(dh_all: Tensor, dc_all: Tensor, gates: Tensor, h0: T
                             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (dgx (T, B, 4H), dh0, dc0, dw_hh)."""
     backward = _sequence_function(_implementation("lstm", w_hh), "lstm_sequence_backward")
-    dpre_all, dh, dc = backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh)
+    dpre_all, dh, dc, *own_dw = backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh)
+    if own_dw:  # the form's sequence backward formed dw_hh itself (cpu: inside its one numba call)
+        return dpre_all, dh, dc, own_dw[0].to(w_hh.dtype)
     h_prev = torch.cat([h0[None], h_all])[:h_all.shape[0]].reshape(-1, h0.shape[1])
     dw_hh = dpre_all.reshape(-1, gates.shape[2]).t() @ h_prev
     return dpre_all, dh, dc, dw_hh.to(w_hh.dtype)
@@ -679,9 +681,21 @@ def _autocast(x, *tensors):
                  for t in (x, *tensors))
 
 
-def _input_projection(x, w_ih, bias):
-    """gx = x W_ih^T + bias for every step at once: (T, B, in) -> (T, B, G*H), state dtype."""
-    return linear_act(x, w_ih, bias, "identity").to(_state_dtype(x.dtype)).contiguous()
+def _input_projection(x, w_ih, bias, op="lstm"):
+    """gx = x W_ih^T + bias for every step at once: (T, B, in) -> (T, B, G*H), state dtype.
+
+    Where ``op`` runs on the cpu form this is torch's own linear (MKL, with torch's
+    autograd): kiln's linear_act adds nothing to a product with no activation, and its
+    custom op, its oneDNN weight packing and its epilogue pass cost ~135 us a call at a
+    small layer (T 20, B 8, 64 -> 256), as much as the whole recurrence
+    (bench/results/cpu_speed_issue14_session5.md). Under torch.compile it stays linear_act:
+    backend.select does not trace, and the compiled graph pays no per-call overhead."""
+    if (x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and backend.select(op, x.device, x.dtype, DTYPES) == "cpu"):
+        gx = torch.nn.functional.linear(x, w_ih, bias)
+    else:
+        gx = linear_act(x, w_ih, bias, "identity")
+    return gx.to(_state_dtype(x.dtype)).contiguous()
 
 
 def _sum_biases(b_ih, b_hh):
@@ -811,7 +825,7 @@ def gru(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor
 
     def run(xs, states):
         xs = xs.flip(0) if reverse else xs
-        gx = _input_projection(xs, w_ih, b_ih)
+        gx = _input_projection(xs, w_ih, b_ih, "gru")
         h_all, _ = _gru_sequence(gx, states[0].to(sd).contiguous(), w_hh.contiguous(),
                                  None if b_hh is None else b_hh.contiguous())
         h_n = h_all[-1] if xs.shape[0] else states[0]
@@ -834,7 +848,7 @@ def _elman(op, relu, x, h0, w_ih, w_hh, b_ih, b_hh, reverse, batch_sizes):
 
     def run(xs, states):
         xs = xs.flip(0) if reverse else xs
-        gx = _input_projection(xs, w_ih, bias)
+        gx = _input_projection(xs, w_ih, bias, "rnn")
         h_all = _rnn_sequence(gx, states[0].to(sd).contiguous(), w_hh.contiguous(), relu)
         h_n = h_all[-1] if xs.shape[0] else states[0]
         return (h_all.flip(0) if reverse else h_all), h_n
