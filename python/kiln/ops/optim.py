@@ -195,12 +195,15 @@ def _implementation(op: str, t: Tensor):
 # The custom ops: contiguous tensors of one dtype and device; the public functions check.
 
 
-@torch.library.custom_op("kiln::sgd_step", mutates_args=("params", "momentum_buffers"))
-def _sgd_step(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], lr: float,
-              weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
-              first_step: bool) -> None:
+def _sgd_step_body(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], lr: float,
+                   weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
+                   first_step: bool) -> None:
     _implementation("sgd_step", params[0])(params, grads, momentum_buffers, lr, weight_decay, momentum, dampening,
                                            nesterov, maximize, first_step)
+
+
+_sgd_step = torch.library.custom_op(
+    "kiln::sgd_step", mutates_args=("params", "momentum_buffers"))(_sgd_step_body)
 
 
 @_sgd_step.register_fake
@@ -209,20 +212,25 @@ def _(params, grads, momentum_buffers, lr, weight_decay, momentum, dampening, ne
 
 
 def _bias_corrections(steps: list[Tensor], lr: float, beta1: float, beta2: float):
-    counts = torch.stack([s.detach().reshape(()).cpu() for s in steps]).tolist()
+    if all(s.is_cpu for s in steps):  # torch's non-capturable counters: read each directly
+        counts = [s.item() for s in steps]
+    else:  # one copy to the host, not one synchronization per counter
+        counts = torch.stack([s.detach().reshape(()).cpu() for s in steps]).tolist()
     return ([lr / (1 - beta1 ** c) for c in counts], [(1 - beta2 ** c) ** 0.5 for c in counts])
 
 
-@torch.library.custom_op("kiln::adam_step",
-                         mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"))
-def _adam_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-               max_exp_avg_sqs: list[Tensor], steps: list[Tensor], lr: float, beta1: float, beta2: float,
-               eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
-               decoupled_weight_decay: bool) -> None:
+def _adam_step_body(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                    max_exp_avg_sqs: list[Tensor], steps: list[Tensor], lr: float, beta1: float, beta2: float,
+                    eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
+                    decoupled_weight_decay: bool) -> None:
     step_sizes, bc2_sqrts = _bias_corrections(steps, lr, beta1, beta2)
     _implementation("adam_step", params[0])(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_sizes,
                                             bc2_sqrts, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
                                             decoupled_weight_decay)
+
+
+_adam_step = torch.library.custom_op(
+    "kiln::adam_step", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"))(_adam_step_body)
 
 
 @_adam_step.register_fake
@@ -231,13 +239,15 @@ def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, b
     return None
 
 
-@torch.library.custom_op("kiln::rmsprop_step", mutates_args=("params", "square_avgs", "momentum_buffers",
-                                                             "grad_avgs"))
-def _rmsprop_step(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor],
-                  momentum_buffers: list[Tensor], grad_avgs: list[Tensor], lr: float, alpha: float, eps: float,
-                  weight_decay: float, momentum: float, centered: bool, maximize: bool) -> None:
+def _rmsprop_step_body(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor],
+                       momentum_buffers: list[Tensor], grad_avgs: list[Tensor], lr: float, alpha: float, eps: float,
+                       weight_decay: float, momentum: float, centered: bool, maximize: bool) -> None:
     _implementation("rmsprop_step", params[0])(params, grads, square_avgs, momentum_buffers, grad_avgs, lr, alpha,
                                                eps, weight_decay, momentum, centered, maximize)
+
+
+_rmsprop_step = torch.library.custom_op(
+    "kiln::rmsprop_step", mutates_args=("params", "square_avgs", "momentum_buffers", "grad_avgs"))(_rmsprop_step_body)
 
 
 @_rmsprop_step.register_fake
@@ -246,14 +256,65 @@ def _(params, grads, square_avgs, momentum_buffers, grad_avgs, lr, alpha, eps, w
     return None
 
 
-@torch.library.custom_op("kiln::ngd_step", mutates_args=("params",))
-def _ngd_step(params: list[Tensor], grads: list[Tensor], lr: float, per_tensor: bool, maximize: bool) -> None:
+def _ngd_step_body(params: list[Tensor], grads: list[Tensor], lr: float, per_tensor: bool, maximize: bool) -> None:
     _implementation("ngd_step", params[0])(params, grads, lr, per_tensor, maximize)
+
+
+_ngd_step = torch.library.custom_op("kiln::ngd_step", mutates_args=("params",))(_ngd_step_body)
 
 
 @_ngd_step.register_fake
 def _(params, grads, lr, per_tensor, maximize):
     return None
+
+
+# ---------------------------------------------------------------------------------------
+# Eager CPU calls skip torch.library's dispatch: for a custom op taking lists it costs
+# ~0.35 ms per call at 20 parameters (6 lists of 20 tensors), against 0.4 ms for the
+# update of their 1M float32 elements. Where nothing could observe the difference (grad
+# mode off, as in every optimizer step; not tracing or compiling; no dispatch or function
+# mode; plain CPU tensors) the op's body runs directly, with the version-counter bump the
+# custom op's ADInplaceOrView step gives the mutated tensors.
+
+try:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+except ImportError:  # a torch without it: always dispatch
+    _get_current_dispatch_mode_stack = None
+
+_PLAIN_KEYS: dict = {}
+
+
+def _plain_cpu(t: Tensor) -> bool:
+    keys = _PLAIN_KEYS.get(t.dtype)
+    if keys is None:
+        keys = _PLAIN_KEYS[t.dtype] = torch._C._dispatch_keys(torch.empty(0, dtype=t.dtype))
+    return type(t) in (Tensor, torch.nn.Parameter) and torch._C._dispatch_keys(t) == keys
+
+
+def _eager_cpu(*firsts: Tensor) -> bool:
+    """Whether a call whose lists start with these tensors may run its body directly."""
+    return (_get_current_dispatch_mode_stack is not None and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and not _get_current_dispatch_mode_stack()
+            and not torch._C._is_torch_function_mode_enabled() and all(_plain_cpu(t) for t in firsts))
+
+
+def _bump_versions(lists) -> None:
+    tensors = [t for ts in lists for t in ts]
+    try:  # one call for all (torch >= 2.6 takes an iterable)
+        torch.autograd.graph.increment_version(tensors)
+    except TypeError:
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
+
+
+def _call(op, body, args: tuple, mutated: tuple) -> None:
+    """op(*args), or body(*args) after bumping the versions of the mutated lists where
+    _eager_cpu allows it (args[0] and args[1]: the params and grads lists)."""
+    if args[0] and _eager_cpu(args[0][0], args[1][0]):
+        _bump_versions(mutated)
+        body(*args)
+    else:
+        op(*args)
 
 
 # ---------------------------------------------------------------------------------------
@@ -327,7 +388,7 @@ def sgd_step(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[T
     args = (_scalar(lr, "lr"), _scalar(weight_decay, "weight_decay"), momentum, _scalar(dampening, "dampening"),
             bool(nesterov), bool(maximize), bool(first_step))
     _run("sgd_step", lists, [True, False, True],
-         lambda p, g, *b: _sgd_step(p, g, b[0] if b else [], *args))
+         lambda p, g, *b: _call(_sgd_step, _sgd_step_body, (p, g, b[0] if b else [], *args), (p, *b)))
 
 
 def adam_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
@@ -347,7 +408,8 @@ def adam_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     args = (_scalar(lr, "lr"), _scalar(beta1, "beta1"), _scalar(beta2, "beta2"), _scalar(eps, "eps"),
             _scalar(weight_decay, "weight_decay"), bool(amsgrad), bool(maximize), bool(decoupled_weight_decay))
     _run("adam_step", lists, [True, False, True, True, False, True],
-         lambda p, g, m, v, s, *vmax: _adam_step(p, g, m, v, vmax[0] if vmax else [], s, *args))
+         lambda p, g, m, v, s, *vmax: _call(_adam_step, _adam_step_body, (p, g, m, v, vmax[0] if vmax else [], s, *args),
+                                            (p, m, v, *vmax)))
 
 
 def rmsprop_step(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor],
@@ -375,7 +437,7 @@ def rmsprop_step(params: list[Tensor], grads: list[Tensor], square_avgs: list[Te
         optional = list(optional)
         buf = optional.pop(0) if momentum > 0 else []
         gavg = optional.pop(0) if centered else []
-        _rmsprop_step(p, g, sq, buf, gavg, *args)
+        _call(_rmsprop_step, _rmsprop_step_body, (p, g, sq, buf, gavg, *args), (p, sq, buf, gavg))
 
     _run("rmsprop_step", lists, [True, False] + [True] * (len(lists) - 2), call)
 
@@ -386,4 +448,4 @@ def ngd_step(params: list[Tensor], grads: list[Tensor], *, lr: float, per_tensor
     tensor's own); a zero norm leaves the parameters as they are."""
     _check_lists("ngd_step", params, grads=grads)
     args = (_scalar(lr, "lr"), bool(per_tensor), bool(maximize))
-    _run("ngd_step", [list(params), list(grads)], [True, False], lambda p, g: _ngd_step(p, g, *args))
+    _run("ngd_step", [list(params), list(grads)], [True, False], lambda p, g: _call(_ngd_step, _ngd_step_body, (p, g, *args), (p,)))
