@@ -36,7 +36,7 @@ from torch import Tensor
 
 from kiln import backend
 
-from . import _autocast
+from . import _autocast, _cpu_eager
 from ._checks import check_floating, check_parameters
 from ._cuda_launch import DTYPE_CODE, ptr, stream
 
@@ -125,6 +125,10 @@ def _implementation(t: Tensor):
 def _layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
                 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (y, mean (float64), rstd). weight and bias may be float32 for a half-precision x."""
+    return _forward_body(x, weight, bias, eps)
+
+
+def _forward_body(x, weight, bias, eps: float):
     return _implementation(x).forward(x, _as_dtype(weight, x.dtype), _as_dtype(bias, x.dtype), eps)
 
 
@@ -234,6 +238,10 @@ def layer_norm(x: Tensor, normalized_shape: Union[int, Sequence[int]], weight: O
         return F.layer_norm(x, shape, weight, bias, eps)
     N = math.prod(shape)
     rows = x.reshape(-1, N).contiguous()
-    y, _, _ = _layer_norm(rows, None if weight is None else weight.reshape(N).contiguous(),
-                          None if bias is None else bias.reshape(N).contiguous(), float(eps))
+    w = None if weight is None else weight.reshape(N).contiguous()
+    b = None if bias is None else bias.reshape(N).contiguous()
+    if _cpu_eager.no_grad_needed(rows, w, b) and _cpu_eager.direct(rows, w, b):
+        y = _forward_body(rows, w, b, float(eps))[0]  # no graph to record: skip the dispatch
+    else:
+        y, _, _ = _layer_norm(rows, w, b, float(eps))
     return y.reshape(x.shape)

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from kiln import backend
 
+from . import _cpu_eager
 from ._checks import check_floating, check_same_device_dtype
 from ._cuda_launch import DTYPE_CODE, ptr, stream
 
@@ -213,5 +214,9 @@ def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: Optional[float] = 
     if x.numel() == 0:  # no rows or no columns: torch's empty result, and empty gradients
         return x * weight if weight is not None else x.clone()
     rows = x.reshape(-1, N).contiguous()
-    y, _ = _rms_norm(rows, None if weight is None else weight.reshape(N).contiguous(), float(eps), float(offset))
+    w = None if weight is None else weight.reshape(N).contiguous()
+    if _cpu_eager.no_grad_needed(rows, w) and _cpu_eager.direct(rows, w):
+        y = _implementation(rows).forward(rows, w, float(eps), float(offset))[0]  # no graph: skip the dispatch
+    else:
+        y, _ = _rms_norm(rows, w, float(eps), float(offset))
     return y.reshape(x.shape)
