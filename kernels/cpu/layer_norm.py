@@ -23,6 +23,9 @@ from .lanes import lane_shifted_sums_f64, lane_sum_f64, lane_sum_sq_dev_f64
 from .memory import empty_like
 
 _PARTS = 16
+# a * b + c as one FMA (one rounding, fewer instructions); never reassociation here, which
+# could turn (x - hi) - lo back into x - (hi + lo)
+_CONTRACT = dict(KERNEL_OPTIONS, fastmath={"contract"})
 
 
 @njit(inline="always")
@@ -46,7 +49,7 @@ def _forward(x, w, b, eps, y, mean, rstd):
             out[j] = ((row[j] - hi) - lo) * r_x * w[j] + b[j]
 
 
-@njit(**dict(KERNEL_OPTIONS, fastmath={"contract"}))
+@njit(**_CONTRACT)
 def _forward_one_pass(x, w, b, eps, y, mean, rstd):
     """_forward with the mean and variance from one pass of shifted float64 sums (for
     float32 rows: lanes.lane_shifted_sums_f64 keeps 7+ of their digits)."""
@@ -66,7 +69,7 @@ def _forward_one_pass(x, w, b, eps, y, mean, rstd):
             out[j] = ((row[j] - hi) - lo) * r_x * w[j] + b[j]
 
 
-@njit(fastmath={"reassoc"}, error_model="numpy", cache=True)
+@njit(fastmath={"reassoc", "contract"}, error_model="numpy", cache=True)
 def _accumulate_row(g, xhat, wdy, dw_acc, db_acc):
     """dy xhat and dy into the float64 column partials; returns sum(w dy xhat) and
     sum(w dy) in float64. A function of its own so that reassociation (what lets LLVM
@@ -81,7 +84,7 @@ def _accumulate_row(g, xhat, wdy, dw_acc, db_acc):
     return s_xhat, s_one
 
 
-@njit(**KERNEL_OPTIONS)
+@njit(**_CONTRACT)
 def _backward(dy, x, w, mean, rstd, need_dx, dx, dw_parts, db_parts):
     M, N = x.shape
     per_part = (M + _PARTS - 1) // _PARTS
