@@ -282,6 +282,8 @@ def _softmax_grad(ctx, grad_y):
         # create_graph: torch ops on y, a differentiable output (its grad_fn is this op), so the
         # second derivative flows through y back to x.
         return reference_softmax_backward(grad_y, y, ctx.log), None
+    if _cpu_eager.direct(grad_y, y):  # grad mode is off here: nothing to record, skip the dispatch
+        return _implementation("softmax", y).softmax_backward(grad_y.contiguous(), y, ctx.log), None
     return _softmax_backward(grad_y.contiguous(), y, ctx.log), None
 
 

@@ -143,6 +143,10 @@ def _(x, weight, bias, eps):
 def _layer_norm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
                          need_dx: bool, need_dw: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dx, dweight, dbias) in x's dtype, each empty when not needed."""
+    return _backward_body(dy, x, weight, mean, rstd, need_dx, need_dw, need_db)
+
+
+def _backward_body(dy, x, weight, mean, rstd, need_dx: bool, need_dw: bool, need_db: bool):
     grads = _implementation(x).backward(dy, x, _as_dtype(weight, x.dtype), mean, rstd, need_dx, need_dw,
                                         need_db)
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
@@ -195,8 +199,9 @@ def _backward(ctx, dy, grad_mean, grad_rstd):
     if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
         dx, dw, db = differentiable_backward(dy, x, weight, ctx.eps, need_dx, need_dw, need_db)
     else:
-        dx, dw, db = _layer_norm_backward(dy.contiguous(), x, weight, mean, rstd, need_dx, need_dw,
-                                          need_db)
+        args = (dy.contiguous(), x, weight, mean, rstd, need_dx, need_dw, need_db)
+        backward = _backward_body if _cpu_eager.direct(dy, x, weight) else _layer_norm_backward
+        dx, dw, db = backward(*args)
     return (dx if need_dx else None, dw.to(weight.dtype) if need_dw else None,
             db.to(ctx.bias_dtype) if need_db else None, None)
 

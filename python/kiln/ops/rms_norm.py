@@ -132,6 +132,10 @@ def _(x, weight, eps, offset):
 def _rms_norm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor, offset: float,
                        need_dx: bool, need_dw: bool) -> tuple[Tensor, Tensor]:
     """Returns (dx, dweight), each empty when not needed."""
+    return _backward_body(dy, x, weight, rstd, offset, need_dx, need_dw)
+
+
+def _backward_body(dy, x, weight, rstd, offset: float, need_dx: bool, need_dw: bool):
     grads = _implementation(x).backward(dy, x, weight, rstd, offset, need_dx, need_dw)
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
@@ -168,7 +172,8 @@ def _backward(ctx, dy, grad_rstd):
     if torch.is_grad_enabled():  # autograd records this backward: double backward
         dx, dw = _differentiable_backward(dy, x, weight, ctx.eps, ctx.offset)
     else:
-        dx, dw = _rms_norm_backward(dy.contiguous(), x, weight, rstd, ctx.offset, need_dx, need_dw)
+        backward = _backward_body if _cpu_eager.direct(dy, x, weight) else _rms_norm_backward
+        dx, dw = backward(dy.contiguous(), x, weight, rstd, ctx.offset, need_dx, need_dw)
     return (dx if need_dx else None, dw if need_dw else None, None, None)
 
 
