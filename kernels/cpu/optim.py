@@ -231,7 +231,8 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_sizes,
     lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     args, _ = _tables(lists)
     bc2_sqrts = np.asarray(bc2_sqrts, np.float64)
-    _adam(*args, (np.asarray(step_sizes, np.float64) * bc2_sqrts).astype(like.dtype), (eps * bc2_sqrts).astype(like.dtype),
+    scaled_steps = (np.asarray(step_sizes, np.float64) * bc2_sqrts).astype(like.dtype)
+    _adam(*args, scaled_steps, (eps * bc2_sqrts).astype(like.dtype),
           _consts(like, beta2, eps, weight_decay, 1 - beta1, 1 - beta2, 1 - lr * weight_decay), amsgrad, maximize,
           decoupled_weight_decay, like)
 

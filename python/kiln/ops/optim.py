@@ -399,8 +399,8 @@ def adam_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     args = (_scalar(lr, "lr"), _scalar(beta1, "beta1"), _scalar(beta2, "beta2"), _scalar(eps, "eps"),
             _scalar(weight_decay, "weight_decay"), bool(amsgrad), bool(maximize), bool(decoupled_weight_decay))
     _run("adam_step", lists, [True, False, True, True, False, True],
-         lambda p, g, m, v, s, *vmax: _call(_adam_step, _adam_step_body, (p, g, m, v, vmax[0] if vmax else [], s, *args),
-                                            (p, m, v, *vmax)))
+         lambda p, g, m, v, s, *vmax: _call(_adam_step, _adam_step_body,
+                                            (p, g, m, v, vmax[0] if vmax else [], s, *args), (p, m, v, *vmax)))
 
 
 def rmsprop_step(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor],
@@ -439,4 +439,5 @@ def ngd_step(params: list[Tensor], grads: list[Tensor], *, lr: float, per_tensor
     tensor's own); a zero norm leaves the parameters as they are."""
     _check_lists("ngd_step", params, grads=grads)
     args = (_scalar(lr, "lr"), bool(per_tensor), bool(maximize))
-    _run("ngd_step", [list(params), list(grads)], [True, False], lambda p, g: _call(_ngd_step, _ngd_step_body, (p, g, *args), (p,)))
+    _run("ngd_step", [list(params), list(grads)], [True, False],
+         lambda p, g: _call(_ngd_step, _ngd_step_body, (p, g, *args), (p,)))
