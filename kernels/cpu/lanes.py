@@ -17,7 +17,7 @@ assembly). What vectorizes:
   functions (not ``inline="always"``, which would compile them under the caller's
   flags), and a caller never passes them an expression to reassociate: only the sum.
 
-``lane_sum`` (float32, cross_entropy's) is still the array-of-lanes form.
+``lane_sum`` (float32) is still the array-of-lanes form.
 """
 
 import numpy as np
@@ -109,4 +109,34 @@ def lane_dot_f64(a, b):
     total = 0.0
     for j in range(a.size):
         total += np.float64(a[j]) * np.float64(b[j])
+    return total
+
+
+# The sums below also contract d * d + s into one FMA (one rounding instead of two, and
+# 0.127 against 0.167 ms on 1024 x 1024 float32).
+_REDUCTION_FMA = dict(_REDUCTION, fastmath={"reassoc", "contract"})
+
+
+@njit(**_REDUCTION_FMA)
+def lane_shifted_sums_f64(x, center):
+    """(sum(d), sum(d^2)) in float64, d = x - center: a row's mean and variance in one pass,
+    mean = center + sum(d) / n, var = sum(d^2) / n - (sum(d) / n)^2. With center one of
+    the row's own values the subtraction loses little: (x_k - mean)^2 <= n var for any
+    element x_k, so sum(d^2) / n <= (n + 1) var and var keeps all but log10(n + 1) of
+    float64's 16 digits (7+ digits left for n up to 1e8: float32 rows need 7)."""
+    s1, s2 = 0.0, 0.0
+    for j in range(x.size):
+        d = np.float64(x[j]) - center
+        s1 += d
+        s2 += d * d
+    return s1, s2
+
+
+@njit(**_REDUCTION_FMA)
+def lane_sum_sq_f64(x):
+    """sum(x^2) in float64 (every term >= 0: no cancellation)."""
+    total = 0.0
+    for j in range(x.size):
+        v = np.float64(x[j])
+        total += v * v
     return total

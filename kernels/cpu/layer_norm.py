@@ -19,10 +19,13 @@ import torch
 from numba import njit, prange
 
 from .fastmath import KERNEL_OPTIONS, like
-from .lanes import lane_sum_f64, lane_sum_sq_dev_f64
+from .lanes import lane_shifted_sums_f64, lane_sum_f64, lane_sum_sq_dev_f64
 from .memory import empty_like
 
 _PARTS = 16
+# a * b + c as one FMA (one rounding, fewer instructions); never reassociation here, which
+# could turn (x - hi) - lo back into x - (hi + lo)
+_CONTRACT = dict(KERNEL_OPTIONS, fastmath={"contract"})
 
 
 @njit(inline="always")
@@ -46,7 +49,27 @@ def _forward(x, w, b, eps, y, mean, rstd):
             out[j] = ((row[j] - hi) - lo) * r_x * w[j] + b[j]
 
 
-@njit(fastmath={"reassoc"}, error_model="numpy", cache=True)
+@njit(**_CONTRACT)
+def _forward_one_pass(x, w, b, eps, y, mean, rstd):
+    """_forward with the mean and variance from one pass of shifted float64 sums (for
+    float32 rows: lanes.lane_shifted_sums_f64 keeps 7+ of their digits)."""
+    M, N = x.shape
+    for i in prange(M):
+        row = x[i]
+        center = np.float64(row[0])
+        s1, s2 = lane_shifted_sums_f64(row, center)
+        shift = s1 / N
+        mu = center + shift
+        r = 1.0 / np.sqrt(max(s2 / N - shift * shift, 0.0) + eps)
+        mean[i], rstd[i] = mu, r
+        hi, lo = _split(mu, row[0])
+        r_x = like(row[0], r)
+        out = y[i]
+        for j in range(N):
+            out[j] = ((row[j] - hi) - lo) * r_x * w[j] + b[j]
+
+
+@njit(fastmath={"reassoc", "contract"}, error_model="numpy", cache=True)
 def _accumulate_row(g, xhat, wdy, dw_acc, db_acc):
     """dy xhat and dy into the float64 column partials; returns sum(w dy xhat) and
     sum(w dy) in float64. A function of its own so that reassociation (what lets LLVM
@@ -61,7 +84,7 @@ def _accumulate_row(g, xhat, wdy, dw_acc, db_acc):
     return s_xhat, s_one
 
 
-@njit(**KERNEL_OPTIONS)
+@njit(**_CONTRACT)
 def _backward(dy, x, w, mean, rstd, need_dx, dx, dw_parts, db_parts):
     M, N = x.shape
     per_part = (M + _PARTS - 1) // _PARTS
@@ -96,7 +119,8 @@ def forward(x, weight, bias, eps: float):
     rstd = torch.empty(M, dtype=_stats_dtype(x.dtype))
     w = weight if weight is not None else x.new_ones(N)
     b = bias if bias is not None else x.new_zeros(N)
-    _forward(x.numpy(), w.numpy(), b.numpy(), float(eps), y.numpy(), mean.numpy(), rstd.numpy())
+    kernel = _forward_one_pass if x.dtype == torch.float32 else _forward
+    kernel(x.numpy(), w.numpy(), b.numpy(), float(eps), y.numpy(), mean.numpy(), rstd.numpy())
     return y, mean, rstd
 
 

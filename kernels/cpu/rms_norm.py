@@ -1,9 +1,9 @@
 """CPU form of rms_norm, numba, rows in parallel.
 
-Forward, per row while it sits in cache: sum(x^2) in 16 independent lanes of x's dtype
-(float32 sums of squares have no cancellation: every term is positive, so the lanes'
-relative rounding stays near 256 ulps worst case, 1e-7 typical), then one pass writing
-y = x * rstd * (offset + w) in float32 (float64 for float64 x).
+Forward, per row while it sits in cache: sum(x^2) in float64 (lanes.lane_sum_sq_f64,
+which LLVM vectorizes: 16 float32 lanes in an array ran scalar), rstd from it in float64
+and rounded once to x's dtype, then one pass writing y = x * rstd * (offset + w) in
+float32 (float64 for float64 x).
 
 Backward: fixed row parts (_PARTS, whatever the thread count: deterministic), each part
 writes dx for its rows and adds dy * xhat into its own float64 column partials for
@@ -15,23 +15,10 @@ import torch
 from numba import njit, prange
 
 from .fastmath import KERNEL_OPTIONS, like
-from .lanes import LANES
+from .lanes import lane_dot_f64, lane_sum_sq_f64
+from .memory import empty_like
 
 _PARTS = 16
-
-
-@njit(inline="always")
-def _dot(a, b):
-    """sum(a * b) in a's dtype, in LANES independent lanes (they vectorize)."""
-    lanes = np.zeros(LANES, a.dtype)
-    n_full = a.size - a.size % LANES
-    for j0 in range(0, n_full, LANES):
-        for k in range(LANES):
-            lanes[k] += a[j0 + k] * b[j0 + k]
-    total = lanes.sum()
-    for j in range(n_full, a.size):
-        total += a[j] * b[j]
-    return total
 
 
 @njit(**KERNEL_OPTIONS)
@@ -39,7 +26,7 @@ def _forward(x, scale, eps, y, rstd):
     M, N = x.shape
     for i in prange(M):
         row = x[i]
-        r = like(row[0], 1.0) / np.sqrt(_dot(row, row) / like(row[0], N) + like(row[0], eps))
+        r = like(row[0], 1.0 / np.sqrt(lane_sum_sq_f64(row) / N + eps))
         rstd[i] = r
         out = y[i]
         for j in range(N):
@@ -64,7 +51,7 @@ def _backward(dy, x, scale, rstd, need_dx, need_dw, dx, dw_parts):
                 for j in range(N):
                     dw_acc[j] += np.float64(d[j]) * xhat[j]
             if need_dx:
-                c = _dot(g, xhat) / like(row[0], N)
+                c = like(row[0], lane_dot_f64(g, xhat) / N)
                 out = dx[i]
                 for j in range(N):
                     out[j] = r * (g[j] - xhat[j] * c)
@@ -82,7 +69,7 @@ def _scale(x, weight, offset: float):
 
 def forward(x, weight, eps: float, offset: float):
     M, N = x.shape
-    y = torch.empty_like(x)
+    y = empty_like(x)
     rstd = torch.empty(M, dtype=_stats_dtype(x.dtype))
     _forward(x.numpy(), _scale(x, weight, offset).numpy(), float(eps), y.numpy(), rstd.numpy())
     return y, rstd
@@ -91,7 +78,7 @@ def forward(x, weight, eps: float, offset: float):
 def backward(dy, x, weight, rstd, offset: float, need_dx: bool, need_dw: bool):
     M, N = x.shape
     need_dw = bool(need_dw) and weight is not None
-    dx = torch.empty_like(x) if need_dx else x.new_empty((1, 1))
+    dx = empty_like(x) if need_dx else x.new_empty((1, 1))
     dw_parts = np.zeros((_PARTS, N if need_dw else 0), np.float64)
     _backward(dy.numpy(), x.numpy(), _scale(x, weight, offset).numpy(), rstd.numpy(), bool(need_dx),
               need_dw, dx.numpy(), dw_parts)

@@ -66,3 +66,26 @@ def test_layer_norm_on_large_outputs(monkeypatch):
     assert rel_err(y, ref) < BOUND[torch.float32]
     for a, r in zip(ours, theirs):
         assert rel_err(a.grad, r.grad) < BOUND[torch.float32]
+
+
+@pytest.mark.skipif(not memory._HAS_HUGE_PAGES, reason="the pool holds huge-page mappings")
+def test_pool_reuses_only_mappings_no_tensor_uses():
+    memory.release()
+    t = memory.empty(LARGE, torch.float32)
+    address = t.data_ptr()
+    view, array = t[7:], t.numpy()[3:]
+    del t
+    assert memory.empty(LARGE, torch.float32).data_ptr() != address  # the view still uses it
+    del view
+    assert memory.empty(LARGE, torch.float32).data_ptr() != address  # the numpy array does
+    del array
+    again = memory.empty(LARGE, torch.float32)
+    assert again.data_ptr() == address  # free: handed out again
+    other = memory.empty(LARGE, torch.float32)
+    assert other.data_ptr() != address
+    other.fill_(1)
+    again.fill_(2)
+    assert other.sum().item() == LARGE[0] * LARGE[1]
+    del again, other
+    memory.release()
+    assert not memory._pool

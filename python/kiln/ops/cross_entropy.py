@@ -39,7 +39,7 @@ from torch import Tensor
 
 from kiln import backend
 
-from . import _autocast
+from . import _autocast, _cpu_eager
 from ._checks import check_floating, check_same_device_dtype
 from ._cuda_launch import DTYPE_CODE, ptr, stream
 
@@ -282,6 +282,8 @@ def _softmax_grad(ctx, grad_y):
         # create_graph: torch ops on y, a differentiable output (its grad_fn is this op), so the
         # second derivative flows through y back to x.
         return reference_softmax_backward(grad_y, y, ctx.log), None
+    if _cpu_eager.direct(grad_y, y):  # grad mode is off here: nothing to record, skip the dispatch
+        return _implementation("softmax", y).softmax_backward(grad_y.contiguous(), y, ctx.log), None
     return _softmax_backward(grad_y.contiguous(), y, ctx.log), None
 
 
@@ -415,7 +417,11 @@ def _softmax_family(name: str, x: Tensor, dim: int, log: bool) -> Tensor:
     if x.numel() == 0:
         return x * 0  # empty: what torch returns, with a gradient path
     rows, moved_shape = _rows_last(x, dim)
-    return _softmax(rows, log).reshape(moved_shape).movedim(-1, dim)
+    if _cpu_eager.no_grad_needed(rows) and _cpu_eager.direct(rows):  # no graph: skip the dispatch
+        y = _implementation("softmax", rows).softmax_forward(rows, log)
+    else:
+        y = _softmax(rows, log)
+    return y.reshape(moved_shape).movedim(-1, dim)
 
 
 def softmax(x: Tensor, dim: int = -1) -> Tensor:

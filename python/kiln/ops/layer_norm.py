@@ -36,7 +36,7 @@ from torch import Tensor
 
 from kiln import backend
 
-from . import _autocast
+from . import _autocast, _cpu_eager
 from ._checks import check_floating, check_parameters
 from ._cuda_launch import DTYPE_CODE, ptr, stream
 
@@ -125,6 +125,10 @@ def _implementation(t: Tensor):
 def _layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
                 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (y, mean (float64), rstd). weight and bias may be float32 for a half-precision x."""
+    return _forward_body(x, weight, bias, eps)
+
+
+def _forward_body(x, weight, bias, eps: float):
     return _implementation(x).forward(x, _as_dtype(weight, x.dtype), _as_dtype(bias, x.dtype), eps)
 
 
@@ -139,6 +143,10 @@ def _(x, weight, bias, eps):
 def _layer_norm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
                          need_dx: bool, need_dw: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dx, dweight, dbias) in x's dtype, each empty when not needed."""
+    return _backward_body(dy, x, weight, mean, rstd, need_dx, need_dw, need_db)
+
+
+def _backward_body(dy, x, weight, mean, rstd, need_dx: bool, need_dw: bool, need_db: bool):
     grads = _implementation(x).backward(dy, x, _as_dtype(weight, x.dtype), mean, rstd, need_dx, need_dw,
                                         need_db)
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
@@ -191,8 +199,9 @@ def _backward(ctx, dy, grad_mean, grad_rstd):
     if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
         dx, dw, db = differentiable_backward(dy, x, weight, ctx.eps, need_dx, need_dw, need_db)
     else:
-        dx, dw, db = _layer_norm_backward(dy.contiguous(), x, weight, mean, rstd, need_dx, need_dw,
-                                          need_db)
+        args = (dy.contiguous(), x, weight, mean, rstd, need_dx, need_dw, need_db)
+        backward = _backward_body if _cpu_eager.direct(dy, x, weight) else _layer_norm_backward
+        dx, dw, db = backward(*args)
     return (dx if need_dx else None, dw.to(weight.dtype) if need_dw else None,
             db.to(ctx.bias_dtype) if need_db else None, None)
 
@@ -234,6 +243,10 @@ def layer_norm(x: Tensor, normalized_shape: Union[int, Sequence[int]], weight: O
         return F.layer_norm(x, shape, weight, bias, eps)
     N = math.prod(shape)
     rows = x.reshape(-1, N).contiguous()
-    y, _, _ = _layer_norm(rows, None if weight is None else weight.reshape(N).contiguous(),
-                          None if bias is None else bias.reshape(N).contiguous(), float(eps))
+    w = None if weight is None else weight.reshape(N).contiguous()
+    b = None if bias is None else bias.reshape(N).contiguous()
+    if _cpu_eager.no_grad_needed(rows, w, b) and _cpu_eager.direct(rows, w, b):
+        y = _forward_body(rows, w, b, float(eps))[0]  # no graph to record: skip the dispatch
+    else:
+        y, _, _ = _layer_norm(rows, w, b, float(eps))
     return y.reshape(x.shape)

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from kiln import backend
 
+from . import _cpu_eager
 from ._checks import check_floating, check_same_device_dtype
 from ._cuda_launch import DTYPE_CODE, ptr, stream
 
@@ -131,6 +132,10 @@ def _(x, weight, eps, offset):
 def _rms_norm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor, offset: float,
                        need_dx: bool, need_dw: bool) -> tuple[Tensor, Tensor]:
     """Returns (dx, dweight), each empty when not needed."""
+    return _backward_body(dy, x, weight, rstd, offset, need_dx, need_dw)
+
+
+def _backward_body(dy, x, weight, rstd, offset: float, need_dx: bool, need_dw: bool):
     grads = _implementation(x).backward(dy, x, weight, rstd, offset, need_dx, need_dw)
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
@@ -167,7 +172,8 @@ def _backward(ctx, dy, grad_rstd):
     if torch.is_grad_enabled():  # autograd records this backward: double backward
         dx, dw = _differentiable_backward(dy, x, weight, ctx.eps, ctx.offset)
     else:
-        dx, dw = _rms_norm_backward(dy.contiguous(), x, weight, rstd, ctx.offset, need_dx, need_dw)
+        backward = _backward_body if _cpu_eager.direct(dy, x, weight) else _rms_norm_backward
+        dx, dw = backward(dy.contiguous(), x, weight, rstd, ctx.offset, need_dx, need_dw)
     return (dx if need_dx else None, dw if need_dw else None, None, None)
 
 
@@ -213,5 +219,9 @@ def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: Optional[float] = 
     if x.numel() == 0:  # no rows or no columns: torch's empty result, and empty gradients
         return x * weight if weight is not None else x.clone()
     rows = x.reshape(-1, N).contiguous()
-    y, _ = _rms_norm(rows, None if weight is None else weight.reshape(N).contiguous(), float(eps), float(offset))
+    w = None if weight is None else weight.reshape(N).contiguous()
+    if _cpu_eager.no_grad_needed(rows, w) and _cpu_eager.direct(rows, w):
+        y = _implementation(rows).forward(rows, w, float(eps), float(offset))[0]  # no graph: skip the dispatch
+    else:
+        y, _ = _rms_norm(rows, w, float(eps), float(offset))
     return y.reshape(x.shape)
