@@ -3,11 +3,13 @@
 A hand-rolled GEMM in numba runs at a fraction of MKL's rate (DESIGN.md), so the
 products come from torch (blas.py) and everything around them is numba:
 
-* forward, float32: one oneDNN linear (weight packed, bias added in it), faster than
-  MKL's sgemm on this machine (blas.py), then one numba pass per row block that applies
-  the activation and (for gelu, gelu_tanh, silu) keeps z. float64: rows in blocks (tall
-  enough for MKL, small enough for L3), each block's ``torch.mm`` followed at once by
-  the numba pass, which then also adds the bias, while the block is in cache.
+* forward: rows in blocks (tall enough for MKL, small enough for L3), each block's
+  ``torch.mm`` followed at once by the numba pass that adds the bias, applies the activation
+  and (for gelu, gelu_tanh, silu) keeps z, while the block is in cache. With no activation,
+  dropout or saved output the product is one ``torch.addmm``. (oneDNN's linear with the
+  weight packed per call, used here before, measured 1.10-1.37x MKL's time on the idle
+  2-core machine at every shape tried, 3072x128x128 to 4096x1024x4096: a weight used once
+  does not repay its packing.)
 * backward: per row block, one numba pass makes dz = dy * act'(saved) and adds its
   column sums into db (fixed row parts with their own partial sums: deterministic,
   no atomics);
@@ -31,7 +33,6 @@ from numba import njit, prange
 
 from ..activations import GELU, GELU_TANH, GELU_TANH_CUBIC, IDENTITY, INV_SQRT_2, INV_SQRT_2PI
 from ..activations import RELU, SIGMOID, SILU, SQRT_2_OVER_PI, TANH
-from .blas import PackedLinear
 from .fastmath import KERNEL_OPTIONS, exp, like, one_plus_erf, tanh
 from .philox import key_of, keeps
 
@@ -242,23 +243,17 @@ def forward(x, weight, bias, activation: int, save_preact: bool, p: float = 0.0,
     drop = _dropout_args(p, seed, offset, threshold, x.dtype)
     if activation == IDENTITY and not drop[0] and not save_preact:
         # nothing for an epilogue to do but the bias, which the BLAS call adds itself
-        linear = PackedLinear(weight, M)
-        return linear(x, bias), None
+        return (torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())), None
     save_after_act = activation in (RELU, TANH, SIGMOID)
     preact = torch.empty((M, N), dtype=x.dtype) if save_preact else None
     dummy = x.new_empty((1, 1)).numpy()
-    linear = PackedLinear(weight, M)
-    if linear.onednn:  # oneDNN's linear has no out=: one product with the bias, then the epilogue
-        out, add_bias = linear(x, bias), False
-    else:
-        out, add_bias = torch.empty((M, N), dtype=x.dtype), bias is not None
+    out, add_bias = torch.empty((M, N), dtype=x.dtype), bias is not None
     bias_np = bias.numpy() if add_bias else dummy[0]
     step = _rows_per_block(N, x.element_size())
     for r0 in range(0, M, step):
         r1 = min(M, r0 + step)
         block = out[r0:r1]
-        if not linear.onednn:
-            torch.mm(x[r0:r1], weight.t(), out=block)
+        torch.mm(x[r0:r1], weight.t(), out=block)
         _epilogue(block.numpy(), bias_np, add_bias, preact[r0:r1].numpy() if save_preact else dummy,
                   save_preact, save_after_act, activation, drop[0], r0, *drop[1:])
     return out, preact

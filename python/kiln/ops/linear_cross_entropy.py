@@ -49,7 +49,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kiln.kernels.cpu.blas import PackedLinear
 
 from . import _autocast
 from ._checks import check_floating, check_same_device_dtype
@@ -63,17 +62,15 @@ CHUNK_ELEMENTS = 1 << 24
 
 
 class _ChunkLogits:
-    """logits(r0, r1) = input[r0:r1] @ W^T + b, a new tensor. CPU: oneDNN with W packed
-    once per call (kernels/cpu/blas.py: faster than MKL's sgemm on our CPUs); GPU: cuBLAS."""
+    """logits(r0, r1) = input[r0:r1] @ W^T + b, a new tensor: MKL on CPU (oneDNN with W packed,
+    used here before, measured no faster at chunk shapes such as 512 x 1024 x 32000 and slower
+    once its packing is counted: kernels/cpu/linear_act.py), cuBLAS on GPU."""
 
     def __init__(self, hidden, linear_weight, linear_bias, chunk_rows):
         self.hidden, self.weight, self.bias = hidden, linear_weight, linear_bias
-        self.packed = PackedLinear(linear_weight, chunk_rows) if hidden.device.type == "cpu" else None
 
     def __call__(self, r0, r1):
         h = self.hidden[r0:r1]
-        if self.packed is not None:
-            return self.packed(h, self.bias)
         return torch.mm(h, self.weight.t()) if self.bias is None else torch.addmm(self.bias, h, self.weight.t())
 
 
