@@ -65,7 +65,7 @@ class DecoderBlock(nn.Module):
             self.cross = knn.CrossAttention(config.dim, config.heads, bias=config.bias)
         self.ln_2 = knn.LayerNorm(config.dim)
         self.ffn = FeedForward(config)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = knn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None, cache=None, memory: Optional[Tensor] = None,
                 memory_padding_mask: Optional[Tensor] = None, cross_cache=None) -> Tensor:
@@ -85,7 +85,7 @@ class Embedding(nn.Module):
         self.positions = (knn.SinusoidalPositionalEncoding(config.dim, config.block_size)
                           if config.positions == "sinusoidal"
                           else knn.LearnedPositionalEmbedding(config.block_size, config.dim))
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = knn.Dropout(config.dropout)
         self.block_size = config.block_size
 
     def forward(self, idx: Tensor, offset: int = 0) -> Tensor:

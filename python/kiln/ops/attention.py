@@ -44,7 +44,7 @@ from torch import Tensor
 
 from kiln import backend
 
-from . import _autocast
+from . import _autocast, _cpu_eager
 from ._checks import check_floating, check_same_device_dtype
 from ._cuda_launch import DTYPE_CODE, ptr, stream
 
@@ -258,6 +258,10 @@ def _(q, k, v, key_padding_mask, attn_bias, causal, scale):
 def _attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                         key_padding_mask: Optional[Tensor], attn_bias: Optional[Tensor], causal: bool,
                         scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward_body(do, q, k, v, o, lse, key_padding_mask, attn_bias, causal, scale)
+
+
+def _backward_body(do, q, k, v, o, lse, key_padding_mask, attn_bias, causal: bool, scale: float):
     backward = _implementation(q).backward
     if attn_bias is None:
         return backward(do, q, k, v, o, lse, causal, key_padding_mask, scale)
@@ -285,7 +289,10 @@ def _backward(ctx, do, grad_lse):
         dbias = _reduce_to(ds, attn_bias.shape) if need_bias else None
         return dq, dk, dv, None, dbias, None, None
     do = do.contiguous()
-    dq, dk, dv = _attention_backward(do, q, k, v, o, lse, key_padding_mask, attn_bias, ctx.causal, ctx.scale)
+    # grad mode is off here: where nothing could observe the dispatch, skip it (_cpu_eager)
+    direct = _cpu_eager.direct(do, q, k, v, o, lse, key_padding_mask, attn_bias)
+    dq, dk, dv = (_backward_body if direct else _attention_backward)(do, q, k, v, o, lse, key_padding_mask,
+                                                                     attn_bias, ctx.causal, ctx.scale)
     dbias = None
     if need_bias:
         dbias = _bias_grad(do, q, k, v, o, lse, ctx.causal, key_padding_mask, attn_bias, ctx.scale)

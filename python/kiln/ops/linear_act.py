@@ -37,7 +37,7 @@ from torch import Tensor
 from kiln import backend
 from kiln.kernels.activations import ACTIVATIONS, CODE, SAVED
 
-from . import _autocast
+from . import _autocast, _cpu_eager
 from . import random as kiln_random
 from ._checks import check_floating, check_same_device_dtype
 from .dropout import check_probability
@@ -188,6 +188,10 @@ def _linear_act_backward(grad_out: Tensor, x: Tensor, weight: Tensor, saved: Opt
                          p: float = 0.0, seed_offset: Optional[Tensor] = None
                          ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dx, dW, db), each empty when not needed."""
+    return _backward_body(grad_out, x, weight, saved, activation, need_dx, need_dw, need_db, p, seed_offset)
+
+
+def _backward_body(grad_out, x, weight, saved, activation: str, need_dx, need_dw, need_db, p, seed_offset):
     backward = _implementation(x).backward
     grads = backward(grad_out, x, weight, saved, CODE[activation], need_dx, need_dw, need_db,
                      *_dropout_args(p, seed_offset))
@@ -239,8 +243,10 @@ def _backward(ctx, grad_out, grad_preact):
         dx, dw, db = differentiable_backward(grad_out, x, weight, bias, ctx.activation,
                                              need_dx, need_dw, need_db, ctx.p, seed_offset)
     else:
-        dx, dw, db = _linear_act_backward(grad_out.contiguous(), x, weight, saved, ctx.activation,
-                                          need_dx, need_dw, need_db, ctx.p, seed_offset)
+        # grad mode is off here: where nothing could observe the dispatch, skip it (_cpu_eager)
+        backward = _backward_body if _cpu_eager.direct(grad_out, x, weight, saved) else _linear_act_backward
+        dx, dw, db = backward(grad_out.contiguous(), x, weight, saved, ctx.activation,
+                              need_dx, need_dw, need_db, ctx.p, seed_offset)
     return (dx if need_dx else None, dw if need_dw else None, db if need_db else None,
             None, None, None, None)
 
