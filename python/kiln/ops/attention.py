@@ -275,11 +275,16 @@ def _(do, q, k, v, o, lse, key_padding_mask, attn_bias, causal, scale):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, key_padding_mask, attn_bias, causal, scale = inputs
+    # the second outputs are internal (saved for backward, never returned to the caller): no
+    # zero-filled gradient is made for them
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, key_padding_mask, attn_bias, *output)
     ctx.causal, ctx.scale = causal, scale
 
 
 def _backward(ctx, do, grad_lse):
+    if do is None:  # only an internal output reached backward: nothing flows to the inputs
+        return (None, None, None, None, None, None, None)
     q, k, v, key_padding_mask, attn_bias, o, lse = ctx.saved_tensors
     need_bias = attn_bias is not None and ctx.needs_input_grad[4]
     if torch.is_grad_enabled():

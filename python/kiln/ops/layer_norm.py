@@ -186,12 +186,17 @@ def differentiable_backward(dy, x, weight, eps: float, need_dx: bool, need_dw: b
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, eps = inputs
+    # the second outputs are internal (saved for backward, never returned to the caller): no
+    # zero-filled gradient is made for them
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, output[1], output[2])
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.eps = eps
 
 
 def _backward(ctx, dy, grad_mean, grad_rstd):
+    if dy is None:  # only an internal output reached backward: nothing flows to the inputs
+        return (None, None, None, None)
     x, weight, mean, rstd = ctx.saved_tensors
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     need_dw = need_dw and weight is not None

@@ -225,6 +225,9 @@ def differentiable_backward(grad_out, x, weight, bias, activation: str, need_dx,
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, activation, _, p, seed_offset = inputs
+    # the second outputs are internal (saved for backward, never returned to the caller): no
+    # zero-filled gradient is made for them
+    ctx.set_materialize_grads(False)
     out, preact = output
     if SAVED[activation] is None:
         saved = None
@@ -236,6 +239,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_preact):
+    if grad_out is None:  # only an internal output reached backward: nothing flows to the inputs
+        return (None, None, None, None, None, None, None)
     x, weight, bias, saved, seed_offset = ctx.saved_tensors
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     need_db = need_db and bias is not None
