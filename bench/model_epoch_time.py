@@ -29,10 +29,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kiln
 from kiln.nn import torch_twin
+from kiln.nn.twin import KilnOpRecorder
 from kiln.train.optimizers import make_optimizer
 from kiln.train.tasks import get_task
 
@@ -66,19 +66,6 @@ def torch_loss(task, model_name: str):
             return F.cross_entropy(model(x), y, label_smoothing=task.label_smoothing)
         return digits_loss
     return task.loss   # charlm: the twin's forward computes its loss with torch
-
-
-class KilnOps(TorchDispatchMode):
-    """Counts the kiln:: ops that run inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "kiln":
-            self.seen.add(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 class Side:
@@ -140,7 +127,7 @@ def check_same_loss(task, sides: list[Side], batch) -> None:
     values = []
     for side in sides:
         side.model.eval()
-        with torch.no_grad(), KilnOps() as spy:
+        with torch.no_grad(), KilnOpRecorder() as spy:
             values.append(side.loss(side.model, batch).item())
         side.model.train()
         if side.name != "kiln" and spy.seen:

@@ -9,27 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kiln
-from kiln.nn.twin import TorchOps, TwinError, torch_twin
+from kiln.nn.twin import KilnOpRecorder, TorchOps, TwinError, torch_twin
 from kiln.train.tasks import all_tasks
 from tests.numerics import BOUND, rel_err
 
 TOL = BOUND[torch.float64]
-
-
-class KilnOpSpy(TorchDispatchMode):
-    """Records every kiln:: op that runs (forward or backward) inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "kiln":
-            self.seen.add(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def _tokens(high, *shape, low=0):
@@ -173,10 +159,10 @@ def test_twin_of_every_task_model_runs_torch_only_and_matches(task, name, monkey
     torch.manual_seed(123)
     batch = make_batch()
 
-    with KilnOpSpy() as spy:
+    with KilnOpRecorder() as spy:
         ours = _run(model, batch, run, False)
     assert spy.seen, "the kiln model ran no kiln op: the comparison would be vacuous"
-    with KilnOpSpy() as spy:
+    with KilnOpRecorder() as spy:
         theirs = _run(twin, batch, run, True)
     assert not spy.seen, f"the twin ran kiln ops: {sorted(spy.seen)}"
 
@@ -191,7 +177,7 @@ def test_twin_of_every_task_model_runs_torch_only_and_matches(task, name, monkey
             assert rel_err(theirs[2][key], grad) < TOL, key
     # eval mode (batch norm's running statistics, updated alike by the training step above)
     model.eval(), twin.eval()
-    with torch.no_grad(), KilnOpSpy() as spy:
+    with torch.no_grad(), KilnOpRecorder() as spy:
         evaluated = run(twin, batch, True)[0]
     assert not spy.seen
     with torch.no_grad():
@@ -263,7 +249,7 @@ def test_twin_of_kiln_nn_modules_matches(index):
     for m, spy_must_see in ((module, kiln_runs_ops), (twin, False)):
         m.zero_grad()
         inputs = tuple(a.detach().requires_grad_() if a.is_floating_point() else a for a in args)
-        with KilnOpSpy() as spy:
+        with KilnOpRecorder() as spy:
             out = _flat(m(*inputs))
             sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).reshape(o.shape)).sum() for o in out).backward()
         assert bool(spy.seen) == spy_must_see, spy.seen

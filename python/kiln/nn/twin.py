@@ -34,6 +34,7 @@ import warnings
 from typing import Callable, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -351,3 +352,17 @@ def torch_twin(module: nn.Module) -> nn.Module:
     if left:
         raise TwinError(f"torch_twin: tensors {left} were not moved into the twin")
     return twin
+
+
+class KilnOpRecorder(TorchDispatchMode):
+    """Records, in ``seen``, every kiln:: op that runs inside it (forward or backward): how a
+    test or a benchmark checks that a twin runs no kiln op, and that its kiln model does."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "kiln":
+            self.seen.add(str(func))
+        return func(*args, **(kwargs or {}))
