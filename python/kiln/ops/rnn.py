@@ -66,6 +66,7 @@ from torch import Tensor
 
 from kiln import backend
 
+from . import _cpu_eager
 from ._checks import check_floating, check_same_device_dtype
 from ._cuda_launch import DTYPE_CODE, ptr, stream
 from .linear_act import linear_act
@@ -461,6 +462,10 @@ _ARG_INDEX = {"lstm": (0, 1, 2, 3, None), "gru": (0, 1, None, 2, 3), "rnn": (0, 
 @torch.library.custom_op("kiln::lstm_sequence", mutates_args=())
 def _lstm_sequence(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """gx (T, B, 4H), h0, c0 (B, H) state dtype -> (h_all, c_all (T, B, H), gates (T, B, 4H))."""
+    return _lstm_sequence_body(gx, h0, c0, w_hh)
+
+
+def _lstm_sequence_body(gx, h0, c0, w_hh):
     forward = _sequence_function(_implementation("lstm", w_hh), "lstm_sequence_forward")
     return forward(gx, h0, c0, w_hh)
 
@@ -476,6 +481,10 @@ def _lstm_sequence_backward(dh_all: Tensor, dc_all: Tensor, gates: Tensor, h0: T
                             h_all: Tensor, c_all: Tensor, w_hh: Tensor
                             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (dgx (T, B, 4H), dh0, dc0, dw_hh)."""
+    return _lstm_sequence_backward_body(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh)
+
+
+def _lstm_sequence_backward_body(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh):
     backward = _sequence_function(_implementation("lstm", w_hh), "lstm_sequence_backward")
     dpre_all, dh, dc, *own_dw = backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh)
     if own_dw:  # the form's sequence backward formed dw_hh itself (cpu: inside its one numba call)
@@ -503,7 +512,9 @@ def _lstm_grad(ctx, dh_all, dc_all, dgates):
         return dgx, dh0, dc0, dw_hh
     dh_all = torch.zeros_like(h_all) if dh_all is None else dh_all.contiguous()
     dc_all = torch.zeros_like(c_all) if dc_all is None else dc_all.contiguous()
-    return _lstm_sequence_backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh)
+    args = (dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh)
+    # grad mode is off here: where nothing could observe the dispatch, skip it (_cpu_eager)
+    return (_lstm_sequence_backward_body if _cpu_eager.direct(*args) else _lstm_sequence_backward)(*args)
 
 
 torch.library.register_autograd("kiln::lstm_sequence", _lstm_grad, setup_context=_lstm_setup)
@@ -799,8 +810,10 @@ def lstm(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Op
             out, h_n, c_n = _lstm_projected(xs, states[0], states[1], w_ih, w_hh, bias, w_hr)
         else:
             gx = _input_projection(xs, w_ih, bias)
-            out, c_all, _ = _lstm_sequence(gx, states[0].to(sd).contiguous(), states[1].to(sd).contiguous(),
-                                           w_hh.contiguous())
+            args = (gx, states[0].to(sd).contiguous(), states[1].to(sd).contiguous(), w_hh.contiguous())
+            # no graph to record (inference): where nothing could observe the dispatch, skip it
+            direct = _cpu_eager.no_grad_needed(*args) and _cpu_eager.direct(*args)
+            out, c_all, _ = (_lstm_sequence_body if direct else _lstm_sequence)(*args)
             h_n, c_n = (out[-1], c_all[-1]) if xs.shape[0] else (states[0], states[1])
         return (out.flip(0) if reverse else out), h_n, c_n
 
