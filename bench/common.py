@@ -28,3 +28,23 @@ def copy_bandwidth() -> float:
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src), return_mode="median")
     return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
+def interleaved_ms(steps: dict, repeats: int) -> dict[str, list[float]]:
+    """Milliseconds per call of each of ``steps`` (name -> callable), measured in rounds that
+    run every step in turn, so a load that comes and goes hits each side alike: ``repeats``
+    samples each, of enough calls (after one warm call each) to make ~40 ms a sample."""
+    import time
+
+    start = time.perf_counter()
+    for step in steps.values():
+        step()
+    inner = max(1, int(0.04 / max(time.perf_counter() - start, 1e-6)))
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(inner):
+                step()
+            times[name].append((time.perf_counter() - start) / inner * 1e3)
+    return times

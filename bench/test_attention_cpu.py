@@ -16,7 +16,6 @@ for backward, halved with causal.
 
 import argparse
 import statistics
-import time
 
 import pytest
 import torch
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import kiln
+from common import interleaved_ms
 
 SHAPES = [(8, 8, 512, 64), (4, 8, 1024, 64), (1, 8, 4096, 64)]  # (B, H, T, D); the first is issue 14's
 IMPLS = {"kiln": None, "sdpa math": SDPBackend.MATH, "sdpa flash": SDPBackend.FLASH_ATTENTION}
@@ -86,17 +86,7 @@ def _interleaved(repeats, shapes):
                         steps[impl] = lambda fn=fn: _no_grad(fn, q, k, v)
                     else:
                         steps[impl] = lambda fn=fn: fn(q, k, v).backward(do)
-                start = time.perf_counter()
-                for step in steps.values():
-                    step()
-                inner = max(1, int(0.04 / max(time.perf_counter() - start, 1e-6)))
-                times = {impl: [] for impl in steps}
-                for _ in range(repeats):
-                    for impl, step in steps.items():
-                        start = time.perf_counter()
-                        for _ in range(inner):
-                            step()
-                        times[impl].append((time.perf_counter() - start) / inner * 1e3)
+                times = interleaved_ms(steps, repeats)
                 ours, theirs = statistics.median(times["kiln"]), statistics.median(times["sdpa flash"])
                 best = min(times["sdpa flash"]) / min(times["kiln"])
                 name = f"attention {mode} {'causal' if causal else 'full'} {'x'.join(map(str, shape))}"

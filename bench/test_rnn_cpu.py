@@ -16,12 +16,12 @@ median of many repeats of each, and their ratio) is the one to trust:
 
 import argparse
 import statistics
-import time
 
 import pytest
 import torch
 
 import kiln
+from common import interleaved_ms
 
 # (T, B, input, hidden, layers); the last two are kiln issue 14's shapes.
 SHAPES = [(128, 32, 256, 512, 1), (512, 8, 128, 256, 1), (64, 32, 256, 256, 1), (20, 8, 64, 64, 2)]
@@ -90,17 +90,7 @@ def _interleaved(repeats, shapes):
                 modules = _modules(kind, I, H, layers)
                 x = torch.randn(T, B, I, requires_grad=mode != "forward")
                 steps = {impl: _step(m, x, mode) for impl, m in modules.items()}
-                start = time.perf_counter()
-                for step in steps.values():
-                    step()
-                inner = max(1, int(0.04 / max(time.perf_counter() - start, 1e-6)))
-                times = {impl: [] for impl in steps}
-                for _ in range(repeats):
-                    for impl, step in steps.items():
-                        start = time.perf_counter()
-                        for _ in range(inner):
-                            step()
-                        times[impl].append((time.perf_counter() - start) / inner * 1e3)
+                times = interleaved_ms(steps, repeats)
                 ours, theirs = statistics.median(times["kiln"]), statistics.median(times["torch"])
                 # On a loaded machine the minima (each side's least disturbed repeat) scatter
                 # less than the medians.

@@ -56,6 +56,37 @@ def _hide_masked(row, limit, mask_row, k0, value):
             row[j] = value
 
 
+@njit(inline="always")
+def _exp_scores_row(row, limit, scale, has_mask, mask_row, k0, m_old):
+    """One query's scores of a key block, in place: times scale, masked keys hidden, then
+    exp(s - m_new) for the first ``limit`` (visible) keys and 0 past them, with m_new =
+    max(m_old, the row's max). Returns (m_new, the row's float64 sum); m_new -inf (nothing
+    visible yet): the row is all 0 and the sum 0."""
+    sc = like(row[0], scale)
+    for j in range(limit):
+        row[j] = row[j] * sc
+    if has_mask:
+        _hide_masked(row, limit, mask_row, k0, like(row[0], -np.inf))
+    m_new = max(m_old, np.float64(lane_max(row[:limit])))
+    if m_new == -np.inf:
+        row[:] = 0
+        return m_new, 0.0
+    mn = like(row[0], m_new)
+    for j in range(limit):
+        row[j] = exp(row[j] - mn)
+    row[limit:] = 0
+    return m_new, lane_sum_f64(row[:limit])
+
+
+@njit(inline="always")
+def _rescale(out, a):
+    """out *= a (the running output of a row whose max rose), skipped when a is 1."""
+    if a != 1.0:
+        a_x = like(out[0], a)
+        for d in range(out.size):
+            out[d] *= a_x
+
+
 @njit(**KERNEL_OPTIONS)
 def _online_softmax_block(s, acc, first, scale, mask, has_mask, causal, h0, q0, k0, offset, heads, m, l):
     """s (nh, nq, nk): scores of keys k0.. for queries q0.. of heads h0..; in place ->
@@ -67,34 +98,20 @@ def _online_softmax_block(s, acc, first, scale, mask, has_mask, causal, h0, q0, 
         h, i = r // nq, r % nq
         row = s[h, i]
         limit = _visible(causal, nk, q0 + i, k0, offset)
-        sc = like(row[0], scale)
-        for j in range(limit):
-            row[j] = row[j] * sc
-        if has_mask:
-            _hide_masked(row, limit, mask[(h0 + h) // heads], k0, like(row[0], -np.inf))
+        mask_row = mask[(h0 + h) // heads] if has_mask else mask[0]
         hg, ig = h0 + h, q0 + i
         m_old = -np.inf if first else m[hg, ig]
-        m_new = max(m_old, np.float64(lane_max(row[:limit])))
+        m_new, total = _exp_scores_row(row, limit, scale, has_mask, mask_row, k0, m_old)
         if m_new == -np.inf:  # nothing seen yet in this row
-            row[:] = 0
             if first:
                 m[hg, ig], l[hg, ig] = -np.inf, 0.0
             continue
-        mn = like(row[0], m_new)
-        for j in range(limit):
-            row[j] = exp(row[j] - mn)
-        row[limit:] = 0
-        total = lane_sum_f64(row[:limit])
         if first:
             m[hg, ig], l[hg, ig] = m_new, total
         else:
             a = math.exp(m_old - m_new)
             m[hg, ig], l[hg, ig] = m_new, l[hg, ig] * a + total
-            if a != 1.0:
-                out = acc[h, i]
-                a_x = like(row[0], a)
-                for d in range(out.size):
-                    out[d] *= a_x
+            _rescale(acc[h, i], a)
 
 
 @njit(**KERNEL_OPTIONS)
@@ -249,28 +266,13 @@ def _fused_forward(q, k, v, o, lse, causal, mask, has_mask, scale, heads, group,
             for i in range(nq):
                 row = s[i, :nk]
                 limit = _visible(causal, nk, q0 + i, k0, offset)
-                sc = like(row[0], scale)
-                for j in range(limit):
-                    row[j] = row[j] * sc
-                if has_mask:
-                    _hide_masked(row, limit, mask_row, k0, like(row[0], -np.inf))
                 m_old = m[i]
-                m_new = max(m_old, np.float64(lane_max(row[:limit])))
+                m_new, total = _exp_scores_row(row, limit, scale, has_mask, mask_row, k0, m_old)
                 if m_new == -np.inf:  # nothing seen yet in this row: p = 0
-                    row[:] = 0
                     continue
-                mn = like(row[0], m_new)
-                for j in range(limit):
-                    row[j] = exp(row[j] - mn)
-                row[limit:] = 0
-                total = lane_sum_f64(row[:limit])
                 a = math.exp(m_old - m_new)  # 0 when m_old is -inf: acc's row is 0 then
                 m[i], l[i] = m_new, l[i] * a + total
-                if a != 1.0:
-                    out = acc[i]
-                    a_x = like(row[0], a)
-                    for d in range(D):
-                        out[d] *= a_x
+                _rescale(acc[i], a)
             mkl_gemm(0, 0, D, nq, nk, v[kvh, k0:], D, s, bk, 1.0, acc, D)  # acc += p v
         for i in range(nq):
             out = o[bh, q0 + i]

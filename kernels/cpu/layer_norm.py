@@ -34,6 +34,15 @@ def _split(mean, like_x):
     return hi, like(like_x, mean - hi)
 
 
+@njit(inline="always")
+def _normalize_row(row, mu, r, w, b, out):
+    """out = (row - mu) * r * w + b, the float64 mean applied as hi + lo (see _split)."""
+    hi, lo = _split(mu, row[0])
+    r_x = like(row[0], r)
+    for j in range(row.size):
+        out[j] = ((row[j] - hi) - lo) * r_x * w[j] + b[j]
+
+
 @njit(**KERNEL_OPTIONS)
 def _forward(x, w, b, eps, y, mean, rstd):
     M, N = x.shape
@@ -42,11 +51,7 @@ def _forward(x, w, b, eps, y, mean, rstd):
         mu = lane_sum_f64(row) / N
         r = 1.0 / np.sqrt(lane_sum_sq_dev_f64(row, mu) / N + eps)
         mean[i], rstd[i] = mu, r
-        hi, lo = _split(mu, row[0])
-        r_x = like(row[0], r)
-        out = y[i]
-        for j in range(N):
-            out[j] = ((row[j] - hi) - lo) * r_x * w[j] + b[j]
+        _normalize_row(row, mu, r, w, b, y[i])
 
 
 @njit(**_CONTRACT)
@@ -62,11 +67,7 @@ def _forward_one_pass(x, w, b, eps, y, mean, rstd):
         mu = center + shift
         r = 1.0 / np.sqrt(max(s2 / N - shift * shift, 0.0) + eps)
         mean[i], rstd[i] = mu, r
-        hi, lo = _split(mu, row[0])
-        r_x = like(row[0], r)
-        out = y[i]
-        for j in range(N):
-            out[j] = ((row[j] - hi) - lo) * r_x * w[j] + b[j]
+        _normalize_row(row, mu, r, w, b, y[i])
 
 
 @njit(fastmath={"reassoc", "contract"}, error_model="numpy", cache=True)
