@@ -1,7 +1,7 @@
 """CPU form of linear_act: y = act(x @ W^T + b), numba around torch's BLAS.
 
 A hand-rolled GEMM in numba runs at a fraction of MKL's rate (DESIGN.md), so the
-products come from torch (blas.py) and everything around them is numba:
+products come from torch (torch.mm, MKL) and everything around them is numba:
 
 * forward: rows in blocks (tall enough for MKL, small enough for L3), each block's
   ``torch.mm`` followed at once by the numba pass that adds the bias, applies the activation
