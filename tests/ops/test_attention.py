@@ -1,14 +1,12 @@
 import math
-import os
-import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import kiln
+from tests.memory import extra_peak_bytes, needs_peak_reset
 from tests.numerics import BOUND, rel_err
 
 HOST_BACKENDS = ["cpu", "reference"]
@@ -149,24 +147,22 @@ def test_non_contiguous_inputs():
     assert rel_err(out, F.scaled_dot_product_attention(q, k, v, is_causal=True)) < 1e-12
 
 
-_PEAK_SCRIPT = textwrap.dedent("""
-    import resource, sys, torch
+_PEAK_SCRIPT = """
+    import sys, torch
     import kiln
     T = int(sys.argv[1])
     q, k, v = (torch.randn(1, 1, T, 16, requires_grad=True) for _ in range(3))
     with kiln.backend.use("cpu"):
         kiln.ops.attention(q[:, :, :8], k[:, :, :8], v[:, :, :8]).sum().backward()  # compile numba first
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        reset_peak()
         kiln.ops.attention(q, k, v, causal=True).sum().backward()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
-""")
+    print(peak_growth())
+"""
 
 
+@needs_peak_reset
 def test_no_t_by_t_buffer_at_t_8192():
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
-    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, "8192"], capture_output=True, text=True,
-                         check=True, env=env)
-    peak = int(out.stdout.strip().splitlines()[-1])
+    peak = extra_peak_bytes(_PEAK_SCRIPT, 8192)
     t_by_t = 8192 * 8192 * 4  # 256 MiB for one float32 score matrix
     assert peak < t_by_t / 8, f"peak extra memory {peak / 2**20:.1f} MiB"
 

@@ -1,13 +1,9 @@
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import kiln
+from tests.memory import extra_peak_bytes, needs_peak_reset
 from tests.numerics import BOUND, rel_err
 
 
@@ -247,8 +243,8 @@ def test_autocast_runs_the_linear_low_and_returns_float32():
     assert rel_err(out, ref) < BOUND[torch.bfloat16]
 
 
-_PEAK_SCRIPT = textwrap.dedent("""
-    import resource, sys, torch, torch.nn.functional as F
+_PEAK_SCRIPT = """
+    import sys, torch, torch.nn.functional as F
     import kiln
     which, N = sys.argv[1], int(sys.argv[2])
     H, V = 64, 32000
@@ -257,29 +253,21 @@ _PEAK_SCRIPT = textwrap.dedent("""
     weight = (torch.randn(V, H, generator=g) / 8).requires_grad_()
     target = torch.randint(0, V, (N,), generator=g)
     kiln.ops.linear_cross_entropy(hidden[:8], weight, target[:8], chunk_rows=4).backward()  # compile numba first
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reset_peak()
     if which == "kiln":
         loss = kiln.ops.linear_cross_entropy(hidden, weight, target, chunk_rows=128)
     else:
         loss = F.cross_entropy(F.linear(hidden, weight), target)
     loss.backward()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
-""")
+    print(peak_growth())
+"""
 
 
 def _peak_extra_bytes(which, n):
-    """Growth of the peak resident memory of a fresh process over one forward+backward.
-
-    glibc's malloc otherwise raises its mmap threshold after the first large free and then
-    keeps freed blocks on the heap, which blurs peak RSS by a few chunks at random; with
-    a fixed threshold every large block is mapped and unmapped, and RSS tracks what lives.
-    """
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
-    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, which, str(n)], capture_output=True,
-                         text=True, check=True, env=env)
-    return int(out.stdout.strip().splitlines()[-1])
+    return extra_peak_bytes(_PEAK_SCRIPT, which, n)
 
 
+@needs_peak_reset
 def test_peak_memory_grows_with_the_chunk_not_with_the_rows():
     logits_bytes = lambda n: n * 32000 * 4
     kiln_small, kiln_large = _peak_extra_bytes("kiln", 1024), _peak_extra_bytes("kiln", 4096)
