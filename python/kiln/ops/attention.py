@@ -304,7 +304,7 @@ def _backward(ctx, do, grad_lse):
     return dq, dk, dv, None, dbias, None, None
 
 
-torch.library.register_autograd("kiln::attention", _backward, setup_context=_setup_context)
+_attention_call = _cpu_eager.autograd_op(_attention, _backward, _setup_context)
 _autocast.register("kiln::attention", "lower")
 
 
@@ -382,6 +382,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False,
         # empty product over Tk = 0 is 0), with gradients, and no kernel launched
         return composite(q, k, v, bool(causal), key_padding_mask, attn_bias, float(scale), dropout_p)[0]
     bias = None if attn_bias is None else attn_bias.reshape(bias_shape).contiguous()
-    o, _ = _attention(q.contiguous(), k.contiguous(), v.contiguous(), key_padding_mask, bias, bool(causal),
+    o, _ = _attention_call(q.contiguous(), k.contiguous(), v.contiguous(), key_padding_mask, bias, bool(causal),
                       float(scale))
     return o

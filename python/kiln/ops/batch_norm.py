@@ -37,6 +37,7 @@ from torch import Tensor
 
 from kiln import backend
 
+from . import _cpu_eager
 from ._checks import check_floating, check_parameters
 from ._cuda_launch import DTYPE_CODE, ptr, stream
 
@@ -236,7 +237,7 @@ def _backward(ctx, dy, grad_mean, grad_invstd, grad_var):
             db.to(ctx.bias_dtype) if need_db else None, None, None, None, None)
 
 
-torch.library.register_autograd("kiln::batch_norm", _backward, setup_context=_setup_context)
+_batch_norm_call = _cpu_eager.autograd_op(_batch_norm, _backward, _setup_context)
 
 
 # ---------------------------------------------------------------------------------------
@@ -275,7 +276,7 @@ def batch_norm(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[
     if not eps >= 0:
         raise ValueError(f"{OP}: eps must be >= 0, got {eps}")
     x3 = x.reshape(N, C, -1).contiguous()
-    y, mean, _, var = _batch_norm(x3, weight, bias, running_mean, running_var, training, float(eps))
+    y, mean, _, var = _batch_norm_call(x3, weight, bias, running_mean, running_var, training, float(eps))
     if training and running_mean is not None:
         n = values_per_channel
         with torch.no_grad():

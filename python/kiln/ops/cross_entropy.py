@@ -287,7 +287,7 @@ def _softmax_grad(ctx, grad_y):
     return _softmax_backward(grad_y.contiguous(), y, ctx.log), None
 
 
-torch.library.register_autograd("kiln::softmax", _softmax_grad, setup_context=_softmax_setup)
+_softmax_call = _cpu_eager.autograd_op(_softmax, _softmax_grad, _softmax_setup)
 # torch's autocast runs softmax / log_softmax in float32 on CUDA; on CPU it leaves them alone.
 _autocast.register("kiln::softmax", "fp32", device_types=("cuda",))
 
@@ -339,8 +339,7 @@ def _cross_entropy_grad(ctx, grad_loss, grad_row_max, grad_row_logsum):
     return dlogits, None, None, None, None
 
 
-torch.library.register_autograd("kiln::cross_entropy", _cross_entropy_grad,
-                                setup_context=_cross_entropy_setup)
+_cross_entropy_call = _cpu_eager.autograd_op(_cross_entropy, _cross_entropy_grad, _cross_entropy_setup)
 _autocast.register("kiln::cross_entropy", "fp32")
 
 
@@ -394,8 +393,8 @@ def _cross_entropy_soft_grad(ctx, grad_loss, grad_row_max, grad_row_logsum):
     return dlogits, dtarget, None, None
 
 
-torch.library.register_autograd("kiln::cross_entropy_soft", _cross_entropy_soft_grad,
-                                setup_context=_cross_entropy_soft_setup)
+_cross_entropy_soft_call = _cpu_eager.autograd_op(_cross_entropy_soft, _cross_entropy_soft_grad,
+                                                  _cross_entropy_soft_setup)
 _autocast.register("kiln::cross_entropy_soft", "fp32")
 
 
@@ -417,10 +416,7 @@ def _softmax_family(name: str, x: Tensor, dim: int, log: bool) -> Tensor:
     if x.numel() == 0:
         return x * 0  # empty: what torch returns, with a gradient path
     rows, moved_shape = _rows_last(x, dim)
-    if _cpu_eager.no_grad_needed(rows) and _cpu_eager.direct(rows):  # no graph: skip the dispatch
-        y = _implementation("softmax", rows).softmax_forward(rows, log)
-    else:
-        y = _softmax(rows, log)
+    y = _softmax_call(rows, log)
     return y.reshape(moved_shape).movedim(-1, dim)
 
 
@@ -502,7 +498,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         if C == 0:
             raise IndexError(f"{op}: input {_shape(input)} has no classes for target {_shape(target)}")
         check_target_range(op, flat_target, C, ignore_index)
-        loss, _, _ = _cross_entropy(rows, flat_target, weight, ignore_index, float(label_smoothing))
+        loss, _, _ = _cross_entropy_call(rows, flat_target, weight, ignore_index, float(label_smoothing))
     return reduce_loss(loss, flat_target, weight, ignore_index, reduction, target.shape, loss_dtype(input))
 
 
@@ -534,7 +530,7 @@ def _cross_entropy_probabilities(input, target, weight, ignore_index, reduction,
     if rows.numel() == 0:
         loss = _empty_rows_loss(rows, probabilities)
     else:
-        loss, _, _ = _cross_entropy_soft(rows, probabilities, weight, label_smoothing)
+        loss, _, _ = _cross_entropy_soft_call(rows, probabilities, weight, label_smoothing)
     return reduce_soft_loss(loss, reduction, moved_shape[:-1], input.shape[class_dim], loss_dtype(input))
 
 

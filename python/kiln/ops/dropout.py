@@ -21,6 +21,7 @@ from torch import Tensor
 
 from kiln import backend
 
+from . import _cpu_eager
 from . import random as kiln_random
 from ._checks import check_floating
 from ._cuda_launch import DTYPE_CODE, ptr, stream
@@ -120,7 +121,7 @@ def _backward(ctx, grad_out):
     return grad, None, None
 
 
-torch.library.register_autograd("kiln::dropout", _backward, setup_context=_setup_context)
+_dropout_call = _cpu_eager.autograd_op(_dropout, _backward, _setup_context)
 
 
 # ---------------------------------------------------------------------------------------
@@ -141,5 +142,5 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
     if p == 1.0:
         return input.mul_(0.0) if inplace else input * 0.0
     x = input.contiguous()
-    out = _dropout(x, p, kiln_random.next_seed_offset(x.numel())).view(input.shape)
+    out = _dropout_call(x, p, kiln_random.next_seed_offset(x.numel())).view(input.shape)
     return input.copy_(out) if inplace else out

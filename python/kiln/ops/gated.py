@@ -22,6 +22,7 @@ from torch import Tensor
 from kiln import backend
 from kiln.kernels.activations import CODE
 
+from . import _cpu_eager
 from ._checks import check_floating, check_same_device_dtype
 from ._cuda_launch import DTYPE_CODE, ptr, stream
 from .linear_act import TORCH_ACTIVATIONS, _act_grad_reference
@@ -130,7 +131,7 @@ def _backward(ctx, dy):
     return (dgate if need_dgate else None, dup if need_dup else None, None)
 
 
-torch.library.register_autograd("kiln::gated_act", _backward, setup_context=_setup_context)
+_gated_act_call = _cpu_eager.autograd_op(_gated_act, _backward, _setup_context)
 
 
 # ---------------------------------------------------------------------------------------
@@ -145,7 +146,7 @@ def _gated(op: str, gate: Tensor, up: Tensor, activation: str) -> Tensor:
                          f"{tuple(up.shape)}")
     if gate.numel() == 0:  # nothing to launch: torch's empty result, and empty gradients
         return TORCH_ACTIVATIONS[activation](gate) * up
-    y = _gated_act(gate.reshape(-1).contiguous(), up.reshape(-1).contiguous(), activation)
+    y = _gated_act_call(gate.reshape(-1).contiguous(), up.reshape(-1).contiguous(), activation)
     return y.reshape(gate.shape)
 
 

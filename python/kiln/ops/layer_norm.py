@@ -125,10 +125,6 @@ def _implementation(t: Tensor):
 def _layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
                 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (y, mean (float64), rstd). weight and bias may be float32 for a half-precision x."""
-    return _forward_body(x, weight, bias, eps)
-
-
-def _forward_body(x, weight, bias, eps: float):
     return _implementation(x).forward(x, _as_dtype(weight, x.dtype), _as_dtype(bias, x.dtype), eps)
 
 
@@ -211,7 +207,7 @@ def _backward(ctx, dy, grad_mean, grad_rstd):
             db.to(ctx.bias_dtype) if need_db else None, None)
 
 
-torch.library.register_autograd("kiln::layer_norm", _backward, setup_context=_setup_context)
+_layer_norm_call = _cpu_eager.autograd_op(_layer_norm, _backward, _setup_context)
 # torch's policy: float32 under CUDA autocast; CPU autocast leaves layer_norm alone.
 _autocast.register("kiln::layer_norm", "fp32", device_types=("cuda",))
 
@@ -250,8 +246,5 @@ def layer_norm(x: Tensor, normalized_shape: Union[int, Sequence[int]], weight: O
     rows = x.reshape(-1, N).contiguous()
     w = None if weight is None else weight.reshape(N).contiguous()
     b = None if bias is None else bias.reshape(N).contiguous()
-    if _cpu_eager.no_grad_needed(rows, w, b) and _cpu_eager.direct(rows, w, b):
-        y = _forward_body(rows, w, b, float(eps))[0]  # no graph to record: skip the dispatch
-    else:
-        y, _, _ = _layer_norm(rows, w, b, float(eps))
+    y, _, _ = _layer_norm_call(rows, w, b, float(eps))
     return y.reshape(x.shape)

@@ -256,7 +256,7 @@ def _backward(ctx, grad_out, grad_preact):
             None, None, None, None)
 
 
-torch.library.register_autograd("kiln::linear_act", _backward, setup_context=_setup_context)
+_linear_act_call = _cpu_eager.autograd_op(_linear_act, _backward, _setup_context)
 _autocast.register("kiln::linear_act", "lower")
 
 
@@ -305,6 +305,6 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias))
     seed_offset = kiln_random.next_seed_offset(x2.shape[0] * weight.shape[0]) if p > 0 else None
-    out, _ = _linear_act(x2, weight.contiguous(), None if bias is None else bias.contiguous(),
+    out, _ = _linear_act_call(x2, weight.contiguous(), None if bias is None else bias.contiguous(),
                          activation, wants_grad and _saves_second_output(activation, p), p, seed_offset)
     return out.reshape(*lead, weight.shape[0])

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 
-from . import _autocast
+from . import _autocast, _cpu_eager
 from ._checks import check_floating, check_same_device_dtype
 from .cross_entropy import (_implementation, _shape, _stats_dtype, check_target_range, cross_entropy,
                             reduce_loss, reduce_soft_loss)
@@ -197,7 +197,7 @@ def _backward(ctx, grad_loss, grad_row_max, grad_row_logsum):
             None, None, None, None, None)
 
 
-torch.library.register_autograd("kiln::linear_cross_entropy", _backward, setup_context=_setup_context)
+_linear_cross_entropy_call = _cpu_eager.autograd_op(_linear_cross_entropy, _backward, _setup_context)
 # torch runs the linear in the autocast region's dtype and the cross-entropy in float32, which
 # the kernels do anyway (float32 statistics and losses for float16 / bfloat16 logits).
 _autocast.register("kiln::linear_cross_entropy", "lower")
@@ -237,8 +237,8 @@ def _sum_backward(ctx, grad_total, grad_dh, grad_dw, grad_db):
     return (*grads, None, None, None, None, None, None, None, None)
 
 
-torch.library.register_autograd("kiln::linear_cross_entropy_sum_with_grads", _sum_backward,
-                                setup_context=_sum_setup_context)
+_linear_cross_entropy_sum_with_grads_call = _cpu_eager.autograd_op(
+    _linear_cross_entropy_sum_with_grads, _sum_backward, _sum_setup_context)
 _autocast.register("kiln::linear_cross_entropy_sum_with_grads", "lower")
 
 
@@ -354,11 +354,11 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     args = (flat_target, weight, ignore_index, float(label_smoothing), int(chunk_rows))
     needs = (input.requires_grad, linear_weight.requires_grad, linear_bias is not None and linear_bias.requires_grad)
     if reduction != "none" and torch.is_grad_enabled() and any(needs):
-        total, _, _, _ = _linear_cross_entropy_sum_with_grads(rows, linear_weight, linear_bias, *args, *needs)
+        total, _, _, _ = _linear_cross_entropy_sum_with_grads_call(rows, linear_weight, linear_bias, *args, *needs)
         if reduction == "sum":
             return total.to(out_dtype)
         return (total / _mean_denominator(flat_target, weight, ignore_index, V, soft, total.dtype)).to(out_dtype)
-    loss, _, _ = _linear_cross_entropy(rows, linear_weight, linear_bias, *args)
+    loss, _, _ = _linear_cross_entropy_call(rows, linear_weight, linear_bias, *args)
     return _reduce(loss, flat_target, weight, ignore_index, reduction, out_shape, V, soft, out_dtype)
 
 

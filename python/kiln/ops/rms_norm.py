@@ -177,7 +177,7 @@ def _backward(ctx, dy, grad_rstd):
     return (dx if need_dx else None, dw if need_dw else None, None, None)
 
 
-torch.library.register_autograd("kiln::rms_norm", _backward, setup_context=_setup_context)
+_rms_norm_call = _cpu_eager.autograd_op(_rms_norm, _backward, _setup_context)
 
 
 # ---------------------------------------------------------------------------------------
@@ -220,8 +220,5 @@ def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: Optional[float] = 
         return x * weight if weight is not None else x.clone()
     rows = x.reshape(-1, N).contiguous()
     w = None if weight is None else weight.reshape(N).contiguous()
-    if _cpu_eager.no_grad_needed(rows, w) and _cpu_eager.direct(rows, w):
-        y = _implementation(rows).forward(rows, w, float(eps), float(offset))[0]  # no graph: skip the dispatch
-    else:
-        y, _ = _rms_norm(rows, w, float(eps), float(offset))
+    y, _ = _rms_norm_call(rows, w, float(eps), float(offset))
     return y.reshape(x.shape)

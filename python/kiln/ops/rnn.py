@@ -462,10 +462,6 @@ _ARG_INDEX = {"lstm": (0, 1, 2, 3, None), "gru": (0, 1, None, 2, 3), "rnn": (0, 
 @torch.library.custom_op("kiln::lstm_sequence", mutates_args=())
 def _lstm_sequence(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """gx (T, B, 4H), h0, c0 (B, H) state dtype -> (h_all, c_all (T, B, H), gates (T, B, 4H))."""
-    return _lstm_sequence_body(gx, h0, c0, w_hh)
-
-
-def _lstm_sequence_body(gx, h0, c0, w_hh):
     forward = _sequence_function(_implementation("lstm", w_hh), "lstm_sequence_forward")
     return forward(gx, h0, c0, w_hh)
 
@@ -517,7 +513,7 @@ def _lstm_grad(ctx, dh_all, dc_all, dgates):
     return (_lstm_sequence_backward_body if _cpu_eager.direct(*args) else _lstm_sequence_backward)(*args)
 
 
-torch.library.register_autograd("kiln::lstm_sequence", _lstm_grad, setup_context=_lstm_setup)
+_lstm_sequence_call = _cpu_eager.autograd_op(_lstm_sequence, _lstm_grad, _lstm_setup)
 
 
 @torch.library.custom_op("kiln::gru_sequence", mutates_args=())
@@ -571,7 +567,7 @@ def _gru_grad(ctx, dh_all, dsaved):
     return dgx, dh0, dw_hh, db if need_db else None
 
 
-torch.library.register_autograd("kiln::gru_sequence", _gru_grad, setup_context=_gru_setup)
+_gru_sequence_call = _cpu_eager.autograd_op(_gru_sequence, _gru_grad, _gru_setup)
 
 
 @torch.library.custom_op("kiln::rnn_sequence", mutates_args=())
@@ -617,7 +613,7 @@ def _rnn_grad(ctx, dh_all):
     return (*_rnn_sequence_backward(dh_all.contiguous(), h0, h_all, w_hh, ctx.relu), None)
 
 
-torch.library.register_autograd("kiln::rnn_sequence", _rnn_grad, setup_context=_rnn_setup)
+_rnn_sequence_call = _cpu_eager.autograd_op(_rnn_sequence, _rnn_grad, _rnn_setup)
 
 
 # ---------------------------------------------------------------------------------------
@@ -811,9 +807,7 @@ def lstm(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Op
         else:
             gx = _input_projection(xs, w_ih, bias)
             args = (gx, states[0].to(sd).contiguous(), states[1].to(sd).contiguous(), w_hh.contiguous())
-            # no graph to record (inference): where nothing could observe the dispatch, skip it
-            direct = _cpu_eager.no_grad_needed(*args) and _cpu_eager.direct(*args)
-            out, c_all, _ = (_lstm_sequence_body if direct else _lstm_sequence)(*args)
+            out, c_all, _ = _lstm_sequence_call(*args)
             h_n, c_n = (out[-1], c_all[-1]) if xs.shape[0] else (states[0], states[1])
         return (out.flip(0) if reverse else out), h_n, c_n
 
@@ -839,8 +833,8 @@ def gru(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor
     def run(xs, states):
         xs = xs.flip(0) if reverse else xs
         gx = _input_projection(xs, w_ih, b_ih, "gru")
-        h_all, _ = _gru_sequence(gx, states[0].to(sd).contiguous(), w_hh.contiguous(),
-                                 None if b_hh is None else b_hh.contiguous())
+        h_all, _ = _gru_sequence_call(gx, states[0].to(sd).contiguous(), w_hh.contiguous(),
+                                      None if b_hh is None else b_hh.contiguous())
         h_n = h_all[-1] if xs.shape[0] else states[0]
         return (h_all.flip(0) if reverse else h_all), h_n
 
@@ -862,7 +856,7 @@ def _elman(op, relu, x, h0, w_ih, w_hh, b_ih, b_hh, reverse, batch_sizes):
     def run(xs, states):
         xs = xs.flip(0) if reverse else xs
         gx = _input_projection(xs, w_ih, bias, "rnn")
-        h_all = _rnn_sequence(gx, states[0].to(sd).contiguous(), w_hh.contiguous(), relu)
+        h_all = _rnn_sequence_call(gx, states[0].to(sd).contiguous(), w_hh.contiguous(), relu)
         h_n = h_all[-1] if xs.shape[0] else states[0]
         return (h_all.flip(0) if reverse else h_all), h_n
 

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from kiln import backend
 
+from . import _cpu_eager
 from ._checks import check_floating, check_same_device_dtype
 from ._cuda_launch import DTYPE_CODE, ptr, stream
 
@@ -178,7 +179,7 @@ def _backward(ctx, dq, dk):
             grad_cos, grad_sin, None, None, None)
 
 
-torch.library.register_autograd("kiln::rotary_embedding", _backward, setup_context=_setup_context)
+_rotary_call = _cpu_eager.autograd_op(_rotary, _backward, _setup_context)
 
 
 # ---------------------------------------------------------------------------------------
@@ -244,5 +245,5 @@ def rotary_embedding(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_id
         return apply(q, cos, sin, seq_dim, interleaved), apply(k, cos, sin, seq_dim, interleaved)
     q4, q_seq, q_swapped = _physical(q, unsqueeze_dim)
     k4, k_seq, k_swapped = _physical(k, unsqueeze_dim)
-    q_rot, k_rot = _rotary(q4, k4, cos.contiguous(), sin.contiguous(), q_seq, k_seq, bool(interleaved))
+    q_rot, k_rot = _rotary_call(q4, k4, cos.contiguous(), sin.contiguous(), q_seq, k_seq, bool(interleaved))
     return (q_rot.transpose(1, 2) if q_swapped else q_rot, k_rot.transpose(1, 2) if k_swapped else k_rot)
