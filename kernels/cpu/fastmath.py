@@ -81,6 +81,12 @@ def one_plus_erf(x):
     return 1.0 + math.erf(x)
 
 
+def one_plus_erf_and_gauss(x):
+    """(1 + erf(x), e^{-x^2}): gelu's derivative needs both, and A&S 7.1.26's erfc is a
+    polynomial times that same e^{-x^2}, so in float32 one exp serves both."""
+    return 1.0 + math.erf(x), math.exp(-x * x)
+
+
 def _is_f32(x) -> bool:
     return isinstance(x, types.Float) and x.bitwidth == 32
 
@@ -129,6 +135,15 @@ def _one_plus_erf_f32(x):
     return np.float32(2.0) - erfc if x >= 0 else erfc
 
 
+def _one_plus_erf_and_gauss_f32(x):
+    a = abs(x)
+    gauss = exp(-a * a)
+    t = np.float32(1.0) / (np.float32(1.0) + _ERF_P * a)
+    a1, a2, a3, a4, a5 = _ERF_A
+    erfc = t * (a1 + t * (a2 + t * (a3 + t * (a4 + t * a5)))) * gauss
+    return (np.float32(2.0) - erfc if x >= 0 else erfc), gauss
+
+
 def _tanh_f32(x):
     a = abs(x)
     a2 = a * a
@@ -148,3 +163,4 @@ _register(exp, _exp_f32, lambda x: math.exp(x))
 _register(erf, _erf_f32, lambda x: math.erf(x))
 _register(tanh, _tanh_f32, lambda x: math.tanh(x))
 _register(one_plus_erf, _one_plus_erf_f32, lambda x: 1.0 + math.erf(x))
+_register(one_plus_erf_and_gauss, _one_plus_erf_and_gauss_f32, lambda x: (1.0 + math.erf(x), math.exp(-x * x)))

@@ -33,7 +33,7 @@ from numba import njit, prange
 
 from ..activations import GELU, GELU_TANH, GELU_TANH_CUBIC, IDENTITY, INV_SQRT_2, INV_SQRT_2PI
 from ..activations import RELU, SIGMOID, SILU, SQRT_2_OVER_PI, TANH
-from .fastmath import KERNEL_OPTIONS, exp, like, one_plus_erf, tanh
+from .fastmath import KERNEL_OPTIONS, exp, like, one_plus_erf, one_plus_erf_and_gauss, tanh
 from .philox import key_of, keeps
 
 # A row block must be tall: each torch.mm call packs all of W again, so short blocks
@@ -105,8 +105,9 @@ def _act_row(row, code):
 
 @njit(inline="always")
 def _gelu_grad(z):
-    half = like(z, 0.5)
-    return half * one_plus_erf(z * like(z, INV_SQRT_2)) + z * like(z, INV_SQRT_2PI) * exp(-half * z * z)
+    # Phi(z) + z phi(z), phi(z) = e^{-z^2/2} / sqrt(2 pi): the exp of erf's x = z / sqrt(2)
+    cdf_twice, gauss = one_plus_erf_and_gauss(z * like(z, INV_SQRT_2))
+    return like(z, 0.5) * cdf_twice + z * like(z, INV_SQRT_2PI) * gauss
 
 
 @njit(inline="always")

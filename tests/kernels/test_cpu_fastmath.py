@@ -70,3 +70,27 @@ def test_like_keeps_float32():
     half(np.float32(3.0))
     half(3.0)
     assert [sig.return_type for sig in half.nopython_signatures] == [types.float32, types.float64]
+
+
+@njit
+def _erf_and_gauss_parts(x, one_plus, gauss):
+    for i in range(x.size):
+        one_plus[i], gauss[i] = fastmath.one_plus_erf_and_gauss(x[i])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_one_plus_erf_and_gauss_share_one_exp_and_keep_each_bound(dtype):
+    x = GRID.astype(dtype)
+    one_plus, gauss = np.empty_like(x), np.empty_like(x)
+    _erf_and_gauss_parts(x, one_plus, gauss)
+    want_erf = np.array([1.0 + math.erf(float(v)) for v in x])
+    # exp of the square as the kernel rounds it (x * x in x's dtype): the exp itself is what is checked
+    want_gauss = np.array([math.exp(-float(v)) for v in x * x])
+    if dtype == np.float64:
+        np.testing.assert_array_max_ulp(one_plus, want_erf, maxulp=1)
+        np.testing.assert_array_max_ulp(gauss, want_gauss, maxulp=1)
+    else:  # one_plus_erf's absolute bound; exp's relative bound where e^{-x^2} is a normal float32
+        assert np.abs(one_plus - want_erf).max() < 6e-7
+        normal = want_gauss > np.finfo(np.float32).tiny
+        assert (np.abs(gauss - want_gauss)[normal] / want_gauss[normal]).max() < 4e-7
+        assert (gauss[~normal] < 2 * np.finfo(np.float32).tiny).all()
