@@ -1,9 +1,12 @@
 """CPU form of dropout: y = x * keep * 1/(1-p), the keep mask from Philox (philox.py).
 
-One numba pass: each element's word is computed from (seed, offset + index), so the
-mask is never stored and backward (the same pass over dy) regenerates it. The
-multiplier is ``scale`` or 0 (not a select of x or 0), as torch's x * noise: a dropped
-NaN or inf stays NaN. float32 and float64.
+One numba pass: each element's word is computed from (seed, offset + index). Philox
+4x32-10 costs ~3 ns an element on one core where reading a byte back costs a tenth of
+that, so under autograd (`forward_saving_mask`) the pass also writes the keep mask, one
+byte an element (what torch's dropout keeps too), and backward multiplies dy by it;
+`backward` regenerates the mask, for a caller that has none. The multiplier is ``scale``
+or 0 (not a select of x or 0), as torch's x * noise: a dropped NaN or inf stays NaN.
+float32 and float64.
 """
 
 import numpy as np
@@ -29,19 +32,65 @@ def _apply(src, dst, k0, k1, offset, threshold, scale):
             dst[i] = src[i] * (scale if keep else zero)
 
 
+@njit(**KERNEL_OPTIONS)
+def _apply_saving_mask(src, dst, mask, k0, k1, offset, threshold, scale):
+    n = src.size
+    zero = scale * 0
+    for c in prange((n + _CHUNK - 1) // _CHUNK):
+        start = c * _CHUNK
+        stop = min(n, start + _CHUNK)
+        for i in range(start, stop):
+            keep = keeps(k0, k1, offset + np.uint64(i), threshold)
+            mask[i] = keep
+            dst[i] = src[i] * (scale if keep else zero)
+
+
+@njit(**KERNEL_OPTIONS)
+def _apply_mask(src, dst, mask, scale):
+    n = src.size
+    zero = scale * 0
+    for c in prange((n + _CHUNK - 1) // _CHUNK):
+        start = c * _CHUNK
+        stop = min(n, start + _CHUNK)
+        for i in range(start, stop):
+            dst[i] = src[i] * (scale if mask[i] else zero)
+
+
+def _scale(dtype, p: float):
+    return np.dtype(str(dtype).removeprefix("torch.")).type(1.0 / (1.0 - p))
+
+
 def _dropout(src, p: float, seed: int, offset: int, threshold: int):
     out = torch.empty_like(src)
     if src.numel():
-        scale = np.dtype(str(src.dtype).removeprefix("torch.")).type(1.0 / (1.0 - p))
         k0, k1 = key_of(seed)
         _apply(src.reshape(-1).numpy(), out.reshape(-1).numpy(), k0, k1, np.uint64(offset),
-               np.uint64(threshold), scale)
+               np.uint64(threshold), _scale(src.dtype, p))
     return out
 
 
 def forward(x, p: float, seed: int, offset: int, threshold: int):
     """x * mask / (1 - p) for contiguous x; element i's mask from counter offset + i."""
     return _dropout(x, p, seed, offset, threshold)
+
+
+def forward_saving_mask(x, p: float, seed: int, offset: int, threshold: int):
+    """(forward's y, its keep mask as uint8 of x's shape) in one pass."""
+    out, mask = torch.empty_like(x), torch.empty(x.shape, dtype=torch.uint8)
+    if x.numel():
+        k0, k1 = key_of(seed)
+        _apply_saving_mask(x.reshape(-1).numpy(), out.reshape(-1).numpy(), mask.reshape(-1).numpy(), k0, k1,
+                           np.uint64(offset), np.uint64(threshold), _scale(x.dtype, p))
+    return out, mask
+
+
+def backward_with_mask(grad_out, mask, p: float):
+    """grad_out * mask / (1 - p) with forward_saving_mask's mask."""
+    out = torch.empty_like(grad_out)
+    if grad_out.numel():
+        _apply_mask(grad_out.reshape(-1).numpy(), out.reshape(-1).numpy(), mask.reshape(-1).numpy(),
+                    _scale(grad_out.dtype, p))
+    return out
 
 
 def backward(grad_out, p: float, seed: int, offset: int, threshold: int):

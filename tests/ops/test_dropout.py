@@ -5,6 +5,7 @@ so most checks here are exact equalities, and the oracle for values is torch's o
 arithmetic (x * mask / (1 - p)) on the mask the reference Philox gives.
 """
 
+import importlib
 import inspect
 import math
 
@@ -14,8 +15,9 @@ import torch.nn.functional as F
 
 import kiln
 from kiln.ops import random as kiln_random
-from kiln.ops.dropout import _dropout
 from tests.numerics import BOUND, rel_err
+
+dropout_module = importlib.import_module("kiln.ops.dropout")
 
 # (seed, offset): small, a seed with both 32-bit halves set, offsets whose counters cross 2**32.
 PAIRS = [(0, 0), (12345, 7), (2**40 + 977, 2**32 - 100), (2**61 + 3, 2**33 + 5)]
@@ -141,6 +143,11 @@ def test_set_rng_state_names_what_is_missing():
 # --- the forms agree -------------------------------------------------------------------
 
 
+def _dropout(x, p, seed_offset, save_mask=False):
+    """The custom op's y (its second output, the stored mask, aside)."""
+    return dropout_module._dropout(x, p, seed_offset, save_mask)[0]
+
+
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 @pytest.mark.parametrize("seed,offset", PAIRS)
@@ -154,6 +161,24 @@ def test_masks_identical_across_forms(seed, offset, p):
     assert torch.equal(outs["triton"], outs["reference"])
     keep = kiln_random.keep_mask(seed, offset, x.shape, p)
     assert torch.equal(outs["cpu"] != 0, keep)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cpu_form_stores_the_mask_under_autograd_and_its_backward_reads_it(dtype, monkeypatch):
+    x = _x((41, 29), dtype)
+    with kiln.backend.use("cpu"):
+        y, mask = dropout_module._dropout(x, 0.3, _pair(3, 17), True)
+        assert mask.dtype == torch.uint8 and torch.equal(mask.bool(), kiln_random.keep_mask(3, 17, x.shape, 0.3))
+        assert torch.equal(y, _dropout(x, 0.3, _pair(3, 17)))
+        leaf = x.clone().requires_grad_()
+        torch.manual_seed(4)
+        out = kiln.ops.dropout(leaf, 0.3)
+        dy = torch.randn_like(out)
+        monkeypatch.setattr(dropout_module, "_dropout_backward", None)  # the mask is read, nothing regenerated
+        (dx,) = torch.autograd.grad(out, leaf, dy)
+    assert torch.equal(dx, dy * (1 / 0.7) * (out != 0).to(dtype))
+    with kiln.backend.use("cpu"), torch.no_grad():  # nothing to differentiate: no mask is written
+        assert dropout_module._dropout_call(x, 0.3, _pair(3, 17), False)[1].numel() == 0
 
 
 @pytest.mark.usefixtures("poison_empty")

@@ -1,10 +1,12 @@
 """dropout: y = x * mask / (1 - p), inverted dropout as torch.nn.functional.dropout.
 
 The keep mask is a pure function of (seed, offset, element index) (ops/random.py:
-Philox 4x32-10, the same words in the triton, cuda, cpu and reference forms), so it is
-never stored. Saved for backward: nothing but the int64 pair [seed, offset] the forward
-used; backward (dx = dy * mask / (1 - p)) regenerates the mask from it. Double backward
-runs the same product in PyTorch ops with the mask rebuilt by the reference Philox.
+Philox 4x32-10, the same words in the triton, cuda, cpu and reference forms). Saved for
+backward: the int64 pair [seed, offset] the forward used, from which the GPU forms'
+backward (dx = dy * mask / (1 - p)) regenerates the mask; the cpu form, where Philox
+costs ten times the read of a stored byte, keeps the mask too (one uint8 an element, as
+torch's dropout keeps its mask) when a gradient is wanted. Double backward runs the same
+product in PyTorch ops with the mask rebuilt by the reference Philox.
 
 Where (seed, offset) come from: kiln's generator (ops/random.py), advanced by the number
 of elements each call consumes; torch.manual_seed reseeds it. Autocast: none, as torch's
@@ -83,15 +85,24 @@ def _implementation(t: Tensor):
 # The custom ops: contiguous input, p in (0, 1), seed_offset the int64 CPU pair [seed, offset].
 
 
+def _saves_mask(x: Tensor, save_mask: bool) -> bool:
+    return save_mask and hasattr(_implementation(x), "forward_saving_mask")
+
+
 @torch.library.custom_op("kiln::dropout", mutates_args=())
-def _dropout(x: Tensor, p: float, seed_offset: Tensor) -> Tensor:
+def _dropout(x: Tensor, p: float, seed_offset: Tensor, save_mask: bool) -> tuple[Tensor, Tensor]:
+    """Returns (y, mask): mask is the uint8 keep mask where the form stores it (save_mask and the
+    cpu form), else empty."""
     seed, offset = kiln_random.seed_offset(seed_offset)
-    return _implementation(x).forward(x, p, seed, offset, kiln_random.keep_threshold(p))
+    impl = _implementation(x)
+    if _saves_mask(x, save_mask):
+        return impl.forward_saving_mask(x, p, seed, offset, kiln_random.keep_threshold(p))
+    return impl.forward(x, p, seed, offset, kiln_random.keep_threshold(p)), x.new_empty(0, dtype=torch.uint8)
 
 
 @_dropout.register_fake
-def _(x, p, seed_offset):
-    return torch.empty_like(x)
+def _(x, p, seed_offset, save_mask):
+    return torch.empty_like(x), x.new_empty(x.shape if _saves_mask(x, save_mask) else 0, dtype=torch.uint8)
 
 
 @torch.library.custom_op("kiln::dropout_backward", mutates_args=())
@@ -106,19 +117,26 @@ def _(grad_out, p, seed_offset):
 
 
 def _setup_context(ctx, inputs, output):
-    _, p, seed_offset = inputs
-    ctx.save_for_backward(seed_offset)
+    _, p, seed_offset, _ = inputs
+    ctx.set_materialize_grads(False)  # the mask output is internal: no zero gradient is made for it
+    ctx.save_for_backward(seed_offset, output[1])
     ctx.p = p
 
 
-def _backward(ctx, grad_out):
-    (seed_offset,) = ctx.saved_tensors
+def _backward(ctx, grad_out, grad_mask):
+    if grad_out is None:
+        return None, None, None, None
+    seed_offset, mask = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: dy * mask / (1 - p) in PyTorch ops
         seed, offset = kiln_random.seed_offset(seed_offset)
         grad = grad_out * multiplier(grad_out, ctx.p, seed, offset)
+    elif mask.numel() and _cpu_eager.direct(grad_out, mask):
+        grad = _implementation(grad_out).backward_with_mask(grad_out.contiguous(), mask, ctx.p)
+    elif mask.numel():  # traced (torch.compile): the same product in PyTorch ops
+        grad = grad_out * mask.to(grad_out.dtype) * (1.0 / (1.0 - ctx.p))
     else:
         grad = _dropout_backward(grad_out.contiguous(), ctx.p, seed_offset)
-    return grad, None, None
+    return grad, None, None, None
 
 
 _dropout_call = _cpu_eager.autograd_op(_dropout, _backward, _setup_context)
@@ -142,5 +160,7 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
     if p == 1.0:
         return input.mul_(0.0) if inplace else input * 0.0
     x = input.contiguous()
-    out = _dropout_call(x, p, kiln_random.next_seed_offset(x.numel())).view(input.shape)
+    wants_grad = torch.is_grad_enabled() and x.requires_grad
+    out, _ = _dropout_call(x, p, kiln_random.next_seed_offset(x.numel()), wants_grad)
+    out = out.view(input.shape)
     return input.copy_(out) if inplace else out
