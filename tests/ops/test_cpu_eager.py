@@ -90,6 +90,16 @@ def test_double_backward_through_the_direct_path_matches_the_dispatched_one(monk
         assert torch.allclose(ours, theirs, rtol=1e-12, atol=0)
 
 
+def test_functorch_transforms_and_non_strided_tensors_turn_the_direct_path_off():
+    seen = []
+    torch.func.grad(lambda x: seen.append(_cpu_eager.direct(x)) or x.sum())(torch.randn(3))
+    torch.vmap(lambda x: seen.append(_cpu_eager.direct(x)) or x)(torch.randn(2, 3))
+    assert seen == [False, False]
+    assert not _cpu_eager.direct(torch.randn(3), torch.eye(3).to_sparse())
+    assert not _cpu_eager.direct(torch.empty(3, device="meta"))
+    assert _cpu_eager.direct(torch.randn(3), torch.nn.Parameter(torch.randn(3)), None)
+
+
 def test_a_profiler_turns_the_direct_path_off():
     x = torch.randn(3)
     assert _cpu_eager.direct(x)

@@ -19,19 +19,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-try:
-    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-except ImportError:  # a torch without it: always dispatch
-    _get_current_dispatch_mode_stack = None
-
-_PLAIN_KEYS: dict = {}
-
-
-def _plain_cpu(t: Tensor) -> bool:
-    keys = _PLAIN_KEYS.get(t.dtype)
-    if keys is None:
-        keys = _PLAIN_KEYS[t.dtype] = torch._C._dispatch_keys(torch.empty(0, dtype=t.dtype))
-    return type(t) in (Tensor, torch.nn.Parameter) and torch._C._dispatch_keys(t) == keys
+_C = torch._C
+# Each check is one C call, together ~1.5 us a call: they run twice per op call of a training step.
+_HAS_CHECKS = all(hasattr(_C, name) for name in ("_len_torch_dispatch_stack", "_is_torch_function_mode_enabled")) \
+    and hasattr(_C, "_functorch") and hasattr(_C._functorch, "peek_interpreter_stack")
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
 def _autocast_cpu() -> bool:
@@ -41,12 +33,25 @@ def _autocast_cpu() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
+def _autocast_any() -> bool:
+    check = getattr(_C, "_is_any_autocast_enabled", None)
+    return check() if check is not None else _autocast_cpu()
+
+
 def direct(*tensors) -> bool:
-    """Whether a call on these tensors (None skipped) may run its op's body directly."""
-    return (_get_current_dispatch_mode_stack is not None and not torch.compiler.is_compiling()
-            and not _get_current_dispatch_mode_stack() and not torch._C._is_torch_function_mode_enabled()
-            and not torch._C._autograd._profiler_enabled()
-            and not _autocast_cpu() and all(t is None or _plain_cpu(t) for t in tensors))
+    """Whether a call on these tensors (None skipped) may run its op's body directly.
+
+    No mode could see the call (dispatch or function mode, a functorch transform, whose
+    wrapped tensors are plain torch.Tensors on the outside, torch.compile, a profiler,
+    autocast), and every tensor is a strided CPU tensor of torch's own class (a subclass,
+    FakeTensor included, has a type of its own).
+    """
+    # is_compiling first: dynamo folds it to True and must not trace the C calls after it
+    return (_HAS_CHECKS and not torch.compiler.is_compiling() and not _C._len_torch_dispatch_stack()
+            and not _C._is_torch_function_mode_enabled() and _C._functorch.peek_interpreter_stack() is None
+            and not _C._autograd._profiler_enabled() and not _autocast_any()
+            and all(t is None or (type(t) in _PLAIN_TYPES and t.is_cpu and t.layout == torch.strided)
+                    for t in tensors))
 
 
 def no_grad_needed(*tensors) -> bool:
@@ -75,7 +80,7 @@ def autograd_op(op, backward, setup_context):
     """
     torch.library.register_autograd(f"{op._namespace}::{op._name}", backward, setup_context=setup_context)
     body = getattr(op, "_init_fn", None)
-    if body is None or _get_current_dispatch_mode_stack is None:  # a torch without them: always dispatch
+    if body is None or not _HAS_CHECKS:  # a torch without them: always dispatch
         return op
     params = body.__code__.co_argcount
     defaults = body.__defaults__ or ()
