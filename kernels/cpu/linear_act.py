@@ -33,7 +33,8 @@ from numba import njit, prange
 
 from ..activations import GELU, GELU_TANH, GELU_TANH_CUBIC, IDENTITY, INV_SQRT_2, INV_SQRT_2PI
 from ..activations import RELU, SIGMOID, SILU, SQRT_2_OVER_PI, TANH
-from .fastmath import KERNEL_OPTIONS, exp, like, one_plus_erf, one_plus_erf_and_gauss, tanh
+from .fastmath import exp, like, one_plus_erf, one_plus_erf_and_gauss, tanh
+from .parallel import sized_kernel
 from .philox import key_of, keeps
 
 # A row block must be tall: each torch.mm call packs all of W again, so short blocks
@@ -158,7 +159,7 @@ def _dropout_row(row, first, k0, k1, threshold, scale):
         row[j] *= scale if keeps(k0, k1, first + np.uint64(j), threshold) else zero
 
 
-@njit(**KERNEL_OPTIONS)
+@sized_kernel
 def _epilogue(y, bias, has_bias, preact, save_preact, save_after_act, code,
               drop, row0, k0, k1, offset, threshold, scale):
     """In place on one block (rows row0.. of the output): y <- act(y + bias), then times
@@ -183,7 +184,7 @@ def _epilogue(y, bias, has_bias, preact, save_preact, save_after_act, code,
             _dropout_row(row, offset + np.uint64((row0 + i) * cols), k0, k1, threshold, scale)
 
 
-@njit(**KERNEL_OPTIONS)
+@sized_kernel
 def _grad_preact(dy, saved, has_saved, dz, db_parts, code, drop, row0, k0, k1, offset, threshold, scale):
     """dz = dy * act'(saved) (times forward's dropout factor when drop) for one block,
     rows row0.. of the output; db_parts[p] += column sums of part p's rows.
@@ -207,7 +208,7 @@ def _grad_preact(dy, saved, has_saved, dz, db_parts, code, drop, row0, k0, k1, o
                 col_sum[j] += dz_row[j]
 
 
-@njit(**KERNEL_OPTIONS)
+@sized_kernel
 def _column_sums(dy, db_parts):
     """db_parts[p] += column sums of part p's rows of dy: _grad_preact's db for an identity
     activation without dropout, where dz is dy itself and need not be written."""
@@ -255,7 +256,7 @@ def forward(x, weight, bias, activation: int, save_preact: bool, p: float = 0.0,
         r1 = min(M, r0 + step)
         block = out[r0:r1]
         torch.mm(x[r0:r1], weight.t(), out=block)
-        _epilogue(block.numpy(), bias_np, add_bias, preact[r0:r1].numpy() if save_preact else dummy,
+        _epilogue(block.numel(), block.numpy(), bias_np, add_bias, preact[r0:r1].numpy() if save_preact else dummy,
                   save_preact, save_after_act, activation, drop[0], r0, *drop[1:])
     return out, preact
 
@@ -269,7 +270,7 @@ def backward(grad_out, x, weight, saved, activation: int, need_dx: bool, need_dw
     db_parts = np.zeros((_DB_PARTS, N), np.float64)
     if activation == IDENTITY and not drop[0]:  # dz is dy: no pass writes it
         if need_db:
-            _column_sums(grad_out.numpy(), db_parts)
+            _column_sums(grad_out.numel(), grad_out.numpy(), db_parts)
         if need_dx:
             torch.mm(grad_out, weight, out=dx)
         dw = torch.mm(grad_out.t(), x) if need_dw else None
@@ -281,7 +282,7 @@ def backward(grad_out, x, weight, saved, activation: int, need_dx: bool, need_dw
     for r0 in range(0, M, step):
         r1 = min(M, r0 + step)
         dz_block = dz[r0:r1]
-        _grad_preact(grad_out[r0:r1].numpy(), saved_np[r0:r1] if saved is not None else saved_np,
+        _grad_preact(dz_block.numel(), grad_out[r0:r1].numpy(), saved_np[r0:r1] if saved is not None else saved_np,
                      saved is not None, dz_block.numpy(), db_parts, activation, drop[0], r0, *drop[1:])
         if need_dx:
             torch.mm(dz_block, weight, out=dx[r0:r1])
