@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from .fastmath import KERNEL_OPTIONS, like
+from .fastmath import like
 from .lanes import lane_dot_f64, lane_sum_f64, lane_sum_sq_dev_f64
+from .parallel import sized_kernel
 
 
 @njit(inline="always")
@@ -23,21 +24,21 @@ def _split(mean, like_x):
     return hi, like(like_x, mean - hi)
 
 
-@njit(**KERNEL_OPTIONS)
+@sized_kernel
 def _slice_sums(x, partial):
     n, c, _ = x.shape
     for k in prange(n * c):
         partial[k // c, k % c] = lane_sum_f64(x[k // c, k % c])
 
 
-@njit(**KERNEL_OPTIONS)
+@sized_kernel
 def _slice_sq_dev(x, mean, partial):
     n, c, _ = x.shape
     for k in prange(n * c):
         partial[k // c, k % c] = lane_sum_sq_dev_f64(x[k // c, k % c], mean[k % c])
 
 
-@njit(**KERNEL_OPTIONS)
+@sized_kernel
 def _apply(x, mean, scale, shift, y):
     """y = (x - mean) * scale + shift per channel; scale = invstd * w, shift = b."""
     n, c, L = x.shape
@@ -50,7 +51,7 @@ def _apply(x, mean, scale, shift, y):
             out[j] = ((src[j] - hi) - lo) * s + t
 
 
-@njit(**KERNEL_OPTIONS)
+@sized_kernel
 def _grad_sums(dy, x, mean, invstd, sum_dy, sum_dy_xhat):
     """Per (n, c) slice: sum(dy) and sum(dy * xhat)."""
     n, c, L = x.shape
@@ -66,7 +67,7 @@ def _grad_sums(dy, x, mean, invstd, sum_dy, sum_dy_xhat):
         sum_dy_xhat[i, ch] = lane_dot_f64(g, xhat)
 
 
-@njit(**KERNEL_OPTIONS)
+@sized_kernel
 def _dx(dy, x, mean, invstd, w, c_one, c_xhat, training, dx):
     """training: dx = w invstd (dy - c_one - xhat c_xhat); eval: dx = w invstd dy."""
     n, c, L = x.shape
@@ -94,9 +95,9 @@ def stats(x):
     N, C, L = x.shape
     partial = np.empty((N, C), np.float64)
     xn = x.numpy()
-    _slice_sums(xn, partial)
+    _slice_sums(xn.size, xn, partial)
     mean = partial.sum(0) / (N * L)
-    _slice_sq_dev(xn, mean, partial)
+    _slice_sq_dev(xn.size, xn, mean, partial)
     var = partial.sum(0) / (N * L)
     return torch.from_numpy(mean), torch.from_numpy(var).to(_stats_dtype(x.dtype))
 
@@ -106,7 +107,7 @@ def apply(x, mean, invstd, weight, bias):
     scale = invstd.double() * (weight.double() if weight is not None else 1.0)
     shift = bias.double() if bias is not None else torch.zeros(C, dtype=torch.float64)
     y = torch.empty_like(x)
-    _apply(x.numpy(), mean.double().numpy(), scale.numpy(), shift.numpy(), y.numpy())
+    _apply(x.numel(), x.numpy(), mean.double().numpy(), scale.numpy(), shift.numpy(), y.numpy())
     return y
 
 
@@ -117,7 +118,7 @@ def backward(dy, x, mean, invstd, weight, training: bool, need_dx: bool, need_dw
     sum_dy = sum_dy_xhat = None
     if sums_needed:
         part_dy, part_dy_xhat = np.empty((N, C), np.float64), np.empty((N, C), np.float64)
-        _grad_sums(dy.numpy(), x.numpy(), mean_np, invstd_np, part_dy, part_dy_xhat)
+        _grad_sums(dy.numel(), dy.numpy(), x.numpy(), mean_np, invstd_np, part_dy, part_dy_xhat)
         sum_dy, sum_dy_xhat = part_dy.sum(0), part_dy_xhat.sum(0)
     dx = None
     if need_dx:
@@ -126,7 +127,7 @@ def backward(dy, x, mean, invstd, weight, training: bool, need_dx: bool, need_dw
         w = weight.double().numpy() if weight is not None else np.ones(C)
         c_one = sum_dy / n if training else np.zeros(C)
         c_xhat = sum_dy_xhat / n if training else np.zeros(C)
-        _dx(dy.numpy(), x.numpy(), mean_np, invstd_np, w, c_one, c_xhat, training, dx.numpy())
+        _dx(dy.numel(), dy.numpy(), x.numpy(), mean_np, invstd_np, w, c_one, c_xhat, training, dx.numpy())
     dw = torch.from_numpy(sum_dy_xhat).to(x.dtype) if need_dw else None
     db = torch.from_numpy(sum_dy).to(x.dtype) if need_db else None
     return dx, dw, db

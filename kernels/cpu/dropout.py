@@ -11,16 +11,16 @@ float32 and float64.
 
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import prange
 
-from .fastmath import KERNEL_OPTIONS
 from .philox import key_of, keeps
+from .parallel import sized_kernel
 
 # Elements per parallel chunk: a whole number of cache lines, enough work per thread.
 _CHUNK = 1 << 14
 
 
-@njit(**KERNEL_OPTIONS)
+@sized_kernel
 def _apply(src, dst, k0, k1, offset, threshold, scale):
     n = src.size
     zero = scale * 0
@@ -32,7 +32,7 @@ def _apply(src, dst, k0, k1, offset, threshold, scale):
             dst[i] = src[i] * (scale if keep else zero)
 
 
-@njit(**KERNEL_OPTIONS)
+@sized_kernel
 def _apply_saving_mask(src, dst, mask, k0, k1, offset, threshold, scale):
     n = src.size
     zero = scale * 0
@@ -45,7 +45,7 @@ def _apply_saving_mask(src, dst, mask, k0, k1, offset, threshold, scale):
             dst[i] = src[i] * (scale if keep else zero)
 
 
-@njit(**KERNEL_OPTIONS)
+@sized_kernel
 def _apply_mask(src, dst, mask, scale):
     n = src.size
     zero = scale * 0
@@ -64,7 +64,7 @@ def _dropout(src, p: float, seed: int, offset: int, threshold: int):
     out = torch.empty_like(src)
     if src.numel():
         k0, k1 = key_of(seed)
-        _apply(src.reshape(-1).numpy(), out.reshape(-1).numpy(), k0, k1, np.uint64(offset),
+        _apply(src.numel(), src.reshape(-1).numpy(), out.reshape(-1).numpy(), k0, k1, np.uint64(offset),
                np.uint64(threshold), _scale(src.dtype, p))
     return out
 
@@ -79,7 +79,7 @@ def forward_saving_mask(x, p: float, seed: int, offset: int, threshold: int):
     out, mask = torch.empty_like(x), torch.empty(x.shape, dtype=torch.uint8)
     if x.numel():
         k0, k1 = key_of(seed)
-        _apply_saving_mask(x.reshape(-1).numpy(), out.reshape(-1).numpy(), mask.reshape(-1).numpy(), k0, k1,
+        _apply_saving_mask(x.numel(), x.reshape(-1).numpy(), out.reshape(-1).numpy(), mask.reshape(-1).numpy(), k0, k1,
                            np.uint64(offset), np.uint64(threshold), _scale(x.dtype, p))
     return out, mask
 
@@ -88,7 +88,7 @@ def backward_with_mask(grad_out, mask, p: float):
     """grad_out * mask / (1 - p) with forward_saving_mask's mask."""
     out = torch.empty_like(grad_out)
     if grad_out.numel():
-        _apply_mask(grad_out.reshape(-1).numpy(), out.reshape(-1).numpy(), mask.reshape(-1).numpy(),
+        _apply_mask(grad_out.numel(), grad_out.reshape(-1).numpy(), out.reshape(-1).numpy(), mask.reshape(-1).numpy(),
                     _scale(grad_out.dtype, p))
     return out
 

@@ -34,15 +34,19 @@ class SizedKernel:
     """``kernel(work, *args)``: the parallel build when ``work`` (elements) reaches GRAIN,
     else the serial one. Both build lazily, on their first call."""
 
-    def __init__(self, fn: types.FunctionType):
-        self.parallel = njit(**KERNEL_OPTIONS)(fn)
-        self.serial = njit(**{**KERNEL_OPTIONS, "parallel": False})(_renamed(fn, "_serial"))
+    def __init__(self, fn: types.FunctionType, options: dict):
+        options = {**KERNEL_OPTIONS, **options, "parallel": True}
+        self.parallel = njit(**options)(fn)
+        self.serial = njit(**{**options, "parallel": False})(_renamed(fn, "_serial"))
         self.__doc__, self.__name__ = fn.__doc__, fn.__name__
 
     def __call__(self, work: int, *args):
         return (self.parallel if work >= GRAIN else self.serial)(*args)
 
 
-def sized_kernel(fn: types.FunctionType) -> SizedKernel:
-    """Decorator: ``fn`` (a kernel written with prange) as a SizedKernel."""
-    return SizedKernel(fn)
+def sized_kernel(fn: types.FunctionType = None, **options):
+    """Decorator: ``fn`` (a kernel written with prange) as a SizedKernel; ``@sized_kernel(**options)``
+    adds numba options to KERNEL_OPTIONS."""
+    if fn is None:
+        return lambda f: SizedKernel(f, options)
+    return SizedKernel(fn, options)

@@ -12,16 +12,17 @@ dweight; the partials are summed in a fixed order at the end.
 
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import prange
 
-from .fastmath import KERNEL_OPTIONS, like
+from .fastmath import like
 from .lanes import lane_dot_f64, lane_sum_sq_f64
 from .memory import empty_like
+from .parallel import sized_kernel
 
 _PARTS = 16
 
 
-@njit(**KERNEL_OPTIONS)
+@sized_kernel
 def _forward(x, scale, eps, y, rstd):
     M, N = x.shape
     for i in prange(M):
@@ -33,7 +34,7 @@ def _forward(x, scale, eps, y, rstd):
             out[j] = row[j] * r * scale[j]
 
 
-@njit(**KERNEL_OPTIONS)
+@sized_kernel
 def _backward(dy, x, scale, rstd, need_dx, need_dw, dx, dw_parts):
     M, N = x.shape
     per_part = (M + _PARTS - 1) // _PARTS
@@ -71,7 +72,7 @@ def forward(x, weight, eps: float, offset: float):
     M, N = x.shape
     y = empty_like(x)
     rstd = torch.empty(M, dtype=_stats_dtype(x.dtype))
-    _forward(x.numpy(), _scale(x, weight, offset).numpy(), float(eps), y.numpy(), rstd.numpy())
+    _forward(x.numel(), x.numpy(), _scale(x, weight, offset).numpy(), float(eps), y.numpy(), rstd.numpy())
     return y, rstd
 
 
@@ -80,7 +81,7 @@ def backward(dy, x, weight, rstd, offset: float, need_dx: bool, need_dw: bool):
     need_dw = bool(need_dw) and weight is not None
     dx = empty_like(x) if need_dx else x.new_empty((1, 1))
     dw_parts = np.zeros((_PARTS, N if need_dw else 0), np.float64)
-    _backward(dy.numpy(), x.numpy(), _scale(x, weight, offset).numpy(), rstd.numpy(), bool(need_dx),
+    _backward(dy.numel(), dy.numpy(), x.numpy(), _scale(x, weight, offset).numpy(), rstd.numpy(), bool(need_dx),
               need_dw, dx.numpy(), dw_parts)
     dw = torch.from_numpy(dw_parts.sum(0)).to(x.dtype) if need_dw else None
     return dx if need_dx else None, dw

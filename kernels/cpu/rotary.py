@@ -8,12 +8,12 @@ so LLVM vectorizes it (the rotate-half loop is unit-stride in every array).
 """
 
 import torch
-from numba import njit, prange
+from numba import prange
 
-from .fastmath import KERNEL_OPTIONS
+from .parallel import sized_kernel
 
 
-@njit(**KERNEL_OPTIONS)
+@sized_kernel
 def _apply(x, cos, sin, y, seq_dim, interleaved, inverse):
     B, S1, S2, D = x.shape
     half = D // 2
@@ -52,7 +52,7 @@ def _apply(x, cos, sin, y, seq_dim, interleaved, inverse):
 def _run(x, cos, sin, seq_dim: int, interleaved: bool, inverse: bool):
     y = torch.empty_like(x)
     if x.numel():
-        _apply(x.numpy(), cos.numpy(), sin.numpy(), y.numpy(), seq_dim, bool(interleaved), inverse)
+        _apply(x.numel(), x.numpy(), cos.numpy(), sin.numpy(), y.numpy(), seq_dim, bool(interleaved), inverse)
     return y
 
 
