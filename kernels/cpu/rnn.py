@@ -315,12 +315,21 @@ def _lstm_backward_row_carry(dh_out, hw, a, cb, cn, d, dcb):
 
 
 @njit(**_SEQUENCE_OPTIONS)
-def _lstm_layer_forward(x, w_ih, bias, h0, c0, w_hh, reverse, h_all, c_all, gates, gx):
-    """x (T*B, I); gx (T, B, 4H) scratch; h_all, c_all (T, B, H) in time order (reverse:
-    step T-1 runs first and reads h0)."""
-    T, B, G = gates.shape
-    H = G // 4
+def _lstm_layer_forward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, reverse, T, h_n, c_n):
+    """x (T*B, I) -> (h_all, c_all (T, B, H) in time order, gates (T, B, 4H)), allocated
+    here (a torch allocation and .numpy() per buffer cost ~3 us each); b_ih, b_hh (4H,) or
+    empty for none; h_n, c_n (B, H) get the final states (reverse: step T-1 runs first and
+    reads h0)."""
+    B, H = h0.shape
+    G = 4 * H
+    h_all, c_all = np.empty((T, B, H), h0.dtype), np.empty((T, B, H), h0.dtype)
+    gates, gx = np.empty((T, B, G), h0.dtype), np.empty((T, B, G), h0.dtype)
     I = x.shape[1]
+    bias = np.zeros(G, h0.dtype)
+    if b_ih.shape[0]:
+        bias += b_ih
+    if b_hh.shape[0]:
+        bias += b_hh
     gx2 = gx.reshape((T * B, G))
     for r in range(T * B):
         gx2[r] = bias
@@ -335,16 +344,23 @@ def _lstm_layer_forward(x, w_ih, bias, h0, c0, w_hh, reverse, h_all, c_all, gate
         mkl_gemm(1, 0, G, B, H, w_hh, H, h, H, 1.0, gx[t], G)  # gx_t += h W_hh^T
         for b in range(B):
             _lstm_forward_row_pre(gx[t, b], c[b], gates[t, b], h_all[t, b], c_all[t, b])
+    last = 0 if reverse else T - 1
+    h_n[:] = h_all[last]
+    c_n[:] = c_all[last]
+    return h_all, c_all, gates
 
 
 @njit(**_SEQUENCE_OPTIONS)
-def _lstm_layer_backward(dh_all, dh, dc, gates, h0, c0, h_all, c_all, w_hh, x, w_ih, reverse, need_x, need_w,
-                         dpre, dx, dw_ih, dw_hh, db):
-    """dh, dc (B, H): in, the final states' gradients; out, dh0 and dc0.
-    dpre (T, B, 4H). need_x: dx (T*B, I) = dpre W_ih; need_w: dw_ih, dw_hh, db."""
+def _lstm_layer_backward(dh_all, dh, dc, gates, h0, c0, h_all, c_all, w_hh, x, w_ih, reverse, need_x, need_w):
+    """dh, dc (B, H): in, the final states' gradients; out, dh0 and dc0. -> (dx (T*B, I) =
+    dpre W_ih if need_x, dw_ih, dw_hh, db if need_w; 0-size arrays where not needed)."""
     T, B, G = gates.shape
     H = G // 4
     I = x.shape[1]
+    dpre = np.empty((T, B, G), gates.dtype)
+    dx = np.empty((T * B if need_x else 0, I), gates.dtype)
+    n = G if need_w else 0
+    dw_ih, dw_hh, db = np.empty((n, I), gates.dtype), np.empty((n, H), gates.dtype), np.empty(n, gates.dtype)
     for s in range(T):
         t = s if reverse else T - 1 - s
         first = t == T - 1 if reverse else t == 0
@@ -371,6 +387,7 @@ def _lstm_layer_backward(dh_all, dh, dc, gates, h0, c0, h_all, c_all, w_hh, x, w
         for r in range(T * B):
             for j in range(G):
                 db[j] += dpre2[r, j]
+    return dx, dw_ih, dw_hh, db
 
 
 @njit(**_SEQUENCE_OPTIONS)
@@ -499,36 +516,36 @@ def lstm_layer_fits(x, h0, w_ih, w_hh) -> bool:
             and 0 < x.shape[2] <= _INT32_MAX and x.shape[0] * x.shape[1] <= _INT32_MAX)
 
 
-def lstm_layer_forward(x, w_ih, bias, h0, c0, w_hh, reverse):
-    """One LSTM layer (input projection and recurrence), x (T, B, I) contiguous, bias (4H,)
-    the summed biases or None. -> (h_all, c_all (T, B, H), gates (T, B, 4H))."""
+def lstm_layer_forward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, reverse, h_n=None, c_n=None):
+    """One LSTM layer (input projection and recurrence), x (T, B, I) contiguous, b_ih, b_hh
+    (4H,) or None; h_n, c_n: None or (B, H) buffers for the final states.
+    -> (h_all, c_all (T, B, H), gates (T, B, 4H), h_n, c_n)."""
     T, B, I = x.shape
-    G = w_hh.shape[0]
-    h_all, c_all = h0.new_empty((T, *h0.shape)), c0.new_empty((T, *c0.shape))
-    gates, gx = h0.new_empty((T, B, G)), h0.new_empty((T, B, G))
-    bias = h0.new_zeros(G) if bias is None else bias
-    _lstm_layer_forward(x.view(T * B, I).numpy(), w_ih.numpy(), bias.numpy(), h0.numpy(), c0.numpy(),
-                        w_hh.numpy(), bool(reverse), h_all.numpy(), c_all.numpy(), gates.numpy(), gx.numpy())
-    return h_all, c_all, gates
+    h_n = torch.empty_like(h0) if h_n is None else h_n
+    c_n = torch.empty_like(c0) if c_n is None else c_n
+    none = _NO_BIAS[h0.dtype]
+    h_all, c_all, gates = _lstm_layer_forward(x.numpy().reshape(T * B, I), w_ih.numpy(),
+                                              none if b_ih is None else b_ih.numpy(),
+                                              none if b_hh is None else b_hh.numpy(), h0.numpy(), c0.numpy(),
+                                              w_hh.numpy(), bool(reverse), T, h_n.numpy(), c_n.numpy())
+    return torch.from_numpy(h_all), torch.from_numpy(c_all), torch.from_numpy(gates), h_n, c_n
 
 
-def lstm_layer_backward(dh_all, dh_n, dc_n, gates, h0, c0, h_all, c_all, w_hh, x, w_ih, reverse, need_x, need_w):
-    """-> (dx (T, B, I) or None, dh0, dc0, dw_ih, dw_hh, db (or None each unless need_w));
-    dh_all (T, B, H), dh_n, dc_n (B, H) contiguous (zeros where a gradient was None)."""
+_NO_BIAS = {torch.float32: np.zeros(0, np.float32), torch.float64: np.zeros(0, np.float64)}
+
+
+def lstm_layer_backward(dh_all, dh, dc, gates, h0, c0, h_all, c_all, w_hh, x, w_ih, reverse, need_x, need_w):
+    """dh_all (T, B, H) contiguous; dh, dc (B, H): in, the final states' gradients (zeros
+    where None), out, dh0 and dc0 (updated in place). -> (dx (T, B, I) or None, dw_ih,
+    dw_hh, db (None each unless need_w))."""
     T, B, I = x.shape
-    G = w_hh.shape[0]
-    dh, dc = dh_n.clone(), dc_n.clone()
-    dpre = gates.new_empty(gates.shape)
-    dx = x.new_empty(x.shape) if need_x else x.new_empty((1, 1, 1))
-    dw_ih, dw_hh, db = ((torch.empty_like(w_ih), torch.empty_like(w_hh), w_hh.new_empty(G)) if need_w else
-                        (w_ih.new_empty((1, 1)), w_hh.new_empty((1, 1)), w_hh.new_empty(1)))
-    _lstm_layer_backward(dh_all.numpy(), dh.numpy(), dc.numpy(), gates.numpy(), h0.numpy(), c0.numpy(),
-                         h_all.numpy(), c_all.numpy(), w_hh.numpy(), x.view(T * B, I).numpy(), w_ih.numpy(),
-                         bool(reverse), bool(need_x), bool(need_w), dpre.numpy(),
-                         dx.view(-1, dx.shape[2]).numpy(), dw_ih.numpy(), dw_hh.numpy(), db.numpy())
+    dx, dw_ih, dw_hh, db = _lstm_layer_backward(
+        dh_all.numpy(), dh.numpy(), dc.numpy(), gates.numpy(), h0.numpy(), c0.numpy(), h_all.numpy(), c_all.numpy(),
+        w_hh.numpy(), x.numpy().reshape(T * B, I), w_ih.numpy(), bool(reverse), bool(need_x), bool(need_w))
+    dx = torch.from_numpy(dx).view(T, B, I) if need_x else None
     if not need_w:
-        dw_ih = dw_hh = db = None
-    return (dx if need_x else None), dh, dc, dw_ih, dw_hh, db
+        return dx, None, None, None
+    return dx, torch.from_numpy(dw_ih), torch.from_numpy(dw_hh), torch.from_numpy(db)
 
 
 # The step loop in Python, one oneDNN linear (blas.PackedLinear) and one parallel numba pass

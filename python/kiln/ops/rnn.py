@@ -793,24 +793,21 @@ def _lstm_projected(x, h0, c0, w_ih, w_hh, bias, w_hr):
 # differentiates the layer recomputed in PyTorch ops (_differentiable_sequence).
 
 
-def _cpu_layer_kernels(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
-    """kernels/cpu/rnn.py where the eager cpu layer may run on these arguments, else None."""
-    if x.device.type != "cpu" or not _cpu_eager.direct(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+def _cpu_layer_kernels(x, h0, c0, *weights):
+    """kernels/cpu/rnn.py where the eager cpu layer may run on these arguments (its
+    lstm_layer_fits is the caller's to check), else None."""
+    if x.device.type != "cpu" or c0.dtype != h0.dtype or not _cpu_eager.direct(x, h0, c0, *weights):
         return None
     if backend.select("lstm", x.device, x.dtype, DTYPES) != "cpu":
         return None
-    kernels = _implementation("lstm", w_hh)
-    fits = getattr(kernels, "lstm_layer_fits", None)
-    if fits is None or c0.dtype != x.dtype or not fits(x, h0, w_ih, w_hh):
-        return None
-    return kernels
+    kernels = backend.kernels("cpu", _KERNEL_MODULES, None)
+    return kernels if hasattr(kernels, "lstm_layer_fits") else None
 
 
 def _lstm_layer_cpu(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, kernels):
     """-> (out, h_n, c_n) and what backward needs (c_all, gates)."""
-    h_all, c_all, gates = kernels.lstm_layer_forward(x, w_ih, _sum_biases(b_ih, b_hh), h0, c0, w_hh, reverse)
-    last = 0 if reverse else x.shape[0] - 1
-    return (h_all, h_all[last].clone(), c_all[last].clone()), (c_all, gates)
+    h_all, c_all, gates, h_n, c_n = kernels.lstm_layer_forward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, reverse)
+    return (h_all, h_n, c_n), (c_all, gates)
 
 
 class _LstmLayerCpu(torch.autograd.Function):
@@ -829,9 +826,9 @@ class _LstmLayerCpu(torch.autograd.Function):
             return (*_lstm_layer_double_backward(ctx, (x, h0, c0, w_ih, w_hh, b_ih, b_hh), (dh_all, dh_n, dc_n)),
                     None, None)
         need_w = any(need[3:7])
-        dx, dh0, dc0, dw_ih, dw_hh, db = ctx.kernels.lstm_layer_backward(
-            dh_all.contiguous(), dh_n.contiguous(), dc_n.contiguous(), gates, h0, c0, h_all, c_all, w_hh, x, w_ih,
-            ctx.reverse, need[0], need_w)
+        dh0, dc0 = dh_n.clone(memory_format=torch.contiguous_format), dc_n.clone(memory_format=torch.contiguous_format)
+        dx, dw_ih, dw_hh, db = ctx.kernels.lstm_layer_backward(dh_all.contiguous(), dh0, dc0, gates, h0, c0, h_all,
+                                                               c_all, w_hh, x, w_ih, ctx.reverse, need[0], need_w)
         return (dx, dh0, dc0, dw_ih if need[3] else None, dw_hh if need[4] else None,
                 db if need[5] and b_ih is not None else None, db if need[6] and b_hh is not None else None, None, None)
 
@@ -869,11 +866,9 @@ def lstm_stack_cpu(x: Tensor, h0: Tensor, c0: Tensor, weights: Sequence[Tensor],
         return None
     layers = [tuple(weights[l * per:(l + 1) * per]) + ((None, None) if not bias else ()) for l in range(L)]
     flat = [t for layer in layers for t in layer]
-    if not _cpu_eager.direct(x, h0, c0, *flat):
-        return None
-    kernels = _cpu_layer_kernels(x, h0[0], c0[0], *layers[0])
-    if kernels is None or any(not kernels.lstm_layer_fits(h0, h0[0], w_ih, w_hh) or w_hh.shape[1] != h0.shape[2]
-                              for w_ih, w_hh, _, _ in layers[1:]):
+    kernels = _cpu_layer_kernels(x, h0, c0, *flat)
+    if kernels is None or any(not kernels.lstm_layer_fits(x if l == 0 else h0, h0[0], w_ih, w_hh)
+                              or w_hh.shape[1] != h0.shape[2] for l, (w_ih, w_hh, _, _) in enumerate(layers)):
         return None
     x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
     flat = [None if t is None else t.contiguous() for t in flat]
@@ -888,9 +883,8 @@ def _lstm_stack_cpu(x, h0, c0, flat, kernels):
     saved, xs = [], x
     for l in range(h0.shape[0]):
         w_ih, w_hh, b_ih, b_hh = flat[4 * l:4 * l + 4]
-        h_all, c_all, gates = kernels.lstm_layer_forward(xs, w_ih, _sum_biases(b_ih, b_hh), h0[l], c0[l], w_hh,
-                                                         False)
-        h_n[l], c_n[l] = h_all[-1], c_all[-1]
+        h_all, c_all, gates, _, _ = kernels.lstm_layer_forward(xs, w_ih, b_ih, b_hh, h0[l], c0[l], w_hh, False,
+                                                               h_n[l], c_n[l])
         saved += [h_all, c_all, gates]
         xs = h_all
     return (xs, h_n, c_n), saved
@@ -913,17 +907,17 @@ class _LstmStackCpu(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: differentiable gradients
             return _lstm_stack_double_backward(ctx, x, h0, c0, flat, (dout, dh_n, dc_n))
         dflat = [None] * len(flat)
-        dh0, dc0 = torch.empty_like(h0), torch.empty_like(c0)
-        dh_n, dc_n = dh_n.contiguous(), dc_n.contiguous()
+        dh0 = dh_n.clone(memory_format=torch.contiguous_format)  # the carries, updated in place
+        dc0 = dc_n.clone(memory_format=torch.contiguous_format)
         d_above = dout.contiguous()
         for l in reversed(range(L)):
             w_ih, w_hh, b_ih, b_hh = flat[4 * l:4 * l + 4]
             h_all, c_all, gates = saved[3 * l:3 * l + 3]
             x_l = x if l == 0 else saved[3 * (l - 1)]
             need_w = any(need[4 + 4 * l:8 + 4 * l])
-            dx, dh0[l], dc0[l], dw_ih, dw_hh, db = ctx.kernels.lstm_layer_backward(
-                d_above, dh_n[l], dc_n[l], gates, h0[l], c0[l], h_all, c_all, w_hh, x_l, w_ih, False,
-                l > 0 or need[0], need_w)
+            dx, dw_ih, dw_hh, db = ctx.kernels.lstm_layer_backward(d_above, dh0[l], dc0[l], gates, h0[l], c0[l],
+                                                                   h_all, c_all, w_hh, x_l, w_ih, False,
+                                                                   l > 0 or need[0], need_w)
             if need_w:
                 dflat[4 * l:4 * l + 4] = [dw_ih, dw_hh, None if b_ih is None else db, None if b_hh is None else db]
             d_above = dx
@@ -972,7 +966,7 @@ def lstm(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Op
         batch_sizes = _check_batch_sizes(op, batch_sizes, x)
     if batch_sizes is None and w_hr is None and x.shape[0] > 0:
         kernels = _cpu_layer_kernels(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
-        if kernels is not None:
+        if kernels is not None and kernels.lstm_layer_fits(x, h0, w_ih, w_hh):
             args = (x.contiguous(), h0.contiguous(), c0.contiguous(), w_ih.contiguous(), w_hh.contiguous(),
                     None if b_ih is None else b_ih.contiguous(), None if b_hh is None else b_hh.contiguous(),
                     bool(reverse), kernels)
