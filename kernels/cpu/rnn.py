@@ -262,6 +262,134 @@ def _lstm_sequence_backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh, d
         mkl_gemm(0, 1, H, G, (T - 1) * B, h_all, H, dpre[1], G, 1.0, dw_hh, H)
 
 
+# A whole LSTM layer in one numba call each way (lstm_layer_forward / _backward below): the
+# input projection is one GEMM over all T steps into a scratch gx, each step's recurrent GEMM
+# adds h_{t-1} W_hh^T into its slice of gx in place (beta 1), and the gate pass reads that
+# one pre-activation stream. Backward carries dh / dc in place and forms every weight
+# gradient and dx as one GEMM over all steps. At T 32, B 8, H 64 a layer's own work is
+# ~0.35 ms, and the torch calls, custom-op dispatch and autograd nodes of the op-per-piece
+# form (projection, sequence op, output copies) cost as much again
+# (bench/results/lstm_cpu_issue14_session6.md).
+
+
+@njit(inline="always")
+def _lstm_forward_row_pre(p, cb, a, hn, cn):
+    """_lstm_forward_row with the pre-activations p = gx + h W_hh^T already summed."""
+    H = cb.shape[0]
+    for j in range(2 * H):  # i, f, o: sigmoid; g: tanh
+        a[j] = _sigmoid(p[j])
+    for j in range(3 * H, 4 * H):
+        a[j] = _sigmoid(p[j])
+    i, f, g, o = a[:H], a[H:2 * H], a[2 * H:3 * H], a[3 * H:]
+    for j in range(H):
+        g[j] = tanh(p[2 * H + j])
+    for j in range(H):
+        cn[j] = f[j] * cb[j] + i[j] * g[j]
+    for j in range(H):
+        hn[j] = o[j] * tanh(cn[j])
+
+
+@njit(inline="always")
+def _lstm_backward_row_carry(dh_out, hw, a, cb, cn, d, dcb):
+    """_lstm_backward_row without a dc output gradient (dcb carries it in)."""
+    H = cb.shape[0]
+    one = like(cb[0], 1.0)
+    i, f, g, o = a[:H], a[H:2 * H], a[2 * H:3 * H], a[3 * H:]
+    di, df, dg, do = d[:H], d[H:2 * H], d[2 * H:3 * H], d[3 * H:]
+    for j in range(H):  # di holds dh_next until its own loop
+        di[j] = dh_out[j] + hw[j]
+    for j in range(H):  # do holds tanh(c_next) until its own loop
+        do[j] = tanh(cn[j])
+    for j in range(H):  # dcb holds dc_tot until the end
+        dcb[j] = dcb[j] + di[j] * o[j] * (one - do[j] * do[j])
+    for j in range(H):
+        do[j] = di[j] * do[j] * o[j] * (one - o[j])
+    for j in range(H):
+        di[j] = dcb[j] * g[j] * i[j] * (one - i[j])
+    for j in range(H):
+        df[j] = dcb[j] * cb[j] * f[j] * (one - f[j])
+    for j in range(H):
+        dg[j] = dcb[j] * i[j] * (one - g[j] * g[j])
+    for j in range(H):
+        dcb[j] = dcb[j] * f[j]
+
+
+@njit(**_SEQUENCE_OPTIONS)
+def _lstm_layer_forward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, reverse, T, h_n, c_n):
+    """x (T*B, I) -> (h_all, c_all (T, B, H) in time order, gates (T, B, 4H)), allocated
+    here (a torch allocation and .numpy() per buffer cost ~3 us each); b_ih, b_hh (4H,) or
+    empty for none; h_n, c_n (B, H) get the final states (reverse: step T-1 runs first and
+    reads h0)."""
+    B, H = h0.shape
+    G = 4 * H
+    h_all, c_all = np.empty((T, B, H), h0.dtype), np.empty((T, B, H), h0.dtype)
+    gates, gx = np.empty((T, B, G), h0.dtype), np.empty((T, B, G), h0.dtype)
+    I = x.shape[1]
+    bias = np.zeros(G, h0.dtype)
+    if b_ih.shape[0]:
+        bias += b_ih
+    if b_hh.shape[0]:
+        bias += b_hh
+    gx2 = gx.reshape((T * B, G))
+    for r in range(T * B):
+        gx2[r] = bias
+    mkl_gemm(1, 0, G, T * B, I, w_ih, I, x, I, 1.0, gx2, G)  # gx = bias + x W_ih^T, all steps
+    for s in range(T):
+        t = T - 1 - s if reverse else s
+        if s == 0:
+            h, c = h0, c0
+        else:
+            tp = t + 1 if reverse else t - 1
+            h, c = h_all[tp], c_all[tp]
+        mkl_gemm(1, 0, G, B, H, w_hh, H, h, H, 1.0, gx[t], G)  # gx_t += h W_hh^T
+        for b in range(B):
+            _lstm_forward_row_pre(gx[t, b], c[b], gates[t, b], h_all[t, b], c_all[t, b])
+    last = 0 if reverse else T - 1
+    h_n[:] = h_all[last]
+    c_n[:] = c_all[last]
+    return h_all, c_all, gates
+
+
+@njit(**_SEQUENCE_OPTIONS)
+def _lstm_layer_backward(dh_all, dh, dc, gates, h0, c0, h_all, c_all, w_hh, x, w_ih, reverse, need_x, need_w):
+    """dh, dc (B, H): in, the final states' gradients; out, dh0 and dc0. -> (dx (T*B, I) =
+    dpre W_ih if need_x, dw_ih, dw_hh, db if need_w; 0-size arrays where not needed)."""
+    T, B, G = gates.shape
+    H = G // 4
+    I = x.shape[1]
+    dpre = np.empty((T, B, G), gates.dtype)
+    dx = np.empty((T * B if need_x else 0, I), gates.dtype)
+    n = G if need_w else 0
+    dw_ih, dw_hh, db = np.empty((n, I), gates.dtype), np.empty((n, H), gates.dtype), np.empty(n, gates.dtype)
+    for s in range(T):
+        t = s if reverse else T - 1 - s
+        first = t == T - 1 if reverse else t == 0
+        c = c0 if first else (c_all[t + 1] if reverse else c_all[t - 1])
+        for b in range(B):
+            _lstm_backward_row_carry(dh_all[t, b], dh[b], gates[t, b], c[b], c_all[t, b], dpre[t, b], dc[b])
+        mkl_gemm(0, 0, H, B, G, w_hh, H, dpre[t], G, 0.0, dh, H)  # dh = dpre_t W_hh (last: dh0)
+    dpre2 = dpre.reshape((T * B, G))
+    if need_x:
+        mkl_gemm(0, 0, I, T * B, G, w_ih, I, dpre2, G, 0.0, dx, I)
+    if need_w:
+        mkl_gemm(0, 1, I, G, T * B, x, I, dpre2, G, 0.0, dw_ih, I)  # dw_ih = dpre^T x
+        # dw_hh = sum_t dpre_t^T h_prev(t): the step that read h0, then the other T - 1
+        # steps against the contiguous block of h_all they read.
+        first = T - 1 if reverse else 0
+        mkl_gemm(0, 1, H, G, B, h0, H, dpre[first], G, 0.0, dw_hh, H)
+        if T > 1:
+            if reverse:
+                mkl_gemm(0, 1, H, G, (T - 1) * B, h_all[1], H, dpre[0], G, 1.0, dw_hh, H)
+            else:
+                mkl_gemm(0, 1, H, G, (T - 1) * B, h_all[0], H, dpre[1], G, 1.0, dw_hh, H)
+        for j in range(G):
+            db[j] = 0.0
+        for r in range(T * B):
+            for j in range(G):
+                db[j] += dpre2[r, j]
+    return dx, dw_ih, dw_hh, db
+
+
 @njit(**_SEQUENCE_OPTIONS)
 def _gru_sequence_forward(gx, h0, w_hh, b_hh, h_all, saved, gh):
     T, B, G = gx.shape
@@ -379,6 +507,45 @@ def rnn_sequence_backward(dh_all, h0, h_all, w_hh, relu):
     dpre, hw = torch.empty_like(h_all), torch.zeros_like(h0)
     _rnn_sequence_backward(_np(dh_all), _np(h_all), _np(w_hh), bool(relu), dpre.numpy(), hw.numpy())
     return dpre, hw
+
+
+def lstm_layer_fits(x, h0, w_ih, w_hh) -> bool:
+    """Whether lstm_layer_forward / _backward run: the sequence kernels' conditions, x and
+    the state in the weights' dtype."""
+    return (x.dtype == h0.dtype and w_ih.dtype == w_hh.dtype and _fused(w_hh, x, h0)
+            and 0 < x.shape[2] <= _INT32_MAX and x.shape[0] * x.shape[1] <= _INT32_MAX)
+
+
+def lstm_layer_forward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, reverse, h_n=None, c_n=None):
+    """One LSTM layer (input projection and recurrence), x (T, B, I) contiguous, b_ih, b_hh
+    (4H,) or None; h_n, c_n: None or (B, H) buffers for the final states.
+    -> (h_all, c_all (T, B, H), gates (T, B, 4H), h_n, c_n)."""
+    T, B, I = x.shape
+    h_n = torch.empty_like(h0) if h_n is None else h_n
+    c_n = torch.empty_like(c0) if c_n is None else c_n
+    none = _NO_BIAS[h0.dtype]
+    h_all, c_all, gates = _lstm_layer_forward(x.numpy().reshape(T * B, I), w_ih.numpy(),
+                                              none if b_ih is None else b_ih.numpy(),
+                                              none if b_hh is None else b_hh.numpy(), h0.numpy(), c0.numpy(),
+                                              w_hh.numpy(), bool(reverse), T, h_n.numpy(), c_n.numpy())
+    return torch.from_numpy(h_all), torch.from_numpy(c_all), torch.from_numpy(gates), h_n, c_n
+
+
+_NO_BIAS = {torch.float32: np.zeros(0, np.float32), torch.float64: np.zeros(0, np.float64)}
+
+
+def lstm_layer_backward(dh_all, dh, dc, gates, h0, c0, h_all, c_all, w_hh, x, w_ih, reverse, need_x, need_w):
+    """dh_all (T, B, H) contiguous; dh, dc (B, H): in, the final states' gradients (zeros
+    where None), out, dh0 and dc0 (updated in place). -> (dx (T, B, I) or None, dw_ih,
+    dw_hh, db (None each unless need_w))."""
+    T, B, I = x.shape
+    dx, dw_ih, dw_hh, db = _lstm_layer_backward(
+        dh_all.numpy(), dh.numpy(), dc.numpy(), gates.numpy(), h0.numpy(), c0.numpy(), h_all.numpy(), c_all.numpy(),
+        w_hh.numpy(), x.numpy().reshape(T * B, I), w_ih.numpy(), bool(reverse), bool(need_x), bool(need_w))
+    dx = torch.from_numpy(dx).view(T, B, I) if need_x else None
+    if not need_w:
+        return dx, None, None, None
+    return dx, torch.from_numpy(dw_ih), torch.from_numpy(dw_hh), torch.from_numpy(db)
 
 
 # The step loop in Python, one oneDNN linear (blas.PackedLinear) and one parallel numba pass

@@ -458,3 +458,42 @@ def test_rnn_cell_is_torch_rnn_cell():
 def test_highway_cell_needs_matching_sizes():
     with pytest.raises(ValueError, match="input_size must equal hidden_size; got 4 and 5"):
         kiln.nn.HighwayRNNCell(4, 5)
+
+
+def test_eager_cpu_lstm_layer_and_stack_gradcheck_and_gradgradcheck(monkeypatch):
+    """The eager cpu forms (a layer in one numba call each way, kiln.nn.LSTM's unidirectional
+    stack as one autograd node) run here, and their backward and double backward (which
+    recomputes the layers in PyTorch ops) pass gradcheck and gradgradcheck, both
+    directions, with and without biases."""
+    import kiln.ops.rnn as rnn_ops
+
+    calls = {"layer": 0, "stack": 0}
+    layer, stack = rnn_ops._lstm_layer_cpu, rnn_ops._lstm_stack_cpu
+
+    def count(name, fn):
+        def wrapped(*args):
+            calls[name] += 1
+            return fn(*args)
+        return wrapped
+
+    monkeypatch.setattr(rnn_ops, "_lstm_layer_cpu", count("layer", layer))
+    monkeypatch.setattr(rnn_ops, "_lstm_stack_cpu", count("stack", stack))
+    g = torch.Generator().manual_seed(13)
+    r = lambda *s: torch.randn(*s, dtype=torch.float64, generator=g).requires_grad_()  # noqa: E731
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = r(4, 2, 3), r(2, 5), r(2, 5), r(20, 3), r(20, 5), r(20), r(20)
+    with kiln.backend.use("cpu"):
+        for reverse in (False, True):
+            fn = lambda *a: torch.cat([o.flatten() for o in kiln.ops.lstm(*a, reverse=reverse)])  # noqa: E731
+            assert torch.autograd.gradcheck(fn, (x, h0, c0, w_ih, w_hh, b_ih, b_hh))
+            assert torch.autograd.gradgradcheck(fn, (x, h0, c0, w_ih, w_hh, b_ih, b_hh))
+        for bias in (True, False):
+            lstm = kiln.nn.LSTM(3, 5, num_layers=2, bias=bias, dtype=torch.float64)
+            hs, cs = r(2, 2, 5), r(2, 2, 5)
+
+            def stack(x, hs, cs):
+                out, (h_n, c_n) = lstm(x, (hs, cs))
+                return torch.cat([out.flatten(), h_n.flatten(), c_n.flatten()])
+
+            assert torch.autograd.gradcheck(stack, (x, hs, cs))
+            assert torch.autograd.gradgradcheck(stack, (x, hs, cs))
+    assert calls["layer"] > 0 and calls["stack"] > 0

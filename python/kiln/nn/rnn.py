@@ -403,6 +403,17 @@ class LSTM(_RNNBase):
     def _check_states(self, input, states, batch_sizes):
         self.check_forward_args(input, tuple(states), batch_sizes)
 
+    def _run(self, x: Tensor, states: list[Tensor], batch_sizes: Optional[list[int]]):
+        # The common case (one direction, tensor input, no projection, no dropout) runs the
+        # whole stack as one autograd node on the cpu where it can (ops.rnn.lstm_stack_cpu).
+        if (batch_sizes is None and not self.bidirectional and self.proj_size == 0
+                and not (self.dropout and self.training and self.num_layers > 1)):
+            result = ops.rnn.lstm_stack_cpu(x, states[0], states[1], self._flat_weights, self.bias)
+            if result is not None:
+                out, h_n, c_n = result
+                return out, [h_n, c_n]
+        return super()._run(x, states, batch_sizes)
+
     def _layer(self, x, states, weights, reverse, batch_sizes):
         w_ih, w_hh, b_ih, b_hh, w_hr = self._weights(weights)
         return ops.lstm(x, states[0], states[1], w_ih, w_hh, b_ih, b_hh, reverse=reverse, w_hr=w_hr,

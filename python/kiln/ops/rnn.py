@@ -778,6 +778,173 @@ def _lstm_projected(x, h0, c0, w_ih, w_hh, bias, w_hr):
     return out, h, c
 
 
+# ---------------------------------------------------------------------------------------
+# The eager cpu layer: input projection and recurrence in one numba call each way.
+#
+# In eager CPU mode (_cpu_eager.direct: no compile, no dispatch or function mode, no
+# profiler, no autocast) a whole layer of one direction, tensor (not packed) input and no
+# projection runs as one autograd.Function over kernels/cpu/rnn.py's lstm_layer_forward /
+# _backward: no torch call for the projection, no custom-op dispatch, one autograd node,
+# no flips for the reverse direction and no output copies. The op-per-piece form below
+# (linear, then the lstm_sequence op) paid ~170 us of that per layer at T 32, B 8,
+# H 64, as much as the layer's own GEMMs and gate passes
+# (bench/results/lstm_cpu_issue14_session6.md). Everywhere else the layer runs as
+# before, and so does the double backward: under create_graph this Function's backward
+# differentiates the layer recomputed in PyTorch ops (_differentiable_sequence).
+
+
+def _cpu_layer_kernels(x, h0, c0, *weights):
+    """kernels/cpu/rnn.py where the eager cpu layer may run on these arguments (its
+    lstm_layer_fits is the caller's to check), else None."""
+    if x.device.type != "cpu" or c0.dtype != h0.dtype or not _cpu_eager.direct(x, h0, c0, *weights):
+        return None
+    if backend.select("lstm", x.device, x.dtype, DTYPES) != "cpu":
+        return None
+    kernels = backend.kernels("cpu", _KERNEL_MODULES, None)
+    return kernels if hasattr(kernels, "lstm_layer_fits") else None
+
+
+def _lstm_layer_cpu(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, kernels):
+    """-> (out, h_n, c_n) and what backward needs (c_all, gates)."""
+    h_all, c_all, gates, h_n, c_n = kernels.lstm_layer_forward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, reverse)
+    return (h_all, h_n, c_n), (c_all, gates)
+
+
+class _LstmLayerCpu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, kernels):
+        outputs, (c_all, gates) = _lstm_layer_cpu(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, kernels)
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, outputs[0], c_all, gates)
+        ctx.reverse, ctx.kernels = reverse, kernels
+        return outputs
+
+    @staticmethod
+    def backward(ctx, dh_all, dh_n, dc_n):
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, h_all, c_all, gates = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph: differentiable gradients
+            return (*_lstm_layer_double_backward(ctx, (x, h0, c0, w_ih, w_hh, b_ih, b_hh), (dh_all, dh_n, dc_n)),
+                    None, None)
+        need_w = any(need[3:7])
+        dh0, dc0 = dh_n.clone(memory_format=torch.contiguous_format), dc_n.clone(memory_format=torch.contiguous_format)
+        dx, dw_ih, dw_hh, db = ctx.kernels.lstm_layer_backward(dh_all.contiguous(), dh0, dc0, gates, h0, c0, h_all,
+                                                               c_all, w_hh, x, w_ih, ctx.reverse, need[0], need_w)
+        return (dx, dh0, dc0, dw_ih if need[3] else None, dw_hh if need[4] else None,
+                db if need[5] and b_ih is not None else None, db if need[6] and b_hh is not None else None, None, None)
+
+
+def _lstm_layer_double_backward(ctx, inputs, grad_outputs):
+    """The gradients of (x, h0, c0, w_ih, w_hh, b_ih, b_hh) as a differentiable graph: the
+    layer recomputed in PyTorch ops from its inputs, differentiated with create_graph."""
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = inputs
+    wanted = [(i, t) for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
+    grads = [None] * len(inputs)
+    if not wanted:
+        return grads
+    xs = x.flip(0) if ctx.reverse else x
+    gx = torch.nn.functional.linear(xs, w_ih, _sum_biases(b_ih, b_hh))
+    h_all, c_all = _differentiable_sequence("lstm", gx, h0, c0, w_hh, None, False)
+    outputs = (h_all.flip(0) if ctx.reverse else h_all, h_all[-1], c_all[-1])
+    found = torch.autograd.grad(outputs, [t for _, t in wanted], grad_outputs, create_graph=True, allow_unused=True)
+    for (i, t), g in zip(wanted, found):
+        grads[i] = torch.zeros_like(t) if g is None else g
+    return grads
+
+
+def lstm_stack_cpu(x: Tensor, h0: Tensor, c0: Tensor, weights: Sequence[Tensor], bias: bool = True):
+    """A unidirectional stack of LSTM layers (torch.nn.LSTM's forward without dropout,
+    projection or packed input) as one autograd node over the eager cpu layer kernels:
+    x (T, B, in), h0, c0 (layers, B, H), ``weights`` torch's flat list (w_ih, w_hh[, b_ih,
+    b_hh]) per layer. -> (out (T, B, H), h_n, c_n), or None where the eager cpu layer does
+    not run (kiln.nn.LSTM then runs the layers one by one on ``lstm``). One node and one
+    Python pass over the layers instead of a layer's checks and node each: ~0.1 ms less a
+    2-layer forward at B 8, H 64."""
+    per = 4 if bias else 2
+    L = len(weights) // per
+    if x.dim() != 3 or x.shape[0] == 0 or L == 0 or h0.dim() != 3 or tuple(h0.shape) != tuple(c0.shape) \
+            or h0.shape[0] != L or h0.shape[1] != x.shape[1]:
+        return None
+    layers = [tuple(weights[l * per:(l + 1) * per]) + ((None, None) if not bias else ()) for l in range(L)]
+    flat = [t for layer in layers for t in layer]
+    kernels = _cpu_layer_kernels(x, h0, c0, *flat)
+    if kernels is None or any(not kernels.lstm_layer_fits(x if l == 0 else h0, h0[0], w_ih, w_hh)
+                              or w_hh.shape[1] != h0.shape[2] for l, (w_ih, w_hh, _, _) in enumerate(layers)):
+        return None
+    x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
+    flat = [None if t is None else t.contiguous() for t in flat]
+    if _cpu_eager.no_grad_needed(x, h0, c0, *flat):
+        return _lstm_stack_cpu(x, h0, c0, flat, kernels)[0]
+    return _LstmStackCpu.apply(x, h0, c0, kernels, *flat)
+
+
+def _lstm_stack_cpu(x, h0, c0, flat, kernels):
+    """-> ((out, h_n, c_n), [h_all, c_all, gates] per layer)."""
+    h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
+    saved, xs = [], x
+    for l in range(h0.shape[0]):
+        w_ih, w_hh, b_ih, b_hh = flat[4 * l:4 * l + 4]
+        h_all, c_all, gates, _, _ = kernels.lstm_layer_forward(xs, w_ih, b_ih, b_hh, h0[l], c0[l], w_hh, False,
+                                                               h_n[l], c_n[l])
+        saved += [h_all, c_all, gates]
+        xs = h_all
+    return (xs, h_n, c_n), saved
+
+
+class _LstmStackCpu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h0, c0, kernels, *flat):
+        outputs, saved = _lstm_stack_cpu(x, h0, c0, flat, kernels)
+        ctx.save_for_backward(x, h0, c0, *flat, *saved)
+        ctx.kernels, ctx.weights = kernels, len(flat)
+        return outputs
+
+    @staticmethod
+    def backward(ctx, dout, dh_n, dc_n):
+        x, h0, c0, *rest = ctx.saved_tensors
+        flat, saved = rest[:ctx.weights], rest[ctx.weights:]
+        need = ctx.needs_input_grad
+        L = h0.shape[0]
+        if torch.is_grad_enabled():  # create_graph: differentiable gradients
+            return _lstm_stack_double_backward(ctx, x, h0, c0, flat, (dout, dh_n, dc_n))
+        dflat = [None] * len(flat)
+        dh0 = dh_n.clone(memory_format=torch.contiguous_format)  # the carries, updated in place
+        dc0 = dc_n.clone(memory_format=torch.contiguous_format)
+        d_above = dout.contiguous()
+        for l in reversed(range(L)):
+            w_ih, w_hh, b_ih, b_hh = flat[4 * l:4 * l + 4]
+            h_all, c_all, gates = saved[3 * l:3 * l + 3]
+            x_l = x if l == 0 else saved[3 * (l - 1)]
+            need_w = any(need[4 + 4 * l:8 + 4 * l])
+            dx, dw_ih, dw_hh, db = ctx.kernels.lstm_layer_backward(d_above, dh0[l], dc0[l], gates, h0[l], c0[l],
+                                                                   h_all, c_all, w_hh, x_l, w_ih, False,
+                                                                   l > 0 or need[0], need_w)
+            if need_w:
+                dflat[4 * l:4 * l + 4] = [dw_ih, dw_hh, None if b_ih is None else db, None if b_hh is None else db]
+            d_above = dx
+        return (d_above if need[0] else None, dh0, dc0, None, *dflat)
+
+
+def _lstm_stack_double_backward(ctx, x, h0, c0, flat, grad_outputs):
+    """The stack recomputed in PyTorch ops from its inputs, differentiated with create_graph."""
+    inputs = (x, h0, c0, None, *flat)
+    wanted = [(i, t) for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
+    grads = [None] * len(inputs)
+    if not wanted:
+        return tuple(grads)
+    xs, h_n, c_n = x, [], []
+    for l in range(h0.shape[0]):
+        w_ih, w_hh, b_ih, b_hh = flat[4 * l:4 * l + 4]
+        gx = torch.nn.functional.linear(xs, w_ih, _sum_biases(b_ih, b_hh))
+        xs, c_all = _differentiable_sequence("lstm", gx, h0[l], c0[l], w_hh, None, False)
+        h_n.append(xs[-1])
+        c_n.append(c_all[-1])
+    outputs = (xs, torch.stack(h_n), torch.stack(c_n))
+    found = torch.autograd.grad(outputs, [t for _, t in wanted], grad_outputs, create_graph=True, allow_unused=True)
+    for (i, t), g in zip(wanted, found):
+        grads[i] = torch.zeros_like(t) if g is None else g
+    return tuple(grads)
+
+
 def lstm(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
          b_hh: Optional[Tensor] = None, reverse: bool = False, w_hr: Optional[Tensor] = None,
          batch_sizes: Optional[Sequence[int]] = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -797,6 +964,15 @@ def lstm(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Op
     _check_state(op, "c0", c0, B, H, x)
     if batch_sizes is not None:
         batch_sizes = _check_batch_sizes(op, batch_sizes, x)
+    if batch_sizes is None and w_hr is None and x.shape[0] > 0:
+        kernels = _cpu_layer_kernels(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+        if kernels is not None and kernels.lstm_layer_fits(x, h0, w_ih, w_hh):
+            args = (x.contiguous(), h0.contiguous(), c0.contiguous(), w_ih.contiguous(), w_hh.contiguous(),
+                    None if b_ih is None else b_ih.contiguous(), None if b_hh is None else b_hh.contiguous(),
+                    bool(reverse), kernels)
+            if _cpu_eager.no_grad_needed(*args[:7]):
+                return _lstm_layer_cpu(*args)[0]
+            return _LstmLayerCpu.apply(*args)
     bias = _sum_biases(b_ih, b_hh)
     sd = _state_dtype(x.dtype)
 
