@@ -428,8 +428,12 @@ def adam_step_checked(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
     _cpu_eager.bump_versions((params, exp_avgs, exp_avg_sqs, vmax))
     # torch's bias corrections, once per distinct count (usually one for the whole group)
     per_count = {c: (lr / (1 - beta1 ** c), (1 - beta2 ** c) ** 0.5) for c in set(counts)}
-    step_sizes = [per_count[c][0] for c in counts]
-    bc2_sqrts = [per_count[c][1] for c in counts]
+    if len(per_count) == 1:
+        ((step_size, bc2_sqrt),) = per_count.values()
+        step_sizes, bc2_sqrts = [step_size] * len(counts), [bc2_sqrt] * len(counts)
+    else:
+        step_sizes = [per_count[c][0] for c in counts]
+        bc2_sqrts = [per_count[c][1] for c in counts]
     _implementation("adam_step", params[0])(params, grads, exp_avgs, exp_avg_sqs, vmax, step_sizes, bc2_sqrts,
                                             lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
                                             decoupled_weight_decay)

@@ -85,8 +85,8 @@ class Adam(FusedOptimizer):
         if grads is not None:
             counts = plan.step_counts()
             for indices, (ps, ms, vs, *vmax), steps in plan.buckets:
-                adam_step_checked(ps, [grads[i] for i in indices], ms, vs, vmax[0] if vmax else None, steps,
-                                  [counts[i] for i in indices], **hyper)
+                adam_step_checked(ps, plan.pick(grads, indices), ms, vs, vmax[0] if vmax else None, steps,
+                                  plan.pick(counts, indices), **hyper)
             return
         states = [self._state(p, amsgrad) for p in params]
         steps = [s["step"] for s in states]

@@ -57,7 +57,7 @@ class SGD(FusedOptimizer):
         grads = plan.grads(params) if plan is not None else None
         if grads is not None:
             for indices, (ps, *bufs), _ in plan.buckets:
-                sgd_step_checked(ps, [grads[i] for i in indices], bufs[0] if bufs else None, first_step=False,
+                sgd_step_checked(ps, plan.pick(grads, indices), bufs[0] if bufs else None, first_step=False,
                                  **hyper)
             return
         for indices in buckets(params).values():
