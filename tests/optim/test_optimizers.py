@@ -445,3 +445,15 @@ def test_step_counters_keep_their_identity_and_count():
         assert opt.state[p]["step"] is c and c.dim() == 0 and c.dtype == torch.float32 and c.item() == 5.0
     saved = copy.deepcopy(opt.state_dict())
     assert [s["step"].item() for s in saved["state"].values()] == [5.0] * len(params)
+
+
+@pytest.mark.parametrize("name,key", [("Adam", "exp_avg"), ("SGD", "momentum_buffer")])
+def test_state_of_the_wrong_size_is_an_error_not_a_cached_step(name, key):
+    """A state tensor replaced by one of another size is refused by the op layer's checks,
+    also once the step's lists are cached."""
+    params = _params(torch.float64)
+    opt = getattr(kiln.optim, name)(params, lr=0.01, **({"momentum": 0.9} if name == "SGD" else {}))
+    _run(opt, params, 3)
+    opt.state[params[1]][key] = torch.zeros(params[1].numel() + 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match=key):
+        _run(opt, params, 1, start=3)

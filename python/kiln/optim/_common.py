@@ -192,13 +192,15 @@ class StepPlan:
             steps = [d.get("step") for d in dicts]
             if any(type(s) is not Tensor for s in steps) or len({s.data_ptr() for s in steps}) != len(steps):
                 return False
-        for d in dicts:
+        for p, d in zip(params, dicts):
             for k in keys:
                 t = d.get(k)
                 if k == "step":
                     if not (t.dim() == 0 and t.is_cpu and not t.requires_grad and t.dtype == dicts[0]["step"].dtype):
                         return False
-                elif not (t is not None and _plain_real(t)):
+                # a state tensor of its parameter's size, dtype and device (else the op layer's error)
+                elif not (t is not None and _plain_real(t) and t.shape == p.shape and t.dtype == p.dtype
+                          and t.device == p.device):
                     return False
         return True
 
