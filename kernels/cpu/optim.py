@@ -66,6 +66,14 @@ def _sgd(addresses, sizes, chunk_of, chunk_at, chunk, consts, nesterov, maximize
         g = _chunk_array(addresses, 1, t, start, n, like)
         if has_momentum:
             buf = _chunk_array(addresses, 2, t, start, n, like)
+            if not (first_step or nesterov or maximize) and weight_decay == 0:
+                # the common step, without the invariant selects of the general loop
+                # (same operations in the same order: the same bits)
+                for i in range(n):
+                    b = momentum * buf[i] + damp_keep * g[i]
+                    buf[i] = b
+                    p[i] = p[i] - lr * b
+                continue
             for i in range(n):
                 d = -g[i] if maximize else g[i]
                 if weight_decay != 0:
