@@ -65,3 +65,42 @@ def test_optimizer_step(benchmark, name, impl):
     else:
         opt = getattr(torch.optim, cls)(params, **kw, **torch_flags)
         benchmark.pedantic(opt.step, rounds=10, warmup_rounds=2)
+
+
+def interleaved(repeats: int = 15) -> None:
+    """kiln bench's optimizer cases (python/kiln/bench/cases.py) timed in interleaved rounds
+    (bench/common.py): kiln, torch fused and a copy of the same bytes take turns, so a
+    shared machine's load hits each alike. Prints median ms, kiln's speed relative to
+    torch (> 1: kiln faster) and GB/s of each against the copy.
+
+        OMP_NUM_THREADS=2 NUMBA_NUM_THREADS=2 python bench/test_optim_cpu.py
+    """
+    import statistics
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import interleaved_ms
+
+    from kiln.bench.cases import CASES
+
+    print(f"{torch.get_num_threads()} threads, median of {repeats} interleaved rounds")
+    print("| case | kiln ms | torch ms | torch / kiln | kiln GB/s | torch GB/s | copy GB/s |")
+    print("|---|---|---|---|---|---|---|")
+    for case in CASES:
+        if "step" not in case.tags:
+            continue
+        work = case.build(torch.device("cpu"), torch.float32, False)
+        nbytes = work.bytes[0]
+        src = torch.empty(int(nbytes) // 8)  # a copy reads and writes: nbytes in all
+        dst = torch.empty_like(src)
+        with kiln.backend.use("cpu"):
+            ms = interleaved_ms({"kiln": work.kiln, "torch": work.torch, "copy": lambda: dst.copy_(src)}, repeats)
+        med = {k: statistics.median(v) for k, v in ms.items()}
+        rate = {k: nbytes / (v * 1e-3) / 1e9 for k, v in med.items()}
+        print(f"| {case.op} {case.label} | {med['kiln']:.3f} | {med['torch']:.3f} | "
+              f"{med['torch'] / med['kiln']:.2f}x | {rate['kiln']:.1f} | {rate['torch']:.1f} | {rate['copy']:.1f} |")
+
+
+if __name__ == "__main__":
+    interleaved()

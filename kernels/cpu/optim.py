@@ -15,6 +15,7 @@ one dtype, mutated in place).
 from __future__ import annotations
 
 import math
+from itertools import chain
 
 import numpy as np
 import torch
@@ -65,6 +66,14 @@ def _sgd(addresses, sizes, chunk_of, chunk_at, chunk, consts, nesterov, maximize
         g = _chunk_array(addresses, 1, t, start, n, like)
         if has_momentum:
             buf = _chunk_array(addresses, 2, t, start, n, like)
+            if not (first_step or nesterov or maximize) and weight_decay == 0:
+                # the common step, without the invariant selects of the general loop
+                # (same operations in the same order: the same bits)
+                for i in range(n):
+                    b = momentum * buf[i] + damp_keep * g[i]
+                    buf[i] = b
+                    p[i] = p[i] - lr * b
+                continue
             for i in range(n):
                 d = -g[i] if maximize else g[i]
                 if weight_decay != 0:
@@ -183,9 +192,14 @@ def _scaled_descent(addresses, sizes, chunk_of, chunk_at, chunk, scales, like):
 _NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 
 
+_LIKE = {dtype: np.empty(0, dtype=np_dtype) for dtype, np_dtype in _NUMPY_DTYPE.items()}
+_data_ptr, _numel = torch.Tensor.data_ptr, torch.Tensor.numel
+
+
 def _like(t):
-    """An empty array of t's dtype: what tells a kernel the element type of its addresses."""
-    return np.empty(0, dtype=_NUMPY_DTYPE[t.dtype])
+    """An empty array of t's dtype: what tells a kernel the element type of its addresses
+    (one per dtype, never written: a kernel reads only its dtype and itemsize)."""
+    return _LIKE[t.dtype]
 
 
 def _consts(like, *values):
@@ -202,7 +216,7 @@ _TABLE_CACHE_SIZE = 8
 
 
 def _tables(lists, scalars=()):
-    key = (tuple(t.data_ptr() for ts in lists for t in ts), tuple(t.numel() for t in lists[0]), CHUNK)
+    key = (tuple(map(_data_ptr, chain.from_iterable(lists))), tuple(map(_numel, lists[0])), CHUNK)
     if not scalars and key in _TABLE_CACHE:
         return _TABLE_CACHE[key]
     table = multi_tensor.build(lists, CHUNK, scalars)

@@ -355,3 +355,105 @@ def test_sparse_gradient_is_a_clear_error(name):
 def test_kiln_optim_is_lazy_and_exposed():
     assert kiln.optim.Adam.__module__ == "kiln.optim.adam"
     assert issubclass(kiln.optim.NGD, torch.optim.Optimizer)
+
+
+def _replace_state_tensor(opt, params, key):
+    state = opt.state[params[0]]
+    if key in state:
+        state[key] = state[key].clone()
+
+
+def _reset_state(opt, params):
+    opt.state[params[2]] = {}
+
+
+def _delete_state(opt, params):
+    del opt.state[params[3]]
+
+
+def _move_param_data(opt, params):
+    with torch.no_grad():
+        params[1].data = params[1].data.clone()
+
+
+def _set_step_counter(opt, params):
+    state = opt.state[params[0]]
+    if "step" in state:
+        state["step"].fill_(2.0)
+
+
+def _toggle_flag(opt, params):
+    group = opt.param_groups[0]
+    if "amsgrad" in group:  # amsgrad can be turned off only (torch's state lacks max_exp_avg_sq before)
+        group["amsgrad"], group["maximize"] = False, not group["maximize"]
+    else:
+        group["momentum"] = 0.5 if group["momentum"] == 0.9 else 0.9
+
+
+def _drop_a_grad(opt, params):
+    params[0].grad = None
+
+
+def _non_contiguous_grad(opt, params):
+    params[0].grad = params[0].grad.t().clone().t() if params[0].dim() == 2 else params[0].grad
+
+
+def _load_own_state_dict(opt, params):
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+
+
+MUTATIONS = [lambda o, p: _replace_state_tensor(o, p, "exp_avg"), lambda o, p: _replace_state_tensor(o, p, "step"),
+             lambda o, p: _replace_state_tensor(o, p, "momentum_buffer"), _reset_state, _delete_state,
+             _move_param_data, _set_step_counter, _toggle_flag, _drop_a_grad, _non_contiguous_grad,
+             _load_own_state_dict]
+MUTATION_IDS = ["replace-exp_avg", "replace-step", "replace-momentum_buffer", "reset-state", "delete-state",
+                "move-param-data", "set-step", "toggle-flag", "drop-grad", "non-contiguous-grad", "load-state-dict"]
+
+
+@pytest.mark.parametrize("mutate", MUTATIONS, ids=MUTATION_IDS)
+@pytest.mark.parametrize("case", [("Adam", dict(lr=0.01, weight_decay=0.1)), ("AdamW", dict(lr=0.01, amsgrad=True)),
+                                  ("SGD", dict(lr=0.05, momentum=0.9))], ids=_ids)
+def test_cached_step_plans_follow_changes_between_steps(case, mutate):
+    """kiln.optim reuses a group's lists from step to step (StepPlan): whatever changes between
+    two steps (state replaced, reset or deleted, a parameter's data moved, a counter set,
+    a flag toggled, a gradient dropped or non-contiguous, a reloaded state_dict), the next
+    steps still match torch's, which rebuilds everything every step."""
+    name, kw = case
+    dtype = torch.float64
+    kparams, tparams = _params(dtype), _params(dtype)
+    kopt, topt = getattr(kiln.optim, name)(kparams, **kw), getattr(torch.optim, name)(tparams, **kw)
+    with kiln.use("cpu"):
+        for step in range(8):
+            for opt, params in ((kopt, kparams), (topt, tparams)):
+                for p, g in zip(params, _grads(params, step)):
+                    p.grad = g
+                if step == 4:
+                    mutate(opt, params)
+                opt.step()
+    _assert_close(kparams, tparams, kopt, topt, 1e-12)
+
+
+def test_step_counters_keep_their_identity_and_count():
+    """The plan re-points the step counters into one buffer: each counter stays the tensor
+    torch's state_dict names, 0-d, of torch's dtype, counting every step."""
+    params = _params(torch.float32)
+    opt = kiln.optim.Adam(params, lr=0.01)
+    _run(opt, params, 2)
+    counters = [opt.state[p]["step"] for p in params]
+    _run(opt, params, 3, start=2)
+    for p, c in zip(params, counters):
+        assert opt.state[p]["step"] is c and c.dim() == 0 and c.dtype == torch.float32 and c.item() == 5.0
+    saved = copy.deepcopy(opt.state_dict())
+    assert [s["step"].item() for s in saved["state"].values()] == [5.0] * len(params)
+
+
+@pytest.mark.parametrize("name,key", [("Adam", "exp_avg"), ("SGD", "momentum_buffer")])
+def test_state_of_the_wrong_size_is_an_error_not_a_cached_step(name, key):
+    """A state tensor replaced by one of another size is refused by the op layer's checks,
+    also once the step's lists are cached."""
+    params = _params(torch.float64)
+    opt = getattr(kiln.optim, name)(params, lr=0.01, **({"momentum": 0.9} if name == "SGD" else {}))
+    _run(opt, params, 3)
+    opt.state[params[1]][key] = torch.zeros(params[1].numel() + 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match=key):
+        _run(opt, params, 1, start=3)

@@ -403,6 +403,56 @@ def adam_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                                             (p, g, m, v, vmax[0] if vmax else [], s, *args), (p, m, v, *vmax)))
 
 
+# ---------------------------------------------------------------------------------------
+# The steps of kiln.optim's cached plans (kiln/optim/_common.py StepPlan): lists the caller
+# has checked (non-empty, contiguous, of one dtype and device, matching sizes) and step
+# counts as numbers. Eager CPU calls go straight to the implementation; any other call
+# (compiling, a dispatch mode, another device) takes the public function's path.
+
+
+def _direct(params: list[Tensor], grads: list[Tensor]) -> bool:
+    return not torch.is_grad_enabled() and _cpu_eager.direct(params[0], grads[0])
+
+
+def adam_step_checked(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                      max_exp_avg_sqs: list[Tensor] | None, steps: list[Tensor], counts: list[float], *, lr: float,
+                      beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
+                      decoupled_weight_decay: bool) -> None:
+    """adam_step on checked lists; counts: the values of steps (already incremented)."""
+    if not _direct(params, grads):
+        adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2,
+                  eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                  decoupled_weight_decay=decoupled_weight_decay)
+        return
+    vmax = max_exp_avg_sqs if amsgrad else []
+    _cpu_eager.bump_versions((params, exp_avgs, exp_avg_sqs, vmax))
+    # torch's bias corrections, once per distinct count (usually one for the whole group)
+    per_count = {c: (lr / (1 - beta1 ** c), (1 - beta2 ** c) ** 0.5) for c in set(counts)}
+    if len(per_count) == 1:
+        ((step_size, bc2_sqrt),) = per_count.values()
+        step_sizes, bc2_sqrts = [step_size] * len(counts), [bc2_sqrt] * len(counts)
+    else:
+        step_sizes = [per_count[c][0] for c in counts]
+        bc2_sqrts = [per_count[c][1] for c in counts]
+    _implementation("adam_step", params[0])(params, grads, exp_avgs, exp_avg_sqs, vmax, step_sizes, bc2_sqrts,
+                                            lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                                            decoupled_weight_decay)
+
+
+def sgd_step_checked(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor] | None, *, lr: float,
+                     weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
+                     first_step: bool) -> None:
+    """sgd_step on checked lists."""
+    if not _direct(params, grads):
+        sgd_step(params, grads, momentum_buffers, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                 dampening=dampening, nesterov=nesterov, maximize=maximize, first_step=first_step)
+        return
+    buffers = momentum_buffers if momentum != 0 else []
+    _cpu_eager.bump_versions((params, buffers))
+    _implementation("sgd_step", params[0])(params, grads, buffers, lr, weight_decay, momentum, dampening, nesterov,
+                                           maximize, first_step)
+
+
 def rmsprop_step(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor],
                  momentum_buffers: list[Tensor] | None = None, grad_avgs: list[Tensor] | None = None, *,
                  lr: float, alpha: float, eps: float, weight_decay: float = 0.0, momentum: float = 0.0,

@@ -6,9 +6,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kiln.ops.optim import adam_step
+from kiln.ops.optim import adam_step, adam_step_checked
 
-from ._common import FusedOptimizer, buckets, check_flags, check_tensor_lr, new_step, real, scalar, zeros_like
+from ._common import (FusedOptimizer, buckets, check_flags, check_tensor_lr, new_step, plan_for, real, scalar,
+                      zeros_like)
+
+# The state a step reads, in the order of adam_step's lists (the plan's buckets).
+_KEYS = ("step", "exp_avg", "exp_avg_sq")
+_KEYS_AMSGRAD = _KEYS + ("max_exp_avg_sq",)
 
 
 class Adam(FusedOptimizer):
@@ -68,16 +73,25 @@ class Adam(FusedOptimizer):
             state["max_exp_avg_sq"] = zeros_like(p)
         return state
 
-    def _step_group(self, group, params):
+    def _step_group(self, group, params, index):
         amsgrad = group["amsgrad"]
-        states = [self._state(p, amsgrad) for p in params]
-        steps = [s["step"] for s in states]
-        if steps:
-            torch._foreach_add_(steps, 1)
         beta1, beta2 = group["betas"]
         hyper = dict(lr=scalar(group["lr"]), beta1=scalar(beta1), beta2=scalar(beta2), eps=scalar(group["eps"]),
                      weight_decay=scalar(group["weight_decay"]), amsgrad=amsgrad, maximize=group["maximize"],
                      decoupled_weight_decay=group["decoupled_weight_decay"])
+        keys = _KEYS_AMSGRAD if amsgrad else _KEYS
+        plan = plan_for(self, index, group, params, keys)
+        grads = plan.grads(params) if plan is not None else None
+        if grads is not None:
+            counts = plan.step_counts()
+            for indices, (ps, ms, vs, *vmax), steps in plan.buckets:
+                adam_step_checked(ps, plan.pick(grads, indices), ms, vs, vmax[0] if vmax else None, steps,
+                                  plan.pick(counts, indices), **hyper)
+            return
+        states = [self._state(p, amsgrad) for p in params]
+        steps = [s["step"] for s in states]
+        if steps:
+            torch._foreach_add_(steps, 1)
         for indices in buckets(params).values():
             ps, ss = [params[i] for i in indices], [states[i] for i in indices]
             adam_step([real(p) for p in ps], [real(p.grad) for p in ps], [real(s["exp_avg"]) for s in ss],

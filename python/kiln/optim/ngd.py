@@ -30,7 +30,7 @@ class NGD(FusedOptimizer):
             raise ValueError(f"Invalid learning rate: {lr}")
         super().__init__(params, dict(lr=lr, per_tensor=per_tensor, maximize=maximize))
 
-    def _step_group(self, group, params):
+    def _step_group(self, group, params, index):
         if any(is_dtensor(p) for p in params):
             raise ValueError("kiln.optim.NGD: params are DTensors (FSDP shards) whose norms are local; "
                              "NGD needs the whole gradient's norm: train without FSDP")

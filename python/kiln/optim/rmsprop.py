@@ -61,7 +61,7 @@ class RMSprop(FusedOptimizer):
             state["grad_avg"] = zeros_like(p)
         return state
 
-    def _step_group(self, group, params):
+    def _step_group(self, group, params, index):
         momentum, centered = scalar(group["momentum"]), group["centered"]
         states = [self._state(p, momentum > 0, centered) for p in params]
         steps = [s["step"] for s in states]

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from kiln.ops.optim import sgd_step
+from kiln.ops.optim import sgd_step, sgd_step_checked
 
-from ._common import FusedOptimizer, buckets, check_flags, check_tensor_lr, real, scalar
+from ._common import FusedOptimizer, buckets, check_flags, check_tensor_lr, plan_for, real, scalar
+
+_KEYS = ("momentum_buffer",)  # the state a step with momentum reads
 
 
 class SGD(FusedOptimizer):
@@ -45,11 +47,19 @@ class SGD(FusedOptimizer):
             group.setdefault("differentiable", False)
             group.setdefault("fused", False)
 
-    def _step_group(self, group, params):
+    def _step_group(self, group, params, index):
         momentum = scalar(group["momentum"])
         hyper = dict(lr=scalar(group["lr"]), weight_decay=scalar(group["weight_decay"]), momentum=momentum,
                      dampening=scalar(group["dampening"]), nesterov=group["nesterov"],
                      maximize=group["maximize"])
+        # every buffer made (the plan holds from the second step): one call per bucket
+        plan = plan_for(self, index, group, params, _KEYS if momentum != 0 else ())
+        grads = plan.grads(params) if plan is not None else None
+        if grads is not None:
+            for indices, (ps, *bufs), _ in plan.buckets:
+                sgd_step_checked(ps, plan.pick(grads, indices), bufs[0] if bufs else None, first_step=False,
+                                 **hyper)
+            return
         for indices in buckets(params).values():
             ps = [params[i] for i in indices]
             if momentum == 0:
