@@ -33,9 +33,8 @@ def _autocast_cpu() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
-def _autocast_any() -> bool:
-    check = getattr(_C, "_is_any_autocast_enabled", None)
-    return check() if check is not None else _autocast_cpu()
+# autocast on any device (then the custom op's autocast registration must run)
+_autocast_any = getattr(_C, "_is_any_autocast_enabled", None) or _autocast_cpu
 
 
 def direct(*tensors) -> bool:
