@@ -9,9 +9,9 @@ kiln/ops/layer_norm.py for why): y uses it as hi + lo, two float32 parts, so tha
 Backward: fixed row parts (_PARTS, whatever the thread count: deterministic), each
 part writes dx for its rows and adds dy * xhat and dy into its own column partials for
 dweight and dbias (8 rows at a time in x's dtype, then into float64: normwise error 7e-8
-against 5e-8 all-float64, for 12% of the kernel); the partials are summed in a fixed order at the end, in
-the same kernel after its parallel loop (numpy's sum, a cast and two tensors cost more
-than that loop at 1024 columns).
+against 5e-8 all-float64, for 12% of the kernel); the partials are summed in a fixed
+order at the end, in the same kernel after its parallel loop (numpy's sum, a cast and
+two tensors cost more than that loop at 1024 columns).
 
 y and dx come from memory.empty (2 MiB pages when large): at these sizes the page faults
 of a fresh 4 KiB-page output cost more than the kernel (see memory.py).
