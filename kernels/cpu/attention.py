@@ -33,7 +33,7 @@ import torch
 from numba import njit, prange
 
 from .blas import MKL_THREADS, mkl_gemm, mkl_set_num_threads_local
-from .fastmath import KERNEL_OPTIONS, exp, like
+from .fastmath import KERNEL_OPTIONS, _int_bits_as_f32, exp, like
 from .lanes import lane_max, lane_sum_f64
 from .memory import empty
 
@@ -226,6 +226,48 @@ def _add_bias(s, attn_bias, h0, h1, q0, q1, k0, k1, scale):
 FUSED_BLOCK_Q = 64  # query rows per task: 64 x 256 float32 scores are 64 KiB, in L2
 FUSED_BLOCK_K = 256
 
+# float32 with scale > 0 runs the online softmax in base 2, as flash-attention kernels do:
+# p = 2^(s c - m) with c = scale log2(e), so one FMA per score replaces the scaling pass
+# over the block and the ln 2 range reduction inside exp, and the running max m is kept in
+# units of log2 (lse = m ln 2 + log l at the end). On one core at B4 H8 T1024 d64 the
+# whole forward went 135.7 -> 129.1 ms (the two GEMMs alone: 104 ms).
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+# 2^f on |f| <= 1/2: Taylor terms (f ln 2)^k / k! to k = 6, truncation below 1.2e-7 relative
+_EXP2_C = tuple(np.float32(_LN2 ** k / math.factorial(k)) for k in range(7))
+_EXP2_MIN = np.float32(-126.0)  # 2^n stays a normal float32 above it; 0 below
+
+
+@njit(inline="always")
+def _exp2_f32(x):
+    """2^x in float32 arithmetic (vectorizes): 0 below -126 (and for -inf, a hidden key)."""
+    if x < _EXP2_MIN:
+        return np.float32(0.0)
+    x = min(x, np.float32(127.0))
+    n = np.floor(x + np.float32(0.5))
+    f = x - n
+    c0, c1, c2, c3, c4, c5, c6 = _EXP2_C
+    p = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * c6)))))
+    return p * _int_bits_as_f32((np.int32(n) + np.int32(127)) << np.int32(23))
+
+
+@njit(inline="always")
+def _exp2_scores_row(row, limit, c, has_mask, mask_row, k0, m_old):
+    """_exp_scores_row in base 2 (float32 rows, c = scale log2(e) > 0): masked keys hidden,
+    then 2^(s c - m_new) for the first ``limit`` keys and 0 past them, m_new = max(m_old,
+    c max(s)) in units of log2 (c > 0: the max of s c is c times the max of s)."""
+    if has_mask:
+        _hide_masked(row, limit, mask_row, k0, like(row[0], -np.inf))
+    m_new = max(m_old, np.float64(lane_max(row[:limit])) * c)
+    if m_new == -np.inf:
+        row[:] = 0
+        return m_new, 0.0
+    mn, c_x = like(row[0], m_new), like(row[0], c)
+    for j in range(limit):
+        row[j] = _exp2_f32(row[j] * c_x - mn)
+    row[limit:] = 0
+    return m_new, lane_sum_f64(row[:limit])
+
 
 def _fused_blocks():
     """(query rows, keys) of a fused block: at most the batched form's BLOCK_Q, BLOCK_K (so
@@ -239,10 +281,11 @@ def _key_end_nb(q1, Tq, Tk, causal):
 
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath={"contract"})
-def _fused_forward(q, k, v, o, lse, causal, mask, has_mask, scale, heads, group, bq, bk):
+def _fused_forward(q, k, v, o, lse, causal, mask, has_mask, scale, heads, group, bq, bk, base2):
     """q, o (BH, Tq, D); k, v (B * heads // group, Tk, D); lse (BH, Tq). Task (bh, query
     block): scores s = q k^T of one key block at a time (nq x nk, row stride bk), online
-    softmax in place, acc += p v; then o = acc / l, lse = m + log l."""
+    softmax in place, acc += p v; then o = acc / l, lse = m + log l. With ``base2``
+    (float32, scale > 0) the softmax runs in base 2 and m in units of log2."""
     BH, Tq, D = q.shape
     Tk = k.shape[1]
     offset = Tk - Tq
@@ -267,10 +310,14 @@ def _fused_forward(q, k, v, o, lse, causal, mask, has_mask, scale, heads, group,
                 row = s[i, :nk]
                 limit = _visible(causal, nk, q0 + i, k0, offset)
                 m_old = m[i]
-                m_new, total = _exp_scores_row(row, limit, scale, has_mask, mask_row, k0, m_old)
+                if base2:
+                    m_new, total = _exp2_scores_row(row, limit, scale * _LOG2E, has_mask, mask_row, k0, m_old)
+                else:
+                    m_new, total = _exp_scores_row(row, limit, scale, has_mask, mask_row, k0, m_old)
                 if m_new == -np.inf:  # nothing seen yet in this row: p = 0
                     continue
-                a = math.exp(m_old - m_new)  # 0 when m_old is -inf: acc's row is 0 then
+                # 0 when m_old is -inf: acc's row is 0 then
+                a = 2.0 ** (m_old - m_new) if base2 else math.exp(m_old - m_new)
                 m[i], l[i] = m_new, l[i] * a + total
                 _rescale(acc[i], a)
             mkl_gemm(0, 0, D, nq, nk, v[kvh, k0:], D, s, bk, 1.0, acc, D)  # acc += p v
@@ -280,7 +327,7 @@ def _fused_forward(q, k, v, o, lse, causal, mask, has_mask, scale, heads, group,
                 inv = like(out[0], 1.0 / l[i])
                 for d in range(D):
                     out[d] = acc[i, d] * inv
-                lse[bh, q0 + i] = m[i] + np.log(l[i])
+                lse[bh, q0 + i] = (m[i] * _LN2 if base2 else m[i]) + np.log(l[i])
             else:
                 out[:] = 0
                 lse[bh, q0 + i] = np.inf
@@ -304,7 +351,7 @@ def _fused_forward_call(q, k, v, causal, key_padding_mask, scale):
     lse = empty((B * Hq, Tq), _stats_dtype(q.dtype))
     mask, has_mask = _mask_np(key_padding_mask)
     _fused_forward(qf.numpy(), kf.numpy(), vf.numpy(), o.numpy(), lse.numpy(), bool(causal), mask, has_mask,
-                   float(scale), Hq, Hq // Hkv, *_fused_blocks())
+                   float(scale), Hq, Hq // Hkv, *_fused_blocks(), q.dtype == torch.float32 and scale > 0)
     return o.reshape(q.shape), lse.reshape(B, Hq, Tq)
 
 

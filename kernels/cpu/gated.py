@@ -4,26 +4,59 @@ forward: y = act(gate) * up; backward: dgate = dy * up * act'(gate), dup = dy * 
 act and act' recomputed from gate (linear_act's numba activations, float32 arithmetic
 that vectorizes). The flat arrays are cut into fixed chunks, in parallel; each chunk runs
 one loop per activation (a switch inside the loop would keep LLVM from vectorizing it).
+The kernels contract a * b + c into FMAs (the polynomials of exp / erf / tanh are chains
+of them): a quarter of the float32 swiglu forward at 1M elements.
+
+swiglu's forward is z / (1 + e^-z) * up: one exp, one division and no select, where
+linear_act's z * sigmoid(z) takes e^-|z| and picks one of two quotients by the sign of z;
+with FMAs it runs at the speed of a plain y = g * u on one core (1024 x 1024 float32:
+0.83 ms against 0.80 for the product alone and 1.31 before, thread time on a loaded VM).
 """
 
+import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from ..activations import GELU, GELU_TANH, GELU_TANH_CUBIC, INV_SQRT_2, INV_SQRT_2PI, SILU, SQRT_2_OVER_PI
 from .fastmath import KERNEL_OPTIONS, exp, like, one_plus_erf, tanh
 from .linear_act import _gelu, _gelu_grad, _gelu_tanh, _gelu_tanh_grad, _sigmoid, _silu, _silu_grad
 
 _CHUNK = 16384
+# a * b + c as one FMA (one rounding); no reassociation
+_CONTRACT = dict(KERNEL_OPTIONS, fastmath={"contract"})
 
 
-@njit(**KERNEL_OPTIONS)
+def _silu_cutoff(z):
+    """Below it silu(z) is taken as z * 0: in float32 e^-z is past the range there
+    (fastmath.exp clamps its argument at 88, so the quotient would be z / 1.7e38, not
+    |silu(z)| < 5e-37), and z * 0 is the -0 torch's silu gives (nan for -inf, as torch's).
+    float64's math.exp overflows to inf by itself: no cutoff."""
+    return -np.inf
+
+
+@overload(_silu_cutoff)
+def _silu_cutoff_impl(z):
+    if isinstance(z, types.Float) and z.bitwidth == 32:
+        return lambda z: np.float32(-88.0)
+    return lambda z: -np.inf
+
+
+@njit(inline="always")
+def _silu_quotient(z):
+    """silu(z) = z / (1 + e^-z)."""
+    s = z / (like(z, 1.0) + exp(-z))
+    return s if z >= _silu_cutoff(z) else z * like(z, 0.0)
+
+
+@njit(**_CONTRACT)
 def _forward(gate, up, y, code):
     n = gate.size
     for c in prange((n + _CHUNK - 1) // _CHUNK):
         lo, hi = c * _CHUNK, min(n, (c + 1) * _CHUNK)
         if code == SILU:
             for j in range(lo, hi):
-                y[j] = _silu(gate[j]) * up[j]
+                y[j] = _silu_quotient(gate[j]) * up[j]
         elif code == GELU:
             for j in range(lo, hi):
                 y[j] = _gelu(gate[j]) * up[j]
@@ -57,7 +90,7 @@ def _gelu_tanh_pair(z):
     return half * z * (one + t), half * (one + t) + half * z * (one - t * t) * du
 
 
-@njit(**KERNEL_OPTIONS)
+@njit(**_CONTRACT)
 def _backward_both(dy, gate, up, dgate, dup, code):
     n = gate.size
     for c in prange((n + _CHUNK - 1) // _CHUNK):
@@ -79,7 +112,7 @@ def _backward_both(dy, gate, up, dgate, dup, code):
                 dup[j] = dy[j] * a
 
 
-@njit(**KERNEL_OPTIONS)
+@njit(**_CONTRACT)
 def _backward(dy, gate, up, dgate, dup, need_dgate, need_dup, code):
     n = gate.size
     for c in prange((n + _CHUNK - 1) // _CHUNK):

@@ -131,6 +131,26 @@ def test_large_scores_stay_finite():
     assert rel_err(out, ref) < 1e-4  # scores of 1e3 in float32 carry ~6e-5 relative rounding
 
 
+@pytest.mark.parametrize("scale", [0.3, 0.0, -0.3], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_float32_explicit_scale_of_either_sign(scale, causal):
+    """float32 runs its softmax in base 2 only for scale > 0 (its row max is scale times
+    the max of the scores); 0 and negative scales take the natural-exp form: both as SDPA,
+    with a padding mask, and the lse backward reads agrees (the gradients)."""
+    q, k, v, do = (_randn(2, 2, 300, 32, seed=s) for s in range(4))
+    mask = _randn(2, 300, seed=5) > 1.0
+    ours = [t.float().requires_grad_() for t in (q, k, v)]
+    theirs = [t.clone().requires_grad_() for t in (q, k, v)]
+    with kiln.backend.use("cpu"):
+        out = kiln.ops.attention(*ours, causal=causal, key_padding_mask=mask, scale=scale)
+        out.backward(do.float())
+    ref = _explicit(*theirs, causal, mask, scale)
+    ref.backward(do)
+    assert rel_err(out, ref) < BOUND[torch.float32], "forward"
+    for name, a, r in zip("qkv", ours, theirs):
+        assert rel_err(a.grad, r.grad) < BOUND[torch.float32], name
+
+
 def test_gradcheck_cpu_backend():
     q, k, v = (_randn(1, 2, 6, 4, seed=s).requires_grad_() for s in (1, 2, 3))
     mask = torch.tensor([[False, True, False, False, False, True]])

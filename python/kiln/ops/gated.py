@@ -146,8 +146,16 @@ def _gated(op: str, gate: Tensor, up: Tensor, activation: str) -> Tensor:
                          f"{tuple(up.shape)}")
     if gate.numel() == 0:  # nothing to launch: torch's empty result, and empty gradients
         return TORCH_ACTIVATIONS[activation](gate) * up
-    y = _gated_act_call(gate.reshape(-1).contiguous(), up.reshape(-1).contiguous(), activation)
-    return y.reshape(gate.shape)
+    y = _gated_act_call(_flat(gate), _flat(up), activation)
+    return y if gate.dim() == 1 else y.view_as(gate)  # view(torch.Size) costs 3x view_as
+
+
+def _flat(t: Tensor) -> Tensor:
+    # a 1-D contiguous t as it is: each torch call costs ~1 us from Python, a quarter of
+    # torch's whole silu(g) * u at small sizes
+    if t.dim() == 1 and t.is_contiguous():
+        return t
+    return t.reshape(-1).contiguous()
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
