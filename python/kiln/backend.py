@@ -191,12 +191,25 @@ def default_for(device: torch.device) -> str:
     return {"cuda": "triton", "cpu": "cpu"}.get(device.type, "reference")
 
 
+# select's answers that did not raise, by everything they depend on: every op call asks
+# (twice in a training step), and the checks below cost ~4 us where the lookup costs 0.3.
+_selected: dict[tuple, str] = {}
+
+
 def select(op: str, device: torch.device, dtype: torch.dtype, supported: dict) -> str:
     """The backend that runs ``op`` on tensors of ``device`` and ``dtype``.
 
     ``supported`` maps each backend of the op to the dtypes it covers.
     """
     name = requested(op)
+    key = (op, name, device.type, dtype, id(supported), triton_interpreted())
+    chosen = _selected.get(key)
+    if chosen is None:
+        chosen = _selected[key] = _select(op, name, device, dtype, supported)
+    return chosen
+
+
+def _select(op: str, name: str | None, device: torch.device, dtype: torch.dtype, supported: dict) -> str:
     if name is not None:
         reason = (
             f"op {op!r} has no {name} implementation"
