@@ -159,7 +159,7 @@ def _dropout_row(row, first, k0, k1, threshold, scale):
         row[j] *= scale if keeps(k0, k1, first + np.uint64(j), threshold) else zero
 
 
-@sized_kernel
+@sized_kernel(fastmath={"contract"})
 def _epilogue(y, bias, has_bias, preact, save_preact, save_after_act, code,
               drop, row0, k0, k1, offset, threshold, scale):
     """In place on one block (rows row0.. of the output): y <- act(y + bias), then times
@@ -184,7 +184,7 @@ def _epilogue(y, bias, has_bias, preact, save_preact, save_after_act, code,
             _dropout_row(row, offset + np.uint64((row0 + i) * cols), k0, k1, threshold, scale)
 
 
-@sized_kernel
+@sized_kernel(fastmath={"contract"})
 def _grad_preact(dy, saved, has_saved, dz, db_parts, code, drop, row0, k0, k1, offset, threshold, scale):
     """dz = dy * act'(saved) (times forward's dropout factor when drop) for one block,
     rows row0.. of the output; db_parts[p] += column sums of part p's rows.
@@ -208,7 +208,7 @@ def _grad_preact(dy, saved, has_saved, dz, db_parts, code, drop, row0, k0, k1, o
                 col_sum[j] += dz_row[j]
 
 
-@sized_kernel
+@sized_kernel(fastmath={"contract"})
 def _column_sums(dy, db_parts):
     """db_parts[p] += column sums of part p's rows of dy: _grad_preact's db for an identity
     activation without dropout, where dz is dy itself and need not be written."""
