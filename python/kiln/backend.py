@@ -191,7 +191,7 @@ def default_for(device: torch.device) -> str:
     return {"cuda": "triton", "cpu": "cpu"}.get(device.type, "reference")
 
 
-# select's answers that did not raise, by everything they depend on: every op call asks
+# select's answers that did not raise or fall back, by everything they depend on: every op call asks
 # (twice in a training step), and the checks below cost ~4 us where the lookup costs 0.3.
 _selected: dict[tuple, str] = {}
 
@@ -205,7 +205,11 @@ def select(op: str, device: torch.device, dtype: torch.dtype, supported: dict) -
     key = (op, name, device.type, dtype, id(supported), triton_interpreted())
     chosen = _selected.get(key)
     if chosen is None:
-        chosen = _selected[key] = _select(op, name, device, dtype, supported)
+        chosen = _select(op, name, device, dtype, supported)
+        # a default stepping aside to reference is not cached: _select logs it (once per process,
+        # or again after _logged_defaults is cleared)
+        if not (name is None and chosen == "reference" and default_for(device) != "reference"):
+            _selected[key] = chosen
     return chosen
 
 
