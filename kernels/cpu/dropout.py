@@ -21,7 +21,8 @@ _CHUNK = 1 << 14
 
 
 @sized_kernel
-def _apply(src, dst, k0, k1, offset, threshold, scale):
+def _apply(src, dst, mask, save_mask, k0, k1, offset, threshold, scale):
+    """dst = src * keep * scale, the keep bits from Philox; also written to mask when save_mask."""
     n = src.size
     zero = scale * 0
     for c in prange((n + _CHUNK - 1) // _CHUNK):
@@ -29,19 +30,8 @@ def _apply(src, dst, k0, k1, offset, threshold, scale):
         stop = min(n, start + _CHUNK)
         for i in range(start, stop):
             keep = keeps(k0, k1, offset + np.uint64(i), threshold)
-            dst[i] = src[i] * (scale if keep else zero)
-
-
-@sized_kernel
-def _apply_saving_mask(src, dst, mask, k0, k1, offset, threshold, scale):
-    n = src.size
-    zero = scale * 0
-    for c in prange((n + _CHUNK - 1) // _CHUNK):
-        start = c * _CHUNK
-        stop = min(n, start + _CHUNK)
-        for i in range(start, stop):
-            keep = keeps(k0, k1, offset + np.uint64(i), threshold)
-            mask[i] = keep
+            if save_mask:
+                mask[i] = keep
             dst[i] = src[i] * (scale if keep else zero)
 
 
@@ -60,28 +50,24 @@ def _scale(dtype, p: float):
     return np.dtype(str(dtype).removeprefix("torch.")).type(1.0 / (1.0 - p))
 
 
-def _dropout(src, p: float, seed: int, offset: int, threshold: int):
+def _dropout(src, p: float, seed: int, offset: int, threshold: int, save_mask: bool = False):
     out = torch.empty_like(src)
+    mask = torch.empty(src.shape if save_mask else (1,), dtype=torch.uint8)
     if src.numel():
         k0, k1 = key_of(seed)
-        _apply(src.numel(), src.reshape(-1).numpy(), out.reshape(-1).numpy(), k0, k1, np.uint64(offset),
-               np.uint64(threshold), _scale(src.dtype, p))
-    return out
+        _apply(src.numel(), src.reshape(-1).numpy(), out.reshape(-1).numpy(), mask.reshape(-1).numpy(), save_mask,
+               k0, k1, np.uint64(offset), np.uint64(threshold), _scale(src.dtype, p))
+    return out, mask
 
 
 def forward(x, p: float, seed: int, offset: int, threshold: int):
     """x * mask / (1 - p) for contiguous x; element i's mask from counter offset + i."""
-    return _dropout(x, p, seed, offset, threshold)
+    return _dropout(x, p, seed, offset, threshold)[0]
 
 
 def forward_saving_mask(x, p: float, seed: int, offset: int, threshold: int):
     """(forward's y, its keep mask as uint8 of x's shape) in one pass."""
-    out, mask = torch.empty_like(x), torch.empty(x.shape, dtype=torch.uint8)
-    if x.numel():
-        k0, k1 = key_of(seed)
-        _apply_saving_mask(x.numel(), x.reshape(-1).numpy(), out.reshape(-1).numpy(), mask.reshape(-1).numpy(), k0, k1,
-                           np.uint64(offset), np.uint64(threshold), _scale(x.dtype, p))
-    return out, mask
+    return _dropout(x, p, seed, offset, threshold, save_mask=True)
 
 
 def backward_with_mask(grad_out, mask, p: float):
@@ -95,4 +81,4 @@ def backward_with_mask(grad_out, mask, p: float):
 
 def backward(grad_out, p: float, seed: int, offset: int, threshold: int):
     """grad_out * mask / (1 - p) with forward's mask (the same seed and offset)."""
-    return _dropout(grad_out, p, seed, offset, threshold)
+    return _dropout(grad_out, p, seed, offset, threshold)[0]
