@@ -13,6 +13,7 @@ import torch
 import kiln
 from kiln import cli
 from kiln.train import checkpoint
+from kiln.train.tasks.digits import Digits
 from kiln.train.trainer import TimedSchedule
 from tests.train.test_trainer import _trainer
 
@@ -108,9 +109,12 @@ def test_the_timed_schedule_ends_at_the_last_step_if_that_comes_first():
         again.load_state_dict(plain.state_dict())
 
 
-def test_kiln_train_time_limit_writes_the_folder_as_at_a_normal_end(capsys, tmp_path):
+def test_kiln_train_time_limit_writes_the_folder_as_at_a_normal_end(capsys, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    # digits logistic: 5 steps of 256 an epoch, milliseconds each: the clock ends the 1000 epochs
+    # digits logistic: 5 steps of 256 an epoch, milliseconds each: the clock ends the 1000 epochs.
+    # Early stopping off: on a fast enough machine the task's patience of 10 epochs would end the
+    # run first (it did once here, at tens of epochs a second)
+    monkeypatch.setitem(Digits.train, "patience", None)
     code = cli.main(["train", "digits", "--model", "logistic", "--out", str(out), "--batch-size", "256",
                      "--epochs", "1000", "--time-limit", "1.5", "--no-progress"])
     captured = capsys.readouterr()
