@@ -103,11 +103,13 @@ def _lstm_backward(dh_out, dc_out, hw, gates, c, c_next, dpre, dc):
     """dh_next = dh_out (this step's output gradient) + hw (dpre_{t+1} W_hh, from the
     caller's GEMM); dc (B, H): in, dc carried from step t + 1; out, dc for step t - 1."""
     for b in prange(c.shape[0]):
-        _lstm_backward_row(dh_out[b], dc_out[b], hw[b], gates[b], c[b], c_next[b], dpre[b], dc[b])
+        _lstm_backward_row(dh_out[b], dc_out[b], True, hw[b], gates[b], c[b], c_next[b], dpre[b], dc[b])
 
 
 @njit(inline="always")
-def _lstm_backward_row(dh_out, dc_out, hw, a, cb, cn, d, dcb):
+def _lstm_backward_row(dh_out, dc_out, has_dc_out, hw, a, cb, cn, d, dcb):
+    """One batch row of a step's LSTM backward; dc_out, this step's output gradient of c, is
+    read only when has_dc_out (the layer kernel has none: dcb carries all of dc in)."""
     H = cb.shape[0]
     one = like(cb[0], 1.0)
     i, f, g, o = a[:H], a[H:2 * H], a[2 * H:3 * H], a[3 * H:]
@@ -116,8 +118,13 @@ def _lstm_backward_row(dh_out, dc_out, hw, a, cb, cn, d, dcb):
         di[j] = dh_out[j] + hw[j]
     for j in range(H):  # do holds tanh(c_next) until its own loop
         do[j] = tanh(cn[j])
-    for j in range(H):  # dcb holds dc_tot = dc_next + dh o (1 - tanh^2) until the end
-        dcb[j] = dcb[j] + dc_out[j] + di[j] * o[j] * (one - do[j] * do[j])
+    # dcb holds dc_tot = dc_next (+ dc_out) + dh o (1 - tanh^2) until the end
+    if has_dc_out:
+        for j in range(H):
+            dcb[j] = dcb[j] + dc_out[j] + di[j] * o[j] * (one - do[j] * do[j])
+    else:
+        for j in range(H):
+            dcb[j] = dcb[j] + di[j] * o[j] * (one - do[j] * do[j])
     for j in range(H):
         do[j] = di[j] * do[j] * o[j] * (one - o[j])
     for j in range(H):
@@ -253,7 +260,7 @@ def _lstm_sequence_backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh, d
     for t in range(T - 1, -1, -1):
         c = c0 if t == 0 else c_all[t - 1]
         for b in range(B):
-            _lstm_backward_row(dh_all[t, b], dc_all[t, b], hw[b], gates[t, b], c[b], c_all[t, b], dpre[t, b], dc[b])
+            _lstm_backward_row(dh_all[t, b], dc_all[t, b], True, hw[b], gates[t, b], c[b], c_all[t, b], dpre[t, b], dc[b])
         mkl_gemm(0, 0, H, B, G, w_hh, H, dpre[t], G, 0.0, hw, H)  # hw = dpre_t W_hh
     # dw_hh, row-major (G, H), is the column-major (H x G) h_prev^T dpre: h0 against step 0,
     # then h_all[:T-1] (contiguous) against steps 1.. (no concatenated h_prev copy).
@@ -287,31 +294,6 @@ def _lstm_forward_row_pre(p, cb, a, hn, cn):
         cn[j] = f[j] * cb[j] + i[j] * g[j]
     for j in range(H):
         hn[j] = o[j] * tanh(cn[j])
-
-
-@njit(inline="always")
-def _lstm_backward_row_carry(dh_out, hw, a, cb, cn, d, dcb):
-    """_lstm_backward_row without a dc output gradient (dcb carries it in)."""
-    H = cb.shape[0]
-    one = like(cb[0], 1.0)
-    i, f, g, o = a[:H], a[H:2 * H], a[2 * H:3 * H], a[3 * H:]
-    di, df, dg, do = d[:H], d[H:2 * H], d[2 * H:3 * H], d[3 * H:]
-    for j in range(H):  # di holds dh_next until its own loop
-        di[j] = dh_out[j] + hw[j]
-    for j in range(H):  # do holds tanh(c_next) until its own loop
-        do[j] = tanh(cn[j])
-    for j in range(H):  # dcb holds dc_tot until the end
-        dcb[j] = dcb[j] + di[j] * o[j] * (one - do[j] * do[j])
-    for j in range(H):
-        do[j] = di[j] * do[j] * o[j] * (one - o[j])
-    for j in range(H):
-        di[j] = dcb[j] * g[j] * i[j] * (one - i[j])
-    for j in range(H):
-        df[j] = dcb[j] * cb[j] * f[j] * (one - f[j])
-    for j in range(H):
-        dg[j] = dcb[j] * i[j] * (one - g[j] * g[j])
-    for j in range(H):
-        dcb[j] = dcb[j] * f[j]
 
 
 @njit(**_SEQUENCE_OPTIONS)
@@ -366,7 +348,7 @@ def _lstm_layer_backward(dh_all, dh, dc, gates, h0, c0, h_all, c_all, w_hh, x, w
         first = t == T - 1 if reverse else t == 0
         c = c0 if first else (c_all[t + 1] if reverse else c_all[t - 1])
         for b in range(B):
-            _lstm_backward_row_carry(dh_all[t, b], dh[b], gates[t, b], c[b], c_all[t, b], dpre[t, b], dc[b])
+            _lstm_backward_row(dh_all[t, b], dh_all[t, b], False, dh[b], gates[t, b], c[b], c_all[t, b], dpre[t, b], dc[b])
         mkl_gemm(0, 0, H, B, G, w_hh, H, dpre[t], G, 0.0, dh, H)  # dh = dpre_t W_hh (last: dh0)
     dpre2 = dpre.reshape((T * B, G))
     if need_x:
