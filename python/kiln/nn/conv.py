@@ -64,15 +64,23 @@ class Conv2d(nn.Conv2d):
         if Ho < 1 or Wo < 1:
             raise ValueError(f"kiln.nn.Conv2d: input {tuple(input.shape)} (padded by {padding}) is smaller "
                              f"than the dilated kernel {self.kernel_size} (dilation {self.dilation})")
-        # (N, C k_h k_w, L): channel-major, then kernel rows and columns, as weight.flatten(1)
-        columns = F.unfold(input, self.kernel_size, self.dilation, padding, self.stride)
         g = self.groups
-        columns = columns.reshape(N, g, -1, Ho * Wo).transpose(-1, -2)   # (N, g, L, C/g k k)
-        weights = weight.reshape(g, self.out_channels // g, -1)
+        if input.is_cpu:
+            # kiln's im2col: tap-major rows (N, L, k_h k_w C/g) read from channels-last memory, and
+            # the filters flattened in the same order
+            c, o = self.in_channels // g, self.out_channels // g
+            columns = [ops.im2col(input[:, i * c:(i + 1) * c] if g > 1 else input, self.kernel_size,
+                                  self.dilation, padding, self.stride) for i in range(g)]
+            weights = [w.permute(0, 2, 3, 1).reshape(o, -1) for w in (weight.split(o) if g > 1 else (weight,))]
+        else:
+            # (N, C k_h k_w, L): channel-major, then kernel rows and columns, as weight.flatten(1)
+            unfolded = F.unfold(input, self.kernel_size, self.dilation, padding, self.stride)
+            columns = unfolded.reshape(N, g, -1, Ho * Wo).transpose(-1, -2).unbind(1)   # g x (N, L, C/g k k)
+            weights = weight.reshape(g, self.out_channels // g, -1).unbind(0)
         biases = (None,) * g if bias is None else bias.reshape(g, -1)
-        out = torch.cat([ops.linear_act(columns[:, i], weights[i], biases[i], self.activation)
+        out = torch.cat([ops.linear_act(columns[i], weights[i], biases[i], self.activation)
                          for i in range(g)], dim=-1) if g > 1 else \
-            ops.linear_act(columns[:, 0], weights[0], biases[0], self.activation)
+            ops.linear_act(columns[0], weights[0], biases[0], self.activation)
         # (N, L, O) -> (N, O, Ho, Wo), contiguous as torch's output (x.view(N, -1) must work)
         out = out.transpose(1, 2).reshape(N, self.out_channels, Ho, Wo).contiguous()
         return out.squeeze(0) if unbatched else out

@@ -5,6 +5,7 @@ from . import batch_norm as _batch_norm_family
 from . import cross_entropy as _cross_entropy_family
 from . import dropout as _dropout_family
 from . import gated as _gated_family
+from . import im2col as _im2col_family
 from . import layer_norm as _layer_norm_family
 from . import linear_act as _linear_act_family
 from . import optim as _optim_family
@@ -17,6 +18,7 @@ from .batch_norm import batch_norm
 from .cross_entropy import cross_entropy, log_softmax, softmax
 from .dropout import dropout
 from .gated import geglu, swiglu
+from .im2col import im2col
 from .layer_norm import layer_norm
 from .linear_act import linear_act
 from .linear_cross_entropy import linear_cross_entropy
@@ -42,6 +44,7 @@ BACKEND_DTYPES = {
     "swiglu": _gated_family.DTYPES,
     "geglu": _gated_family.DTYPES,
     "rotary_embedding": _rotary_family.DTYPES,
+    "im2col": _im2col_family.DTYPES,
     "rnn": _rnn_family.DTYPES,
     "sgd_step": _optim_family.DTYPES,
     "adam_step": _optim_family.DTYPES,
@@ -52,5 +55,5 @@ BACKEND_DTYPES = {
 __all__ = ["linear_act", "dropout", "random", "softmax", "log_softmax", "cross_entropy", "linear_cross_entropy",
            "layer_norm", "batch_norm", "attention",
            "lstm", "gru", "lstm_cell", "gru_cell", "rnn_tanh", "rnn_relu", "rnn_tanh_cell",
-           "rnn_relu_cell", "rms_norm", "swiglu", "geglu", "rotary_embedding",
+           "rnn_relu_cell", "rms_norm", "swiglu", "geglu", "rotary_embedding", "im2col",
            "sgd_step", "adam_step", "rmsprop_step", "ngd_step", "BACKEND_DTYPES"]
