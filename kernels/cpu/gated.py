@@ -18,13 +18,14 @@ import torch
 from numba import njit, prange, types
 from numba.extending import overload
 
-from ..activations import GELU, GELU_TANH, GELU_TANH_CUBIC, INV_SQRT_2, INV_SQRT_2PI, SILU, SQRT_2_OVER_PI
-from .fastmath import KERNEL_OPTIONS, exp, like, one_plus_erf, tanh
+from ..activations import GELU, GELU_TANH_CUBIC, INV_SQRT_2, INV_SQRT_2PI, SILU, SQRT_2_OVER_PI
+from .fastmath import exp, like, one_plus_erf, tanh
 from .linear_act import _gelu, _gelu_grad, _gelu_tanh, _gelu_tanh_grad, _sigmoid, _silu, _silu_grad
+from .parallel import sized_kernel
 
 _CHUNK = 16384
 # a * b + c as one FMA (one rounding); no reassociation
-_CONTRACT = dict(KERNEL_OPTIONS, fastmath={"contract"})
+_CONTRACT = {"fastmath": {"contract"}}
 
 
 def _silu_cutoff(z):
@@ -49,7 +50,7 @@ def _silu_quotient(z):
     return s if z >= _silu_cutoff(z) else z * like(z, 0.0)
 
 
-@njit(**_CONTRACT)
+@sized_kernel(**_CONTRACT)
 def _forward(gate, up, y, code):
     n = gate.size
     for c in prange((n + _CHUNK - 1) // _CHUNK):
@@ -90,7 +91,7 @@ def _gelu_tanh_pair(z):
     return half * z * (one + t), half * (one + t) + half * z * (one - t * t) * du
 
 
-@njit(**_CONTRACT)
+@sized_kernel(**_CONTRACT)
 def _backward_both(dy, gate, up, dgate, dup, code):
     n = gate.size
     for c in prange((n + _CHUNK - 1) // _CHUNK):
@@ -112,7 +113,7 @@ def _backward_both(dy, gate, up, dgate, dup, code):
                 dup[j] = dy[j] * a
 
 
-@njit(**_CONTRACT)
+@sized_kernel(**_CONTRACT)
 def _backward(dy, gate, up, dgate, dup, need_dgate, need_dup, code):
     n = gate.size
     for c in prange((n + _CHUNK - 1) // _CHUNK):
@@ -143,7 +144,7 @@ def forward(gate, up, activation: int):
     """act(gate) * up for flat contiguous gate, up of one dtype; activation a SILU, GELU or
     GELU_TANH code."""
     y = torch.empty_like(gate)
-    _forward(gate.numpy(), up.numpy(), y.numpy(), activation)
+    _forward(gate.numel(), gate.numpy(), up.numpy(), y.numpy(), activation)
     return y
 
 
@@ -151,8 +152,8 @@ def backward(dy, gate, up, activation: int, need_dgate: bool, need_dup: bool):
     dgate = torch.empty_like(gate) if need_dgate else gate.new_empty(1)
     dup = torch.empty_like(gate) if need_dup else gate.new_empty(1)
     if need_dgate and need_dup:
-        _backward_both(dy.numpy(), gate.numpy(), up.numpy(), dgate.numpy(), dup.numpy(), activation)
+        _backward_both(gate.numel(), dy.numpy(), gate.numpy(), up.numpy(), dgate.numpy(), dup.numpy(), activation)
         return dgate, dup
-    _backward(dy.numpy(), gate.numpy(), up.numpy(), dgate.numpy(), dup.numpy(), bool(need_dgate),
+    _backward(gate.numel(), dy.numpy(), gate.numpy(), up.numpy(), dgate.numpy(), dup.numpy(), bool(need_dgate),
               bool(need_dup), activation)
     return dgate if need_dgate else None, dup if need_dup else None

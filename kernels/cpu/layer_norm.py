@@ -21,15 +21,16 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from .fastmath import KERNEL_OPTIONS, like
+from .fastmath import like
 from .lanes import lane_shifted_sums_f64, lane_sum_f64, lane_sum_sq_dev_f64
 from .memory import empty_like
+from .parallel import sized_kernel
 
 _PARTS = 16
 _FLUSH_ROWS = 8  # rows of dweight / dbias summed in x's dtype before the float64 partials
 # a * b + c as one FMA (one rounding, fewer instructions); never reassociation here, which
 # could turn (x - hi) - lo back into x - (hi + lo)
-_CONTRACT = dict(KERNEL_OPTIONS, fastmath={"contract"})
+_CONTRACT = {"fastmath": {"contract"}}
 
 
 @njit(inline="always")
@@ -47,7 +48,7 @@ def _normalize_row(row, mu, r, w, b, out):
         out[j] = ((row[j] - hi) - lo) * r_x * w[j] + b[j]
 
 
-@njit(**KERNEL_OPTIONS)
+@sized_kernel
 def _forward(x, w, b, eps, y, mean, rstd):
     M, N = x.shape
     for i in prange(M):
@@ -58,7 +59,7 @@ def _forward(x, w, b, eps, y, mean, rstd):
         _normalize_row(row, mu, r, w, b, y[i])
 
 
-@njit(**_CONTRACT)
+@sized_kernel(**_CONTRACT)
 def _forward_one_pass(x, w, b, eps, y, mean, rstd):
     """_forward with the mean and variance from one pass of shifted float64 sums (for
     float32 rows: lanes.lane_shifted_sums_f64 keeps 7+ of their digits)."""
@@ -93,7 +94,7 @@ def _flush(acc, acc_f64):
         acc[j] = 0
 
 
-@njit(**_CONTRACT)
+@sized_kernel(**_CONTRACT)
 def _backward(dy, x, w, mean, rstd, need_dx, dx, dw, db):
     M, N = x.shape
     per_part = (M + _PARTS - 1) // _PARTS
@@ -159,7 +160,7 @@ def forward(x, weight, bias, eps: float):
     w = weight.numpy() if weight is not None else np.ones(N, x_np.dtype)
     b = bias.numpy() if bias is not None else np.zeros(N, x_np.dtype)
     kernel = _forward_one_pass if x.dtype == torch.float32 else _forward
-    kernel(x_np, w, b, float(eps), y.numpy(), mean, rstd)
+    kernel(x_np.size, x_np, w, b, float(eps), y.numpy(), mean, rstd)
     return y, torch.from_numpy(mean), torch.from_numpy(rstd)
 
 
@@ -169,6 +170,6 @@ def backward(dy, x, weight, mean, rstd, need_dx: bool, need_dw: bool, need_db: b
     x_np = x.numpy()
     w = weight.numpy() if weight is not None else np.ones(N, x_np.dtype)
     dw, db = np.empty(N, x_np.dtype), np.empty(N, x_np.dtype)
-    _backward(dy.numpy(), x_np, w, mean.numpy(), rstd.numpy(), need_dx, dx.numpy(), dw, db)
+    _backward(x_np.size, dy.numpy(), x_np, w, mean.numpy(), rstd.numpy(), need_dx, dx.numpy(), dw, db)
     return (dx if need_dx else None, torch.from_numpy(dw) if need_dw else None,
             torch.from_numpy(db) if need_db else None)
