@@ -17,10 +17,10 @@ import math
 
 import numpy as np
 import torch
-from numba import njit, prange, types
+from numba import get_num_threads, njit, prange, types
 from numba.extending import overload
 
-from .blas import MKL_GEMM, PackedLinear, mkl_gemm
+from .blas import MKL_GEMM, MKL_THREADS, PackedLinear, mkl_gemm, mkl_set_num_threads_local
 from .fastmath import KERNEL_OPTIONS, exp, like
 
 # The gates' tanh. float64: math.tanh. float32: a rational minimax approximation (the one
@@ -301,12 +301,66 @@ def _lstm_forward_row_inplace(a, cb, hn, cn):
         hn[j] = o[j] * tanh(cn[j])
 
 
-@njit(**_SEQUENCE_OPTIONS)
-def _lstm_layer_forward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, reverse, T, h_n, c_n):
+# The step loop over a block of batch rows [b0, b1): the rows of a batch never meet in a
+# recurrence, so with more than one thread each worker runs the whole sequence over its own
+# rows (MKL sequential inside it) and the steps need no synchronisation at all. Threading
+# each step instead (MKL's threads for the 32 x 256 x 1024 GEMM, then the gate pass) ended
+# every step in a barrier and handed the cores between two OpenMP runtimes (torch's libgomp
+# for MKL, numba's own): at 2 threads, T64 B32 H256, the forward took 20.8 ms against
+# torch's 17.6 (bench/results/lstm_cpu_issue14_session7.md). A block has at least
+# _MIN_CHUNK_ROWS rows (the per-row GEMM rate falls with fewer); a batch too small for two
+# blocks, or one thread, runs the loop serially as before.
+_MIN_CHUNK_ROWS = 8
+# The layer kernels' options: only their explicit prange (the batch blocks) runs in
+# parallel; numba's conversion of array expressions and np.zeros into parallel loops stays
+# off (a parallel region for a (4H,) bias sum costs more than the sum).
+_LAYER_OPTIONS = dict(_SEQUENCE_OPTIONS, parallel=dict(prange=True, comprehension=False, setitem=False,
+                                                       reduction=False, numpy=False, stencil=False,
+                                                       fusion=False, inplace_binop=False))
+
+
+def _batch_chunks(B):
+    """How many blocks of rows the step loop runs in parallel (numba's thread count, read
+    here: numba.get_num_threads inside a kernel keeps it out of the on-disk cache)."""
+    return max(1, min(get_num_threads(), B // _MIN_CHUNK_ROWS))
+
+
+@njit(inline="always")
+def _lstm_steps_forward(gx, h0, c0, w_hh, h_all, c_all, reverse, b0, b1):
+    T, H = gx.shape[0], h0.shape[1]
+    G = 4 * H
+    for s in range(T):
+        t = T - 1 - s if reverse else s
+        if s == 0:
+            h, c = h0, c0
+        else:
+            tp = t + 1 if reverse else t - 1
+            h, c = h_all[tp], c_all[tp]
+        mkl_gemm(1, 0, G, b1 - b0, H, w_hh, H, h[b0:], H, 1.0, gx[t, b0:], G)  # gx_t += h W_hh^T
+        for b in range(b0, b1):
+            _lstm_forward_row_inplace(gx[t, b], c[b], h_all[t, b], c_all[t, b])
+
+
+@njit(inline="always")
+def _lstm_steps_backward(dh_all, dh, dc, gates, c0, c_all, w_hh, dpre, reverse, b0, b1):
+    T, G = gates.shape[0], gates.shape[2]
+    H = G // 4
+    for s in range(T):
+        t = s if reverse else T - 1 - s
+        first = t == T - 1 if reverse else t == 0
+        c = c0 if first else (c_all[t + 1] if reverse else c_all[t - 1])
+        for b in range(b0, b1):
+            _lstm_backward_row(dh_all[t, b], dh_all[t, b], False, dh[b], gates[t, b], c[b], c_all[t, b], dpre[t, b], dc[b])
+        mkl_gemm(0, 0, H, b1 - b0, G, w_hh, H, dpre[t, b0:], G, 0.0, dh[b0:], H)  # dh = dpre_t W_hh (last: dh0)
+
+
+@njit(**_LAYER_OPTIONS)
+def _lstm_layer_forward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, reverse, T, h_n, c_n, chunks):
     """x (T*B, I) -> (h_all, c_all (T, B, H) in time order, gates (T, B, 4H)), allocated
     here (a torch allocation and .numpy() per buffer cost ~3 us each); the gates are the
     pre-activation buffer gx, activated in place; b_ih, b_hh (4H,) or empty for none;
-    h_n, c_n (B, H) get the final states (reverse: step T-1 runs first and reads h0)."""
+    h_n, c_n (B, H) get the final states (reverse: step T-1 runs first and reads h0);
+    chunks: blocks of batch rows whose step loops run in parallel (_batch_chunks)."""
     B, H = h0.shape
     G = 4 * H
     h_all, c_all = np.empty((T, B, H), h0.dtype), np.empty((T, B, H), h0.dtype)
@@ -321,26 +375,24 @@ def _lstm_layer_forward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, reverse, T, h_n, c_n)
     for r in range(T * B):
         gx2[r] = bias
     mkl_gemm(1, 0, G, T * B, I, w_ih, I, x, I, 1.0, gx2, G)  # gx = bias + x W_ih^T, all steps
-    for s in range(T):
-        t = T - 1 - s if reverse else s
-        if s == 0:
-            h, c = h0, c0
-        else:
-            tp = t + 1 if reverse else t - 1
-            h, c = h_all[tp], c_all[tp]
-        mkl_gemm(1, 0, G, B, H, w_hh, H, h, H, 1.0, gx[t], G)  # gx_t += h W_hh^T
-        for b in range(B):
-            _lstm_forward_row_inplace(gx[t, b], c[b], h_all[t, b], c_all[t, b])
+    if chunks > 1:
+        for k in prange(chunks):
+            previous = mkl_set_num_threads_local(1)
+            _lstm_steps_forward(gx, h0, c0, w_hh, h_all, c_all, reverse, k * B // chunks, (k + 1) * B // chunks)
+            mkl_set_num_threads_local(previous)
+    else:
+        _lstm_steps_forward(gx, h0, c0, w_hh, h_all, c_all, reverse, 0, B)
     last = 0 if reverse else T - 1
     h_n[:] = h_all[last]
     c_n[:] = c_all[last]
     return h_all, c_all, gx
 
 
-@njit(**_SEQUENCE_OPTIONS)
-def _lstm_layer_backward(dh_all, dh, dc, gates, h0, c0, h_all, c_all, w_hh, x, w_ih, reverse, need_x, need_w):
+@njit(**_LAYER_OPTIONS)
+def _lstm_layer_backward(dh_all, dh, dc, gates, h0, c0, h_all, c_all, w_hh, x, w_ih, reverse, need_x, need_w, chunks):
     """dh, dc (B, H): in, the final states' gradients; out, dh0 and dc0. -> (dx (T*B, I) =
-    dpre W_ih if need_x, dw_ih, dw_hh, db if need_w; 0-size arrays where not needed)."""
+    dpre W_ih if need_x, dw_ih, dw_hh, db if need_w; 0-size arrays where not needed);
+    chunks as in _lstm_layer_forward (the GEMMs over all steps stay whole, MKL-threaded)."""
     T, B, G = gates.shape
     H = G // 4
     I = x.shape[1]
@@ -348,13 +400,14 @@ def _lstm_layer_backward(dh_all, dh, dc, gates, h0, c0, h_all, c_all, w_hh, x, w
     dx = np.empty((T * B if need_x else 0, I), gates.dtype)
     n = G if need_w else 0
     dw_ih, dw_hh, db = np.empty((n, I), gates.dtype), np.empty((n, H), gates.dtype), np.empty(n, gates.dtype)
-    for s in range(T):
-        t = s if reverse else T - 1 - s
-        first = t == T - 1 if reverse else t == 0
-        c = c0 if first else (c_all[t + 1] if reverse else c_all[t - 1])
-        for b in range(B):
-            _lstm_backward_row(dh_all[t, b], dh_all[t, b], False, dh[b], gates[t, b], c[b], c_all[t, b], dpre[t, b], dc[b])
-        mkl_gemm(0, 0, H, B, G, w_hh, H, dpre[t], G, 0.0, dh, H)  # dh = dpre_t W_hh (last: dh0)
+    if chunks > 1:
+        for k in prange(chunks):
+            previous = mkl_set_num_threads_local(1)
+            _lstm_steps_backward(dh_all, dh, dc, gates, c0, c_all, w_hh, dpre, reverse, k * B // chunks,
+                                 (k + 1) * B // chunks)
+            mkl_set_num_threads_local(previous)
+    else:
+        _lstm_steps_backward(dh_all, dh, dc, gates, c0, c_all, w_hh, dpre, reverse, 0, B)
     dpre2 = dpre.reshape((T * B, G))
     if need_x:
         mkl_gemm(0, 0, I, T * B, G, w_ih, I, dpre2, G, 0.0, dx, I)
@@ -497,9 +550,10 @@ def rnn_sequence_backward(dh_all, h0, h_all, w_hh, relu):
 
 
 def lstm_layer_fits(x, h0, w_ih, w_hh) -> bool:
-    """Whether lstm_layer_forward / _backward run: the sequence kernels' conditions, x and
-    the state in the weights' dtype."""
-    return (x.dtype == h0.dtype and w_ih.dtype == w_hh.dtype and _fused(w_hh, x, h0)
+    """Whether lstm_layer_forward / _backward run: the sequence kernels' conditions, MKL's
+    per-thread thread count reachable (the batch-split step loop sets it), x and the state
+    in the weights' dtype."""
+    return (MKL_THREADS and x.dtype == h0.dtype and w_ih.dtype == w_hh.dtype and _fused(w_hh, x, h0)
             and 0 < x.shape[2] <= _INT32_MAX and x.shape[0] * x.shape[1] <= _INT32_MAX)
 
 
@@ -514,7 +568,8 @@ def lstm_layer_forward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, reverse, h_n=None, c_n
     h_all, c_all, gates = _lstm_layer_forward(x.numpy().reshape(T * B, I), w_ih.numpy(),
                                               none if b_ih is None else b_ih.numpy(),
                                               none if b_hh is None else b_hh.numpy(), h0.numpy(), c0.numpy(),
-                                              w_hh.numpy(), bool(reverse), T, h_n.numpy(), c_n.numpy())
+                                              w_hh.numpy(), bool(reverse), T, h_n.numpy(), c_n.numpy(),
+                                              _batch_chunks(B))
     return torch.from_numpy(h_all), torch.from_numpy(c_all), torch.from_numpy(gates), h_n, c_n
 
 
@@ -528,7 +583,8 @@ def lstm_layer_backward(dh_all, dh, dc, gates, h0, c0, h_all, c_all, w_hh, x, w_
     T, B, I = x.shape
     dx, dw_ih, dw_hh, db = _lstm_layer_backward(
         dh_all.numpy(), dh.numpy(), dc.numpy(), gates.numpy(), h0.numpy(), c0.numpy(), h_all.numpy(), c_all.numpy(),
-        w_hh.numpy(), x.numpy().reshape(T * B, I), w_ih.numpy(), bool(reverse), bool(need_x), bool(need_w))
+        w_hh.numpy(), x.numpy().reshape(T * B, I), w_ih.numpy(), bool(reverse), bool(need_x), bool(need_w),
+        _batch_chunks(B))
     dx = torch.from_numpy(dx).view(T, B, I) if need_x else None
     if not need_w:
         return dx, None, None, None
