@@ -280,21 +280,21 @@ def _lstm_sequence_backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh, d
 
 
 @njit(inline="always")
-def _lstm_forward_row_inplace(a, cb, hn, cn):
-    """_lstm_forward_row with the pre-activations gx + h W_hh^T already summed in a, which
-    the activated gates overwrite. In place, one array read and written by the same index
-    (LLVM sees one pointer and vectorizes): at B 32, H 256 the 64 steps' gate passes took
-    1.8 ms against 2.4 ms reading gx and writing a separate gates array, and the layer
-    saves that array's 8 MB of allocation and first-touch writes (~6 ms of a ~35 ms
-    forward, bench/results/lstm_cpu_issue14_session7.md)."""
+def _lstm_forward_row_inplace(a, bias, cb, hn, cn):
+    """_lstm_forward_row with the pre-activations x W_ih^T + h W_hh^T already summed in a
+    (the bias (4H,) is added here), which the activated gates overwrite. In place, one
+    array read and written by the same index (LLVM sees one pointer and vectorizes): at
+    B 32, H 256 the 64 steps' gate passes took 1.8 ms against 2.4 ms reading gx and
+    writing a separate gates array, and the layer saves that array's 8 MB of allocation
+    and first-touch writes (bench/results/lstm_cpu_issue14_session7.md)."""
     H = cb.shape[0]
     i, f, g, o = a[:H], a[H:2 * H], a[2 * H:3 * H], a[3 * H:]
     for j in range(2 * H):  # i, f
-        a[j] = _sigmoid(a[j])
+        a[j] = _sigmoid(a[j] + bias[j])
     for j in range(H):
-        o[j] = _sigmoid(o[j])
+        o[j] = _sigmoid(o[j] + bias[3 * H + j])
     for j in range(H):
-        g[j] = tanh(g[j])
+        g[j] = tanh(g[j] + bias[2 * H + j])
     for j in range(H):
         cn[j] = f[j] * cb[j] + i[j] * g[j]
     for j in range(H):
@@ -326,7 +326,7 @@ def _batch_chunks(B):
 
 
 @njit(inline="always")
-def _lstm_steps_forward(gx, h0, c0, w_hh, h_all, c_all, reverse, b0, b1):
+def _lstm_steps_forward(gx, bias, h0, c0, w_hh, h_all, c_all, reverse, b0, b1):
     T, H = gx.shape[0], h0.shape[1]
     G = 4 * H
     for s in range(T):
@@ -338,7 +338,7 @@ def _lstm_steps_forward(gx, h0, c0, w_hh, h_all, c_all, reverse, b0, b1):
             h, c = h_all[tp], c_all[tp]
         mkl_gemm(1, 0, G, b1 - b0, H, w_hh, H, h[b0:], H, 1.0, gx[t, b0:], G)  # gx_t += h W_hh^T
         for b in range(b0, b1):
-            _lstm_forward_row_inplace(gx[t, b], c[b], h_all[t, b], c_all[t, b])
+            _lstm_forward_row_inplace(gx[t, b], bias, c[b], h_all[t, b], c_all[t, b])
 
 
 @njit(inline="always")
@@ -371,28 +371,67 @@ def _lstm_layer_forward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, reverse, T, h_n, c_n,
         bias += b_ih
     if b_hh.shape[0]:
         bias += b_hh
+    # gx = x W_ih^T, all steps (beta 0: the gate pass adds the bias, so nothing fills gx
+    # ahead of the GEMM)
     gx2 = gx.reshape((T * B, G))
-    for r in range(T * B):
-        gx2[r] = bias
-    mkl_gemm(1, 0, G, T * B, I, w_ih, I, x, I, 1.0, gx2, G)  # gx = bias + x W_ih^T, all steps
     if chunks > 1:
+        # the projection in blocks of rows on numba's threads too (MKL sequential): MKL's
+        # threads (torch's OpenMP) spinning after a GEMM of their own held a core the
+        # step blocks below wanted
         for k in prange(chunks):
             previous = mkl_set_num_threads_local(1)
-            _lstm_steps_forward(gx, h0, c0, w_hh, h_all, c_all, reverse, k * B // chunks, (k + 1) * B // chunks)
+            r0, r1 = k * T * B // chunks, (k + 1) * T * B // chunks
+            mkl_gemm(1, 0, G, r1 - r0, I, w_ih, I, x[r0:], I, 0.0, gx2[r0:], G)
+            mkl_set_num_threads_local(previous)
+        for k in prange(chunks):
+            previous = mkl_set_num_threads_local(1)
+            _lstm_steps_forward(gx, bias, h0, c0, w_hh, h_all, c_all, reverse, k * B // chunks,
+                                (k + 1) * B // chunks)
             mkl_set_num_threads_local(previous)
     else:
-        _lstm_steps_forward(gx, h0, c0, w_hh, h_all, c_all, reverse, 0, B)
+        mkl_gemm(1, 0, G, T * B, I, w_ih, I, x, I, 0.0, gx2, G)
+        _lstm_steps_forward(gx, bias, h0, c0, w_hh, h_all, c_all, reverse, 0, B)
     last = 0 if reverse else T - 1
     h_n[:] = h_all[last]
     c_n[:] = c_all[last]
     return h_all, c_all, gx
 
 
+@njit(inline="always")
+def _lstm_gradients_after_steps(dpre, h0, h_all, x, w_ih, dx, dw_ih, dw_hh, db, reverse, need_x, need_w, r0, r1,
+                                g0, g1):
+    """Rows r0:r1 of dx = dpre W_ih (need_x) and rows g0:g1 of dw_ih = dpre^T x, dw_hh =
+    sum_t dpre_t^T h_prev(t) and db (need_w), each one GEMM (two for dw_hh) over all steps."""
+    T, B, G = dpre.shape
+    H, I = h0.shape[1], x.shape[1]
+    dpre2 = dpre.reshape((T * B, G))
+    if need_x and r1 > r0:
+        mkl_gemm(0, 0, I, r1 - r0, G, w_ih, I, dpre2[r0:], G, 0.0, dx[r0:], I)
+    if need_w and g1 > g0:
+        n = g1 - g0
+        mkl_gemm(0, 1, I, n, T * B, x, I, dpre2[:, g0:], G, 0.0, dw_ih[g0:], I)
+        # dw_hh: the step that read h0, then the other T - 1 steps against the contiguous
+        # block of h_all they read
+        first = T - 1 if reverse else 0
+        mkl_gemm(0, 1, H, n, B, h0, H, dpre[first, :, g0:], G, 0.0, dw_hh[g0:], H)
+        if T > 1:
+            if reverse:
+                mkl_gemm(0, 1, H, n, (T - 1) * B, h_all[1], H, dpre[0, :, g0:], G, 1.0, dw_hh[g0:], H)
+            else:
+                mkl_gemm(0, 1, H, n, (T - 1) * B, h_all[0], H, dpre[1, :, g0:], G, 1.0, dw_hh[g0:], H)
+        for j in range(g0, g1):
+            db[j] = 0.0
+        for r in range(T * B):
+            for j in range(g0, g1):
+                db[j] += dpre2[r, j]
+
+
 @njit(**_LAYER_OPTIONS)
 def _lstm_layer_backward(dh_all, dh, dc, gates, h0, c0, h_all, c_all, w_hh, x, w_ih, reverse, need_x, need_w, chunks):
     """dh, dc (B, H): in, the final states' gradients; out, dh0 and dc0. -> (dx (T*B, I) =
     dpre W_ih if need_x, dw_ih, dw_hh, db if need_w; 0-size arrays where not needed);
-    chunks as in _lstm_layer_forward (the GEMMs over all steps stay whole, MKL-threaded)."""
+    chunks as in _lstm_layer_forward (with chunks > 1 the GEMMs over all steps also run
+    in blocks on numba's threads)."""
     T, B, G = gates.shape
     H = G // 4
     I = x.shape[1]
@@ -409,24 +448,16 @@ def _lstm_layer_backward(dh_all, dh, dc, gates, h0, c0, h_all, c_all, w_hh, x, w
     else:
         _lstm_steps_backward(dh_all, dh, dc, gates, c0, c_all, w_hh, dpre, reverse, 0, B)
     dpre2 = dpre.reshape((T * B, G))
-    if need_x:
-        mkl_gemm(0, 0, I, T * B, G, w_ih, I, dpre2, G, 0.0, dx, I)
-    if need_w:
-        mkl_gemm(0, 1, I, G, T * B, x, I, dpre2, G, 0.0, dw_ih, I)  # dw_ih = dpre^T x
-        # dw_hh = sum_t dpre_t^T h_prev(t): the step that read h0, then the other T - 1
-        # steps against the contiguous block of h_all they read.
-        first = T - 1 if reverse else 0
-        mkl_gemm(0, 1, H, G, B, h0, H, dpre[first], G, 0.0, dw_hh, H)
-        if T > 1:
-            if reverse:
-                mkl_gemm(0, 1, H, G, (T - 1) * B, h_all[1], H, dpre[0], G, 1.0, dw_hh, H)
-            else:
-                mkl_gemm(0, 1, H, G, (T - 1) * B, h_all[0], H, dpre[1], G, 1.0, dw_hh, H)
-        for j in range(G):
-            db[j] = 0.0
-        for r in range(T * B):
-            for j in range(G):
-                db[j] += dpre2[r, j]
+    if chunks > 1:  # rows of dx and rows of the weight gradients by block, as the forward
+        for k in prange(chunks):
+            previous = mkl_set_num_threads_local(1)
+            _lstm_gradients_after_steps(dpre, h0, h_all, x, w_ih, dx, dw_ih, dw_hh, db, reverse, need_x, need_w,
+                                        k * T * B // chunks, (k + 1) * T * B // chunks, k * n // chunks,
+                                        (k + 1) * n // chunks)
+            mkl_set_num_threads_local(previous)
+    else:
+        _lstm_gradients_after_steps(dpre, h0, h_all, x, w_ih, dx, dw_ih, dw_hh, db, reverse, need_x, need_w,
+                                    0, T * B, 0, n)
     return dx, dw_ih, dw_hh, db
 
 
