@@ -272,8 +272,8 @@ def _lstm_sequence_backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh, d
 # A whole LSTM layer in one numba call each way (lstm_layer_forward / _backward below): the
 # input projection is one GEMM over all T steps into a scratch gx, each step's recurrent GEMM
 # adds h_{t-1} W_hh^T into its slice of gx in place (beta 1), and the gate pass activates
-# that slice in place (gx becomes the saved gates). Backward carries dh / dc in place and forms every weight
-# gradient and dx as one GEMM over all steps. At T 32, B 8, H 64 a layer's own work is
+# that slice in place (gx becomes the saved gates). Backward carries dh / dc in place and
+# forms every weight gradient and dx as one GEMM over all steps. At T 32, B 8, H 64 a layer's own work is
 # ~0.35 ms, and the torch calls, custom-op dispatch and autograd nodes of the op-per-piece
 # form (projection, sequence op, output copies) cost as much again
 # (bench/results/lstm_cpu_issue14_session6.md).
@@ -375,9 +375,9 @@ def _lstm_layer_forward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, reverse, T, h_n, c_n,
     # ahead of the GEMM)
     gx2 = gx.reshape((T * B, G))
     if chunks > 1:
-        # the projection in blocks of rows on numba's threads too (MKL sequential): MKL's
-        # threads (torch's OpenMP) spinning after a GEMM of their own held a core the
-        # step blocks below wanted
+        # the projection in blocks of rows on numba's threads too (MKL sequential), so the
+        # layer's parallel work stays in one thread pool: after a threaded MKL GEMM, torch's
+        # OpenMP workers spin a while before they sleep, on the cores the step blocks want
         for k in prange(chunks):
             previous = mkl_set_num_threads_local(1)
             r0, r1 = k * T * B // chunks, (k + 1) * T * B // chunks
@@ -447,7 +447,6 @@ def _lstm_layer_backward(dh_all, dh, dc, gates, h0, c0, h_all, c_all, w_hh, x, w
             mkl_set_num_threads_local(previous)
     else:
         _lstm_steps_backward(dh_all, dh, dc, gates, c0, c_all, w_hh, dpre, reverse, 0, B)
-    dpre2 = dpre.reshape((T * B, G))
     if chunks > 1:  # rows of dx and rows of the weight gradients by block, as the forward
         for k in prange(chunks):
             previous = mkl_set_num_threads_local(1)
