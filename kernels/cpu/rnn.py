@@ -17,10 +17,10 @@ import math
 
 import numpy as np
 import torch
-from numba import njit, prange, types
+from numba import get_num_threads, njit, prange, types
 from numba.extending import overload
 
-from .blas import MKL_GEMM, PackedLinear, mkl_gemm
+from .blas import MKL_GEMM, MKL_THREADS, PackedLinear, mkl_gemm, mkl_set_num_threads_local
 from .fastmath import KERNEL_OPTIONS, exp, like
 
 # The gates' tanh. float64: math.tanh. float32: a rational minimax approximation (the one
@@ -271,51 +271,64 @@ def _lstm_sequence_backward(dh_all, dc_all, gates, h0, c0, h_all, c_all, w_hh, d
 
 # A whole LSTM layer in one numba call each way (lstm_layer_forward / _backward below): the
 # input projection is one GEMM over all T steps into a scratch gx, each step's recurrent GEMM
-# adds h_{t-1} W_hh^T into its slice of gx in place (beta 1), and the gate pass reads that
-# one pre-activation stream. Backward carries dh / dc in place and forms every weight
-# gradient and dx as one GEMM over all steps. At T 32, B 8, H 64 a layer's own work is
+# adds h_{t-1} W_hh^T into its slice of gx in place (beta 1), and the gate pass activates
+# that slice in place (gx becomes the saved gates). Backward carries dh / dc in place and
+# forms every weight gradient and dx as one GEMM over all steps. At T 32, B 8, H 64 a layer's own work is
 # ~0.35 ms, and the torch calls, custom-op dispatch and autograd nodes of the op-per-piece
 # form (projection, sequence op, output copies) cost as much again
 # (bench/results/lstm_cpu_issue14_session6.md).
 
 
 @njit(inline="always")
-def _lstm_forward_row_pre(p, cb, a, hn, cn):
-    """_lstm_forward_row with the pre-activations p = gx + h W_hh^T already summed."""
+def _lstm_forward_row_inplace(a, bias, cb, hn, cn):
+    """_lstm_forward_row with the pre-activations x W_ih^T + h W_hh^T already summed in a
+    (the bias (4H,) is added here), which the activated gates overwrite. In place, one
+    array read and written by the same index (LLVM sees one pointer and vectorizes): at
+    B 32, H 256 the 64 steps' gate passes took 1.8 ms against 2.4 ms reading gx and
+    writing a separate gates array, and the layer saves that array's 8 MB of allocation
+    and first-touch writes (bench/results/lstm_cpu_issue14_session7.md)."""
     H = cb.shape[0]
-    for j in range(2 * H):  # i, f, o: sigmoid; g: tanh
-        a[j] = _sigmoid(p[j])
-    for j in range(3 * H, 4 * H):
-        a[j] = _sigmoid(p[j])
     i, f, g, o = a[:H], a[H:2 * H], a[2 * H:3 * H], a[3 * H:]
+    for j in range(2 * H):  # i, f
+        a[j] = _sigmoid(a[j] + bias[j])
     for j in range(H):
-        g[j] = tanh(p[2 * H + j])
+        o[j] = _sigmoid(o[j] + bias[3 * H + j])
+    for j in range(H):
+        g[j] = tanh(g[j] + bias[2 * H + j])
     for j in range(H):
         cn[j] = f[j] * cb[j] + i[j] * g[j]
     for j in range(H):
         hn[j] = o[j] * tanh(cn[j])
 
 
-@njit(**_SEQUENCE_OPTIONS)
-def _lstm_layer_forward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, reverse, T, h_n, c_n):
-    """x (T*B, I) -> (h_all, c_all (T, B, H) in time order, gates (T, B, 4H)), allocated
-    here (a torch allocation and .numpy() per buffer cost ~3 us each); b_ih, b_hh (4H,) or
-    empty for none; h_n, c_n (B, H) get the final states (reverse: step T-1 runs first and
-    reads h0)."""
-    B, H = h0.shape
+# The step loop over a block of batch rows [b0, b1): the rows of a batch never meet in a
+# recurrence, so with more than one thread each worker runs the whole sequence over its own
+# rows (MKL sequential inside it) and the steps need no synchronisation at all. Threading
+# each step instead (MKL's threads for the 32 x 256 x 1024 GEMM, then the gate pass) ended
+# every step in a barrier and handed the cores between two OpenMP runtimes (torch's libgomp
+# for MKL, numba's own): at 2 threads, T64 B32 H256, the forward took 20.8 ms against
+# torch's 17.6 (bench/results/lstm_cpu_issue14_session7.md). A block has at least
+# _MIN_CHUNK_ROWS rows (the per-row GEMM rate falls with fewer); a batch too small for two
+# blocks, or one thread, runs the loop serially as before.
+_MIN_CHUNK_ROWS = 8
+# The layer kernels' options: only their explicit prange (the batch blocks) runs in
+# parallel; numba's conversion of array expressions and np.zeros into parallel loops stays
+# off (a parallel region for a (4H,) bias sum costs more than the sum).
+_LAYER_OPTIONS = dict(_SEQUENCE_OPTIONS, parallel=dict(prange=True, comprehension=False, setitem=False,
+                                                       reduction=False, numpy=False, stencil=False,
+                                                       fusion=False, inplace_binop=False))
+
+
+def _batch_chunks(B):
+    """How many blocks of rows the step loop runs in parallel (numba's thread count, read
+    here: numba.get_num_threads inside a kernel keeps it out of the on-disk cache)."""
+    return max(1, min(get_num_threads(), B // _MIN_CHUNK_ROWS))
+
+
+@njit(inline="always")
+def _lstm_steps_forward(gx, bias, h0, c0, w_hh, h_all, c_all, reverse, b0, b1):
+    T, H = gx.shape[0], h0.shape[1]
     G = 4 * H
-    h_all, c_all = np.empty((T, B, H), h0.dtype), np.empty((T, B, H), h0.dtype)
-    gates, gx = np.empty((T, B, G), h0.dtype), np.empty((T, B, G), h0.dtype)
-    I = x.shape[1]
-    bias = np.zeros(G, h0.dtype)
-    if b_ih.shape[0]:
-        bias += b_ih
-    if b_hh.shape[0]:
-        bias += b_hh
-    gx2 = gx.reshape((T * B, G))
-    for r in range(T * B):
-        gx2[r] = bias
-    mkl_gemm(1, 0, G, T * B, I, w_ih, I, x, I, 1.0, gx2, G)  # gx = bias + x W_ih^T, all steps
     for s in range(T):
         t = T - 1 - s if reverse else s
         if s == 0:
@@ -323,19 +336,102 @@ def _lstm_layer_forward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, reverse, T, h_n, c_n)
         else:
             tp = t + 1 if reverse else t - 1
             h, c = h_all[tp], c_all[tp]
-        mkl_gemm(1, 0, G, B, H, w_hh, H, h, H, 1.0, gx[t], G)  # gx_t += h W_hh^T
-        for b in range(B):
-            _lstm_forward_row_pre(gx[t, b], c[b], gates[t, b], h_all[t, b], c_all[t, b])
+        mkl_gemm(1, 0, G, b1 - b0, H, w_hh, H, h[b0:], H, 1.0, gx[t, b0:], G)  # gx_t += h W_hh^T
+        for b in range(b0, b1):
+            _lstm_forward_row_inplace(gx[t, b], bias, c[b], h_all[t, b], c_all[t, b])
+
+
+@njit(inline="always")
+def _lstm_steps_backward(dh_all, dh, dc, gates, c0, c_all, w_hh, dpre, reverse, b0, b1):
+    T, G = gates.shape[0], gates.shape[2]
+    H = G // 4
+    for s in range(T):
+        t = s if reverse else T - 1 - s
+        first = t == T - 1 if reverse else t == 0
+        c = c0 if first else (c_all[t + 1] if reverse else c_all[t - 1])
+        for b in range(b0, b1):
+            _lstm_backward_row(dh_all[t, b], dh_all[t, b], False, dh[b], gates[t, b], c[b], c_all[t, b], dpre[t, b], dc[b])
+        mkl_gemm(0, 0, H, b1 - b0, G, w_hh, H, dpre[t, b0:], G, 0.0, dh[b0:], H)  # dh = dpre_t W_hh (last: dh0)
+
+
+@njit(**_LAYER_OPTIONS)
+def _lstm_layer_forward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, reverse, T, h_n, c_n, chunks):
+    """x (T*B, I) -> (h_all, c_all (T, B, H) in time order, gates (T, B, 4H)), allocated
+    here (a torch allocation and .numpy() per buffer cost ~3 us each); the gates are the
+    pre-activation buffer gx, activated in place; b_ih, b_hh (4H,) or empty for none;
+    h_n, c_n (B, H) get the final states (reverse: step T-1 runs first and reads h0);
+    chunks: blocks of batch rows whose step loops run in parallel (_batch_chunks)."""
+    B, H = h0.shape
+    G = 4 * H
+    h_all, c_all = np.empty((T, B, H), h0.dtype), np.empty((T, B, H), h0.dtype)
+    gx = np.empty((T, B, G), h0.dtype)
+    I = x.shape[1]
+    bias = np.zeros(G, h0.dtype)
+    if b_ih.shape[0]:
+        bias += b_ih
+    if b_hh.shape[0]:
+        bias += b_hh
+    # gx = x W_ih^T, all steps (beta 0: the gate pass adds the bias, so nothing fills gx
+    # ahead of the GEMM)
+    gx2 = gx.reshape((T * B, G))
+    if chunks > 1:
+        # the projection in blocks of rows on numba's threads too (MKL sequential), so the
+        # layer's parallel work stays in one thread pool: after a threaded MKL GEMM, torch's
+        # OpenMP workers spin a while before they sleep, on the cores the step blocks want
+        for k in prange(chunks):
+            previous = mkl_set_num_threads_local(1)
+            r0, r1 = k * T * B // chunks, (k + 1) * T * B // chunks
+            mkl_gemm(1, 0, G, r1 - r0, I, w_ih, I, x[r0:], I, 0.0, gx2[r0:], G)
+            mkl_set_num_threads_local(previous)
+        for k in prange(chunks):
+            previous = mkl_set_num_threads_local(1)
+            _lstm_steps_forward(gx, bias, h0, c0, w_hh, h_all, c_all, reverse, k * B // chunks,
+                                (k + 1) * B // chunks)
+            mkl_set_num_threads_local(previous)
+    else:
+        mkl_gemm(1, 0, G, T * B, I, w_ih, I, x, I, 0.0, gx2, G)
+        _lstm_steps_forward(gx, bias, h0, c0, w_hh, h_all, c_all, reverse, 0, B)
     last = 0 if reverse else T - 1
     h_n[:] = h_all[last]
     c_n[:] = c_all[last]
-    return h_all, c_all, gates
+    return h_all, c_all, gx
 
 
-@njit(**_SEQUENCE_OPTIONS)
-def _lstm_layer_backward(dh_all, dh, dc, gates, h0, c0, h_all, c_all, w_hh, x, w_ih, reverse, need_x, need_w):
+@njit(inline="always")
+def _lstm_gradients_after_steps(dpre, h0, h_all, x, w_ih, dx, dw_ih, dw_hh, db, reverse, need_x, need_w, r0, r1,
+                                g0, g1):
+    """Rows r0:r1 of dx = dpre W_ih (need_x) and rows g0:g1 of dw_ih = dpre^T x, dw_hh =
+    sum_t dpre_t^T h_prev(t) and db (need_w), each one GEMM (two for dw_hh) over all steps."""
+    T, B, G = dpre.shape
+    H, I = h0.shape[1], x.shape[1]
+    dpre2 = dpre.reshape((T * B, G))
+    if need_x and r1 > r0:
+        mkl_gemm(0, 0, I, r1 - r0, G, w_ih, I, dpre2[r0:], G, 0.0, dx[r0:], I)
+    if need_w and g1 > g0:
+        n = g1 - g0
+        mkl_gemm(0, 1, I, n, T * B, x, I, dpre2[:, g0:], G, 0.0, dw_ih[g0:], I)
+        # dw_hh: the step that read h0, then the other T - 1 steps against the contiguous
+        # block of h_all they read
+        first = T - 1 if reverse else 0
+        mkl_gemm(0, 1, H, n, B, h0, H, dpre[first, :, g0:], G, 0.0, dw_hh[g0:], H)
+        if T > 1:
+            if reverse:
+                mkl_gemm(0, 1, H, n, (T - 1) * B, h_all[1], H, dpre[0, :, g0:], G, 1.0, dw_hh[g0:], H)
+            else:
+                mkl_gemm(0, 1, H, n, (T - 1) * B, h_all[0], H, dpre[1, :, g0:], G, 1.0, dw_hh[g0:], H)
+        for j in range(g0, g1):
+            db[j] = 0.0
+        for r in range(T * B):
+            for j in range(g0, g1):
+                db[j] += dpre2[r, j]
+
+
+@njit(**_LAYER_OPTIONS)
+def _lstm_layer_backward(dh_all, dh, dc, gates, h0, c0, h_all, c_all, w_hh, x, w_ih, reverse, need_x, need_w, chunks):
     """dh, dc (B, H): in, the final states' gradients; out, dh0 and dc0. -> (dx (T*B, I) =
-    dpre W_ih if need_x, dw_ih, dw_hh, db if need_w; 0-size arrays where not needed)."""
+    dpre W_ih if need_x, dw_ih, dw_hh, db if need_w; 0-size arrays where not needed);
+    chunks as in _lstm_layer_forward (with chunks > 1 the GEMMs over all steps also run
+    in blocks on numba's threads)."""
     T, B, G = gates.shape
     H = G // 4
     I = x.shape[1]
@@ -343,32 +439,24 @@ def _lstm_layer_backward(dh_all, dh, dc, gates, h0, c0, h_all, c_all, w_hh, x, w
     dx = np.empty((T * B if need_x else 0, I), gates.dtype)
     n = G if need_w else 0
     dw_ih, dw_hh, db = np.empty((n, I), gates.dtype), np.empty((n, H), gates.dtype), np.empty(n, gates.dtype)
-    for s in range(T):
-        t = s if reverse else T - 1 - s
-        first = t == T - 1 if reverse else t == 0
-        c = c0 if first else (c_all[t + 1] if reverse else c_all[t - 1])
-        for b in range(B):
-            _lstm_backward_row(dh_all[t, b], dh_all[t, b], False, dh[b], gates[t, b], c[b], c_all[t, b], dpre[t, b], dc[b])
-        mkl_gemm(0, 0, H, B, G, w_hh, H, dpre[t], G, 0.0, dh, H)  # dh = dpre_t W_hh (last: dh0)
-    dpre2 = dpre.reshape((T * B, G))
-    if need_x:
-        mkl_gemm(0, 0, I, T * B, G, w_ih, I, dpre2, G, 0.0, dx, I)
-    if need_w:
-        mkl_gemm(0, 1, I, G, T * B, x, I, dpre2, G, 0.0, dw_ih, I)  # dw_ih = dpre^T x
-        # dw_hh = sum_t dpre_t^T h_prev(t): the step that read h0, then the other T - 1
-        # steps against the contiguous block of h_all they read.
-        first = T - 1 if reverse else 0
-        mkl_gemm(0, 1, H, G, B, h0, H, dpre[first], G, 0.0, dw_hh, H)
-        if T > 1:
-            if reverse:
-                mkl_gemm(0, 1, H, G, (T - 1) * B, h_all[1], H, dpre[0], G, 1.0, dw_hh, H)
-            else:
-                mkl_gemm(0, 1, H, G, (T - 1) * B, h_all[0], H, dpre[1], G, 1.0, dw_hh, H)
-        for j in range(G):
-            db[j] = 0.0
-        for r in range(T * B):
-            for j in range(G):
-                db[j] += dpre2[r, j]
+    if chunks > 1:
+        for k in prange(chunks):
+            previous = mkl_set_num_threads_local(1)
+            _lstm_steps_backward(dh_all, dh, dc, gates, c0, c_all, w_hh, dpre, reverse, k * B // chunks,
+                                 (k + 1) * B // chunks)
+            mkl_set_num_threads_local(previous)
+    else:
+        _lstm_steps_backward(dh_all, dh, dc, gates, c0, c_all, w_hh, dpre, reverse, 0, B)
+    if chunks > 1:  # rows of dx and rows of the weight gradients by block, as the forward
+        for k in prange(chunks):
+            previous = mkl_set_num_threads_local(1)
+            _lstm_gradients_after_steps(dpre, h0, h_all, x, w_ih, dx, dw_ih, dw_hh, db, reverse, need_x, need_w,
+                                        k * T * B // chunks, (k + 1) * T * B // chunks, k * n // chunks,
+                                        (k + 1) * n // chunks)
+            mkl_set_num_threads_local(previous)
+    else:
+        _lstm_gradients_after_steps(dpre, h0, h_all, x, w_ih, dx, dw_ih, dw_hh, db, reverse, need_x, need_w,
+                                    0, T * B, 0, n)
     return dx, dw_ih, dw_hh, db
 
 
@@ -492,9 +580,10 @@ def rnn_sequence_backward(dh_all, h0, h_all, w_hh, relu):
 
 
 def lstm_layer_fits(x, h0, w_ih, w_hh) -> bool:
-    """Whether lstm_layer_forward / _backward run: the sequence kernels' conditions, x and
-    the state in the weights' dtype."""
-    return (x.dtype == h0.dtype and w_ih.dtype == w_hh.dtype and _fused(w_hh, x, h0)
+    """Whether lstm_layer_forward / _backward run: the sequence kernels' conditions, MKL's
+    per-thread thread count reachable (the batch-split step loop sets it), x and the state
+    in the weights' dtype."""
+    return (MKL_THREADS and x.dtype == h0.dtype and w_ih.dtype == w_hh.dtype and _fused(w_hh, x, h0)
             and 0 < x.shape[2] <= _INT32_MAX and x.shape[0] * x.shape[1] <= _INT32_MAX)
 
 
@@ -509,7 +598,8 @@ def lstm_layer_forward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, reverse, h_n=None, c_n
     h_all, c_all, gates = _lstm_layer_forward(x.numpy().reshape(T * B, I), w_ih.numpy(),
                                               none if b_ih is None else b_ih.numpy(),
                                               none if b_hh is None else b_hh.numpy(), h0.numpy(), c0.numpy(),
-                                              w_hh.numpy(), bool(reverse), T, h_n.numpy(), c_n.numpy())
+                                              w_hh.numpy(), bool(reverse), T, h_n.numpy(), c_n.numpy(),
+                                              _batch_chunks(B))
     return torch.from_numpy(h_all), torch.from_numpy(c_all), torch.from_numpy(gates), h_n, c_n
 
 
@@ -523,7 +613,8 @@ def lstm_layer_backward(dh_all, dh, dc, gates, h0, c0, h_all, c_all, w_hh, x, w_
     T, B, I = x.shape
     dx, dw_ih, dw_hh, db = _lstm_layer_backward(
         dh_all.numpy(), dh.numpy(), dc.numpy(), gates.numpy(), h0.numpy(), c0.numpy(), h_all.numpy(), c_all.numpy(),
-        w_hh.numpy(), x.numpy().reshape(T * B, I), w_ih.numpy(), bool(reverse), bool(need_x), bool(need_w))
+        w_hh.numpy(), x.numpy().reshape(T * B, I), w_ih.numpy(), bool(reverse), bool(need_x), bool(need_w),
+        _batch_chunks(B))
     dx = torch.from_numpy(dx).view(T, B, I) if need_x else None
     if not need_w:
         return dx, None, None, None

@@ -460,12 +460,18 @@ def test_highway_cell_needs_matching_sizes():
         kiln.nn.HighwayRNNCell(4, 5)
 
 
-def test_eager_cpu_lstm_layer_and_stack_gradcheck_and_gradgradcheck(monkeypatch):
+@pytest.mark.parametrize("blocks", ["serial", "one row per block"])
+def test_eager_cpu_lstm_layer_and_stack_gradcheck_and_gradgradcheck(monkeypatch, blocks):
     """The eager cpu forms (a layer in one numba call each way, kiln.nn.LSTM's unidirectional
     stack as one autograd node) run here, and their backward and double backward (which
     recomputes the layers in PyTorch ops) pass gradcheck and gradgradcheck, both
-    directions, with and without biases."""
+    directions, with and without biases; also with the step loop split into parallel
+    blocks of batch rows (what B >= 16 runs with two threads), here one row a block."""
+    import kiln.kernels.cpu.rnn as rnn_kernels
     import kiln.ops.rnn as rnn_ops
+
+    if blocks != "serial":
+        monkeypatch.setattr(rnn_kernels, "_batch_chunks", lambda B: B)
 
     calls = {"layer": 0, "stack": 0}
     layer, stack = rnn_ops._lstm_layer_cpu, rnn_ops._lstm_stack_cpu
