@@ -35,7 +35,7 @@ from ..activations import GELU, GELU_TANH, GELU_TANH_CUBIC, IDENTITY, INV_SQRT_2
 from ..activations import RELU, SIGMOID, SILU, SQRT_2_OVER_PI, TANH
 from .fastmath import exp, like, one_plus_erf, one_plus_erf_and_gauss, tanh
 from .memory import empty
-from .parallel import sized_kernel
+from .parallel import GRAIN, sized_kernel
 from .philox import key_of, keeps
 
 # A row block must be tall: each torch.mm call packs all of W again, so short blocks
@@ -264,8 +264,10 @@ def _dropout_args(p: float, seed: int, offset: int, threshold: int, dtype):
 
 
 def _product(x, weight, bias, out):
-    """out <- x W^T (+ bias): the bias rides in the BLAS call (addmm, beta = 1), as in torch's
-    F.linear, at no measurable cost over mm."""
+    """out <- x W^T (+ bias), out None: a new tensor. The bias rides in the BLAS call (addmm,
+    beta = 1), as in torch's F.linear, at no measurable cost over mm."""
+    if out is None:
+        return torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
     if bias is None:
         return torch.mm(x, weight.t(), out=out)
     return torch.addmm(bias, x, weight.t(), out=out)
@@ -278,10 +280,16 @@ def forward(x, weight, bias, activation: int, save_preact: bool, p: float = 0.0,
     the others, None unless save_preact."""
     M, N = x.shape[0], weight.shape[0]
     drop = _dropout_args(p, seed, offset, threshold, x.dtype)
-    out = empty((M, N), x.dtype)
+    out = empty((M, N), x.dtype) if M * N >= GRAIN else None  # small: the BLAS call allocates it
     if activation == IDENTITY and not drop[0] and not save_preact:
         # nothing for an epilogue to do: the BLAS call adds the bias itself
         return _product(x, weight, bias, out), None
+    if activation == RELU and not drop[0]:
+        # relu saves nothing without dropout, and torch's in-place relu is the same exact
+        # pass as the epilogue's at any size, less the numpy views and the numba call (~6 us
+        # of a small layer's ~15)
+        return torch.relu_(_product(x, weight, bias, out)), None
+    out = empty((M, N), x.dtype) if out is None else out
     save_after_act = save_preact and activation in (RELU, TANH, SIGMOID)
     preact = empty((M, N), x.dtype) if save_preact else None
     # z itself saved (gelu, gelu_tanh, silu): the product goes to preact and the epilogue
@@ -300,11 +308,24 @@ def forward(x, weight, bias, activation: int, save_preact: bool, p: float = 0.0,
     return out, preact
 
 
+def _small_backward(grad_out, x, weight, saved, activation: int, need_dx: bool, need_dw: bool, need_db: bool):
+    """backward for identity and relu without dropout below GRAIN elements, in torch's ops:
+    there the dz pass is microseconds and the numba path's fixed costs (numpy views of four
+    tensors, float64 db partial sums made, summed and cast back: ~25 us on the idle machine)
+    were most of a small layer's backward. relu's dz is exact either way (dy or 0), and db
+    sums at most GRAIN elements in the storage dtype, as torch's own linear does."""
+    dz = grad_out if activation == IDENTITY else torch.ops.aten.threshold_backward(grad_out, saved, 0)
+    return (torch.mm(dz, weight) if need_dx else None, torch.mm(dz.t(), x) if need_dw else None,
+            dz.sum(0) if need_db else None)
+
+
 def backward(grad_out, x, weight, saved, activation: int, need_dx: bool, need_dw: bool, need_db: bool,
              p: float = 0.0, seed: int = 0, offset: int = 0, threshold: int = 0):
     """(dx, dW, db) from dz = dy * dropout factor * act'(saved); None where not needed."""
     M, N = grad_out.shape
     drop = _dropout_args(p, seed, offset, threshold, grad_out.dtype)
+    if M * N < GRAIN and activation in (IDENTITY, RELU) and not drop[0]:
+        return _small_backward(grad_out, x, weight, saved, activation, need_dx, need_dw, need_db)
     dx = empty(x.shape, x.dtype) if need_dx else None
     db_parts = np.zeros((_DB_PARTS, N), np.float64)
     if activation == IDENTITY and not drop[0]:  # dz is dy: no pass writes it
