@@ -247,11 +247,15 @@ def _backward(ctx, grad_out, grad_preact):
     if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
         dx, dw, db = differentiable_backward(grad_out, x, weight, bias, ctx.activation,
                                              need_dx, need_dw, need_db, ctx.p, seed_offset)
+    elif _cpu_eager.direct(grad_out, x, weight, saved):
+        # grad mode is off here: where nothing could observe the dispatch, skip it (_cpu_eager),
+        # and the op's empty placeholders for the gradients not needed with it
+        return (*_implementation(x).backward(grad_out.contiguous(), x, weight, saved, CODE[ctx.activation],
+                                             need_dx, need_dw, need_db, *_dropout_args(ctx.p, seed_offset)),
+                None, None, None, None)
     else:
-        # grad mode is off here: where nothing could observe the dispatch, skip it (_cpu_eager)
-        backward = _backward_body if _cpu_eager.direct(grad_out, x, weight, saved) else _linear_act_backward
-        dx, dw, db = backward(grad_out.contiguous(), x, weight, saved, ctx.activation,
-                              need_dx, need_dw, need_db, ctx.p, seed_offset)
+        dx, dw, db = _linear_act_backward(grad_out.contiguous(), x, weight, saved, ctx.activation,
+                                          need_dx, need_dw, need_db, ctx.p, seed_offset)
     return (dx if need_dx else None, dw if need_dw else None, db if need_db else None,
             None, None, None, None)
 
