@@ -183,7 +183,8 @@ def _ce_soft_forward(x, q, weight, has_weight, smoothing, loss, row_max, row_log
 
 
 @sized_kernel(fastmath={"contract"})
-def _ce_soft_backward(grad_loss, x, q, weight, has_weight, row_max, row_logsum, smoothing, dx):
+def _ce_soft_backward(grad_loss, x, q, weight, has_weight, row_max, row_logsum, smoothing, dx, in_place):
+    """in_place: dx is x itself, written by a loop over x alone (see _ce_backward)."""
     n, c = x.shape
     keep, spread = 1.0 - smoothing, smoothing / c
     for i in prange(n):
@@ -194,9 +195,14 @@ def _ce_soft_backward(grad_loss, x, q, weight, has_weight, row_max, row_logsum, 
         g = grad_loss[i]
         m, logsum = row_max[i], row_logsum[i]
         p_scale = like(row[0], g * u_sum)
-        for j in range(c):
-            u = like(row[0], g * _soft_weight(qi, weight, has_weight, keep, spread, j))
-            out[j] = p_scale * exp((row[j] - m) - logsum) - u
+        if in_place:
+            for j in range(c):
+                u = like(row[0], g * _soft_weight(qi, weight, has_weight, keep, spread, j))
+                row[j] = p_scale * exp((row[j] - m) - logsum) - u
+        else:
+            for j in range(c):
+                u = like(row[0], g * _soft_weight(qi, weight, has_weight, keep, spread, j))
+                out[j] = p_scale * exp((row[j] - m) - logsum) - u
 
 
 def _stats_dtype(dtype):
@@ -256,5 +262,5 @@ def cross_entropy_soft_backward(grad_loss, logits, target, weight, row_max, row_
     dx = empty_like(logits) if out is None else out
     _ce_soft_backward(logits.numel(), grad_loss.to(row_max.dtype).numpy(), logits.numpy(), target.numpy(),
                       _weight_np(weight, logits), weight is not None, row_max.numpy(), row_logsum.numpy(),
-                      label_smoothing, dx.numpy())
+                      label_smoothing, dx.numpy(), dx.data_ptr() == logits.data_ptr())
     return dx
