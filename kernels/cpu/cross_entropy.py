@@ -118,7 +118,12 @@ def _ce_forward(x, target, weight, has_weight, ignore_index, smoothing, loss, ro
 
 
 @sized_kernel(fastmath={"contract"})
-def _ce_backward(grad_loss, x, target, weight, has_weight, row_max, row_logsum, ignore_index, smoothing, dx):
+def _ce_backward(grad_loss, x, target, weight, has_weight, row_max, row_logsum, ignore_index, smoothing, dx,
+                 in_place):
+    """in_place: dx is x itself. Then the loops read and write x alone: a loop storing to
+    dx[i] what it computed from x[i] vectorizes only behind LLVM's runtime check that the
+    two rows do not overlap, which fails when they are the same row, and it ran scalar (exp
+    too): linear_cross_entropy's 512 x 8192 dlogits took 21 ms against 2.8 ms."""
     n, c = x.shape
     w_sum = weight.sum() if has_weight else c
     for i in prange(n):
@@ -134,11 +139,18 @@ def _ce_backward(grad_loss, x, target, weight, has_weight, row_max, row_logsum, 
         soft = g * smoothing / c
         # dL/dx_c = hard (p_c - [c = t]) + soft (S_w p_c - w_c)
         p_scale = like(row[0], hard + soft * w_sum)
-        if has_weight:
+        soft_c = like(row[0], soft)
+        if in_place:
+            if has_weight:
+                for j in range(c):
+                    row[j] = p_scale * exp((row[j] - m) - logsum) - soft_c * weight[j]
+            else:
+                for j in range(c):
+                    row[j] = p_scale * exp((row[j] - m) - logsum) - soft_c
+        elif has_weight:
             for j in range(c):
-                out[j] = p_scale * exp((row[j] - m) - logsum) - like(row[0], soft) * weight[j]
+                out[j] = p_scale * exp((row[j] - m) - logsum) - soft_c * weight[j]
         else:
-            soft_c = like(row[0], soft)
             for j in range(c):
                 out[j] = p_scale * exp((row[j] - m) - logsum) - soft_c
         out[t] -= hard
@@ -171,7 +183,8 @@ def _ce_soft_forward(x, q, weight, has_weight, smoothing, loss, row_max, row_log
 
 
 @sized_kernel(fastmath={"contract"})
-def _ce_soft_backward(grad_loss, x, q, weight, has_weight, row_max, row_logsum, smoothing, dx):
+def _ce_soft_backward(grad_loss, x, q, weight, has_weight, row_max, row_logsum, smoothing, dx, in_place):
+    """in_place: dx is x itself, written by a loop over x alone (see _ce_backward)."""
     n, c = x.shape
     keep, spread = 1.0 - smoothing, smoothing / c
     for i in prange(n):
@@ -182,9 +195,14 @@ def _ce_soft_backward(grad_loss, x, q, weight, has_weight, row_max, row_logsum, 
         g = grad_loss[i]
         m, logsum = row_max[i], row_logsum[i]
         p_scale = like(row[0], g * u_sum)
-        for j in range(c):
-            u = like(row[0], g * _soft_weight(qi, weight, has_weight, keep, spread, j))
-            out[j] = p_scale * exp((row[j] - m) - logsum) - u
+        if in_place:
+            for j in range(c):
+                u = like(row[0], g * _soft_weight(qi, weight, has_weight, keep, spread, j))
+                row[j] = p_scale * exp((row[j] - m) - logsum) - u
+        else:
+            for j in range(c):
+                u = like(row[0], g * _soft_weight(qi, weight, has_weight, keep, spread, j))
+                out[j] = p_scale * exp((row[j] - m) - logsum) - u
 
 
 def _stats_dtype(dtype):
@@ -224,7 +242,7 @@ def cross_entropy_backward(grad_loss, logits, target, weight, row_max, row_logsu
     dx = empty_like(logits) if out is None else out
     _ce_backward(logits.numel(), grad_loss.to(row_max.dtype).numpy(), logits.numpy(), target.numpy(),
                  _weight_np(weight, logits), weight is not None, row_max.numpy(), row_logsum.numpy(),
-                 ignore_index, label_smoothing, dx.numpy())
+                 ignore_index, label_smoothing, dx.numpy(), dx.data_ptr() == logits.data_ptr())
     return dx
 
 
@@ -244,5 +262,5 @@ def cross_entropy_soft_backward(grad_loss, logits, target, weight, row_max, row_
     dx = empty_like(logits) if out is None else out
     _ce_soft_backward(logits.numel(), grad_loss.to(row_max.dtype).numpy(), logits.numpy(), target.numpy(),
                       _weight_np(weight, logits), weight is not None, row_max.numpy(), row_logsum.numpy(),
-                      label_smoothing, dx.numpy())
+                      label_smoothing, dx.numpy(), dx.data_ptr() == logits.data_ptr())
     return dx

@@ -29,12 +29,13 @@ float32 and float64; math accumulates in the storage dtype except db (float64).
 
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
 from ..activations import GELU, GELU_TANH, GELU_TANH_CUBIC, IDENTITY, INV_SQRT_2, INV_SQRT_2PI
 from ..activations import RELU, SIGMOID, SILU, SQRT_2_OVER_PI, TANH
 from .fastmath import exp, like, one_plus_erf, one_plus_erf_and_gauss, tanh
-from .parallel import sized_kernel
+from .memory import empty
+from .parallel import GRAIN, sized_kernel
 from .philox import key_of, keeps
 
 # A row block must be tall: each torch.mm call packs all of W again, so short blocks
@@ -60,7 +61,12 @@ def _sigmoid(z):
 
 @njit(inline="always")
 def _relu(z):
-    return z if z > 0 else z * 0  # z * 0 keeps z's type, and NaN
+    # z * 0 keeps NaN (like(): a bare 0 would make the float32 loop compute in float64). The
+    # + 0 makes the stored value differ from the loaded one for z > 0: in place, LLVM turns
+    # "store z back where z > 0" into a masked store (vmaskmovps), which AMD cores run at a
+    # fifth of a plain store's rate (1M float32: 0.50 ms against 0.09 ms).
+    zero = like(z, 0.0)
+    return (z if z > 0 else z * zero) + zero
 
 
 @njit(inline="always")
@@ -131,7 +137,7 @@ def _grad_row(dz, dy, s, code):
     n = dz.size
     if code == RELU:
         for j in range(n):
-            dz[j] = dy[j] if s[j] > 0 else dy[j] * 0
+            dz[j] = dy[j] if s[j] > 0 else dy[j] * like(dy[j], 0.0)
     elif code == TANH:
         for j in range(n):
             dz[j] = dy[j] * (like(s[j], 1.0) - s[j] * s[j])
@@ -154,49 +160,89 @@ def _grad_row(dz, dy, s, code):
 @njit(inline="always")
 def _dropout_row(row, first, k0, k1, threshold, scale):
     """row[j] *= scale or 0, the keep bit of counter first + j; a dropped NaN stays NaN."""
-    zero = scale * 0
+    zero = scale * like(scale, 0.0)
     for j in range(row.size):
         row[j] *= scale if keeps(k0, k1, first + np.uint64(j), threshold) else zero
 
 
-@sized_kernel(fastmath={"contract"})
-def _epilogue(y, bias, has_bias, preact, save_preact, save_after_act, code,
-              drop, row0, k0, k1, offset, threshold, scale):
-    """In place on one block (rows row0.. of the output): y <- act(y + bias), then times
-    the dropout factor when drop; preact <- y + bias (or act(y + bias) when
-    save_after_act) when asked.
+@njit(inline="always")
+def _act_row_from(dst, src, code):
+    """dst <- act(src) for two distinct rows (gelu, gelu_tanh, silu, whose z is kept): a
+    loop reading and writing one row does not vectorize when the two might alias (LLVM's
+    runtime overlap check fails for the very same row and it runs the scalar loop), so the
+    in-place form is _act_row."""
+    n = dst.size
+    if code == GELU:
+        for j in range(n):
+            dst[j] = _gelu(src[j])
+    elif code == GELU_TANH:
+        for j in range(n):
+            dst[j] = _gelu_tanh(src[j])
+    elif code == SILU:
+        for j in range(n):
+            dst[j] = _silu(src[j])
+    else:
+        dst[:] = src
+        _act_row(dst, code)
 
-    One loop per step over a row that sits in L1: branch-free inner loops vectorize,
-    where one loop storing to both y and preact would not (they might alias).
+
+@sized_kernel(fastmath={"contract"})
+def _epilogue(y, z, from_z, after_act, save_after_act, code, drop, row0, k0, k1, offset, threshold, scale,
+              one_thread):
+    """On one block (rows row0.. of the output), whose product (bias included) is in z when
+    from_z, else in y itself: y <- act(product), then times the dropout factor when drop;
+    after_act <- act(product) before dropout when save_after_act.
+
+    One loop per step over a row that sits in L1: branch-free inner loops vectorize. With
+    one thread (one_thread: numba's count, read by the caller: asking for it in here keeps the
+    kernel out of numba's cache) and nothing but the activation to do, one loop over the
+    whole block instead:
+    LLVM compiles gelu's loop nested in a loop over rows (or chunks) with its constants
+    reloaded each iteration, 1M float32 in 0.70 ms against 0.50 ms as a single loop.
     """
     rows, cols = y.shape
+    if not drop and not save_after_act and one_thread:
+        if from_z:
+            _act_row_from(y.reshape(y.size), z.reshape(z.size), code)
+        else:
+            _act_row(y.reshape(y.size), code)
+        return
     for i in prange(rows):
         row = y[i]
-        if has_bias:
-            for j in range(cols):
-                row[j] += bias[j]
-        if save_preact and not save_after_act:
-            preact[i, :] = row
-        _act_row(row, code)
-        if save_preact and save_after_act:
-            preact[i, :] = row
+        if from_z:
+            _act_row_from(row, z[i], code)
+        else:
+            _act_row(row, code)
+        if save_after_act:
+            after_act[i, :] = row
         if drop:
             _dropout_row(row, offset + np.uint64((row0 + i) * cols), k0, k1, threshold, scale)
 
 
 @sized_kernel(fastmath={"contract"})
-def _grad_preact(dy, saved, has_saved, dz, db_parts, code, drop, row0, k0, k1, offset, threshold, scale):
+def _grad_preact(dy, saved, has_saved, dz, db_parts, code, drop, row0, k0, k1, offset, threshold, scale,
+                 one_thread):
     """dz = dy * act'(saved) (times forward's dropout factor when drop) for one block,
     rows row0.. of the output; db_parts[p] += column sums of part p's rows.
 
     The rows split into a fixed number of parts (not one per thread), each summed in
     order into its own float64 row of db_parts: the result does not depend on the
     thread count or schedule. Whole rows per thread stream through memory; column
-    chunks per thread ran at half the speed.
+    chunks per thread ran at half the speed. With one thread and no dropout, dz is one loop
+    over the whole block first (as _epilogue's, for the same reason) and the parts then sum it.
     """
     rows, cols = dy.shape
     parts = db_parts.shape[0]
     per_part = (rows + parts - 1) // parts
+    if one_thread and has_saved and not drop:
+        _grad_row(dz.reshape(dz.size), dy.reshape(dy.size), saved.reshape(saved.size), code)
+        for p in range(parts):
+            col_sum = db_parts[p]
+            for i in range(p * per_part, min(rows, (p + 1) * per_part)):
+                dz_row = dz[i]
+                for j in range(cols):
+                    col_sum[j] += dz_row[j]
+        return
     for p in prange(parts):
         col_sum = db_parts[p]
         for i in range(p * per_part, min(rows, (p + 1) * per_part)):
@@ -227,6 +273,10 @@ _NO_DROPOUT = {dtype: (False, *key_of(0), np.uint64(0), np.uint64(0), np.dtype(n
                for dtype, name in ((torch.float32, "float32"), (torch.float64, "float64"))}
 
 
+# a stand-in for an array a kernel is passed but does not read
+_DUMMY = {torch.float32: np.zeros((1, 1), np.float32), torch.float64: np.zeros((1, 1), np.float64)}
+
+
 def _dropout_args(p: float, seed: int, offset: int, threshold: int, dtype):
     """(drop, k0, k1, offset, threshold, scale) as the kernels take them."""
     if p == 0 and dtype in _NO_DROPOUT:  # the common case, without the per-call conversions
@@ -236,6 +286,16 @@ def _dropout_args(p: float, seed: int, offset: int, threshold: int, dtype):
     return p > 0, k0, k1, np.uint64(offset), np.uint64(threshold), scale
 
 
+def _product(x, weight, bias, out):
+    """out <- x W^T (+ bias), out None: a new tensor. The bias rides in the BLAS call (addmm,
+    beta = 1), as in torch's F.linear, at no measurable cost over mm."""
+    if out is None:
+        return torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    if bias is None:
+        return torch.mm(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)
+
+
 def forward(x, weight, bias, activation: int, save_preact: bool, p: float = 0.0, seed: int = 0,
             offset: int = 0, threshold: int = 0):
     """y = act(x W^T + b) (dropped out when p > 0: element (i, j) by counter offset + i N + j).
@@ -243,22 +303,43 @@ def forward(x, weight, bias, activation: int, save_preact: bool, p: float = 0.0,
     the others, None unless save_preact."""
     M, N = x.shape[0], weight.shape[0]
     drop = _dropout_args(p, seed, offset, threshold, x.dtype)
+    out = empty((M, N), x.dtype) if M * N >= GRAIN else None  # small: the BLAS call allocates it
     if activation == IDENTITY and not drop[0] and not save_preact:
-        # nothing for an epilogue to do but the bias, which the BLAS call adds itself
-        return (torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())), None
-    save_after_act = activation in (RELU, TANH, SIGMOID)
-    preact = torch.empty((M, N), dtype=x.dtype) if save_preact else None
-    dummy = x.new_empty((1, 1)).numpy()
-    out, add_bias = torch.empty((M, N), dtype=x.dtype), bias is not None
-    bias_np = bias.numpy() if add_bias else dummy[0]
+        # nothing for an epilogue to do: the BLAS call adds the bias itself
+        return _product(x, weight, bias, out), None
+    if activation == RELU and not drop[0]:
+        # relu saves nothing without dropout, and torch's in-place relu is the same exact
+        # pass as the epilogue's at any size, less the numpy views and the numba call (~6 us
+        # of a small layer's ~15)
+        return torch.relu_(_product(x, weight, bias, out)), None
+    out = empty((M, N), x.dtype) if out is None else out
+    save_after_act = save_preact and activation in (RELU, TANH, SIGMOID)
+    preact = empty((M, N), x.dtype) if save_preact else None
+    # z itself saved (gelu, gelu_tanh, silu): the product goes to preact and the epilogue
+    # reads it from there, else it goes to y and the epilogue works in place
+    from_z = save_preact and not save_after_act
+    product = preact if from_z else out
+    dummy = _DUMMY[x.dtype] if x.dtype in _DUMMY else x.new_empty((1, 1)).numpy()
     step = _rows_per_block(N, x.element_size())
     for r0 in range(0, M, step):
         r1 = min(M, r0 + step)
-        block = out[r0:r1]
-        torch.mm(x[r0:r1], weight.t(), out=block)
-        _epilogue(block.numel(), block.numpy(), bias_np, add_bias, preact[r0:r1].numpy() if save_preact else dummy,
-                  save_preact, save_after_act, activation, drop[0], r0, *drop[1:])
+        block = out[r0:r1] if r0 or r1 < M else out
+        _product(x[r0:r1], weight, bias, product[r0:r1] if from_z else block)
+        _epilogue(block.numel(), block.numpy(), preact[r0:r1].numpy() if save_preact else dummy, from_z,
+                  preact[r0:r1].numpy() if save_after_act else dummy, save_after_act, activation,
+                  drop[0], r0, *drop[1:], get_num_threads() == 1)
     return out, preact
+
+
+def _small_backward(grad_out, x, weight, saved, activation: int, need_dx: bool, need_dw: bool, need_db: bool):
+    """backward for identity and relu without dropout below GRAIN elements, in torch's ops:
+    there the dz pass is microseconds and the numba path's fixed costs (numpy views of four
+    tensors, float64 db partial sums made, summed and cast back: ~25 us on the idle machine)
+    were most of a small layer's backward. relu's dz is exact either way (dy or 0), and db
+    sums at most GRAIN elements in the storage dtype, as torch's own linear does."""
+    dz = grad_out if activation == IDENTITY else torch.ops.aten.threshold_backward(grad_out, saved, 0)
+    return (torch.mm(dz, weight) if need_dx else None, torch.mm(dz.t(), x) if need_dw else None,
+            dz.sum(0) if need_db else None)
 
 
 def backward(grad_out, x, weight, saved, activation: int, need_dx: bool, need_dw: bool, need_db: bool,
@@ -266,7 +347,9 @@ def backward(grad_out, x, weight, saved, activation: int, need_dx: bool, need_dw
     """(dx, dW, db) from dz = dy * dropout factor * act'(saved); None where not needed."""
     M, N = grad_out.shape
     drop = _dropout_args(p, seed, offset, threshold, grad_out.dtype)
-    dx = torch.empty_like(x) if need_dx else None
+    if M * N < GRAIN and activation in (IDENTITY, RELU) and not drop[0]:
+        return _small_backward(grad_out, x, weight, saved, activation, need_dx, need_dw, need_db)
+    dx = empty(x.shape, x.dtype) if need_dx else None
     db_parts = np.zeros((_DB_PARTS, N), np.float64)
     if activation == IDENTITY and not drop[0]:  # dz is dy: no pass writes it
         if need_db:
@@ -276,14 +359,15 @@ def backward(grad_out, x, weight, saved, activation: int, need_dx: bool, need_dw
         dw = torch.mm(grad_out.t(), x) if need_dw else None
         db = torch.from_numpy(db_parts.sum(0)).to(grad_out.dtype) if need_db else None
         return dx, dw, db
-    dz = torch.empty_like(grad_out)
+    dz = empty(grad_out.shape, grad_out.dtype)  # pooled: the same (M, N) scratch every step
     saved_np = saved.numpy() if saved is not None else grad_out.new_empty((1, 1)).numpy()
     step = _rows_per_block(N, grad_out.element_size())
     for r0 in range(0, M, step):
         r1 = min(M, r0 + step)
         dz_block = dz[r0:r1]
         _grad_preact(dz_block.numel(), grad_out[r0:r1].numpy(), saved_np[r0:r1] if saved is not None else saved_np,
-                     saved is not None, dz_block.numpy(), db_parts, activation, drop[0], r0, *drop[1:])
+                     saved is not None, dz_block.numpy(), db_parts, activation, drop[0], r0, *drop[1:],
+                     get_num_threads() == 1)
         if need_dx:
             torch.mm(dz_block, weight, out=dx[r0:r1])
     dw = torch.mm(dz.t(), x) if need_dw else None

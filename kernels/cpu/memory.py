@@ -92,6 +92,7 @@ def _mapping(size: int):
             if old is not buf and _is_free(old):
                 idle += len(old)
                 if idle > POOL_IDLE_BYTES:
+                    _START.pop(id(old), None)
                     _pool.remove(old)
         return buf
 
@@ -99,20 +100,43 @@ def _mapping(size: int):
 def release() -> None:
     """Unmap the pooled mappings no tensor uses."""
     with _pool_lock:
-        _pool[:] = [buf for buf in _pool if not _is_free(buf)]
+        kept = [buf for buf in _pool if not _is_free(buf)]
+        for key in {id(buf) for buf in _pool} - {id(buf) for buf in kept}:
+            _START.pop(key, None)
+        _pool[:] = kept
+
+
+_ITEMSIZE: dict = {}  # dtype -> bytes per element (torch.dtype.itemsize is torch >= 2.1)
+_START: dict = {}  # id(mapping) -> byte offset of its first 2 MiB boundary (a pooled mapping's is fixed)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    size = _ITEMSIZE.get(dtype)
+    if size is None:
+        size = _ITEMSIZE[dtype] = torch.empty((), dtype=dtype).element_size()
+    return size
+
+
+def _aligned_offset(buf) -> int:
+    return -np.frombuffer(buf, np.uint8, count=1).ctypes.data % HUGE_PAGE
 
 
 def empty(shape, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized contiguous CPU tensor; large ones on 2 MiB pages."""
-    shape = tuple(shape)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if not _HAS_HUGE_PAGES or nbytes < HUGE_MIN_BYTES:
+    count = math.prod(shape)
+    if not _HAS_HUGE_PAGES or count * _itemsize(dtype) < HUGE_MIN_BYTES:
         return torch.empty(shape, dtype=dtype)
     # Whole huge pages and one spare to align the start; the tensor keeps the mapping alive
     # and munmap runs when the last view of it is freed (and the pool lets go of it).
-    buf = _mapping(-(-nbytes // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE)
-    offset = -np.frombuffer(buf, np.uint8, count=1).ctypes.data % HUGE_PAGE
-    return torch.frombuffer(buf, dtype=dtype, count=math.prod(shape), offset=offset).view(shape)
+    size = -(-count * _itemsize(dtype) // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE
+    buf = _mapping(size)
+    if size > POOL_MAX_BYTES:
+        offset = _aligned_offset(buf)
+    else:  # pooled, so alive while _START holds its id (ids of freed mappings are removed)
+        offset = _START.get(id(buf))
+        if offset is None:
+            offset = _START[id(buf)] = _aligned_offset(buf)
+    return torch.frombuffer(buf, dtype=dtype, count=count, offset=offset).view(shape)
 
 
 def empty_like(t: torch.Tensor) -> torch.Tensor:

@@ -61,6 +61,14 @@ from .linear_act import linear_act
 CHUNK_ELEMENTS = 1 << 24
 
 
+def _cpu_empty(shape, dtype: torch.dtype) -> Tensor:
+    """kernels/cpu/memory.py's pooled buffer (imported on use: the ops import no CPU kernel
+    module up front)."""
+    from kiln.kernels.cpu.memory import empty
+
+    return empty(shape, dtype)
+
+
 class _ChunkLogits:
     """logits(r0, r1) = input[r0:r1] @ W^T + b, a new tensor: MKL on CPU (oneDNN with W packed,
     used here before, measured no faster at chunk shapes such as 512 x 1024 x 32000 and slower
@@ -71,6 +79,11 @@ class _ChunkLogits:
 
     def __call__(self, r0, r1):
         h = self.hidden[r0:r1]
+        if h.device.type == "cpu":  # a pooled buffer: a fresh 4 KiB-page one faults in every chunk
+            out = _cpu_empty((h.shape[0], self.weight.shape[0]), h.dtype)
+            if self.bias is None:
+                return torch.mm(h, self.weight.t(), out=out)
+            return torch.addmm(self.bias, h, self.weight.t(), out=out)
         return torch.mm(h, self.weight.t()) if self.bias is None else torch.addmm(self.bias, h, self.weight.t())
 
 
@@ -102,8 +115,12 @@ def _chunk_gradients(kernels, chunk_logits, grad_loss, hidden, linear_weight, ta
     N = hidden.shape[0]
     acc = _stats_dtype(hidden.dtype)
     total = torch.zeros((), dtype=acc, device=hidden.device)
-    dh = torch.empty_like(hidden) if need_dh else hidden.new_empty(0)
-    dw = torch.zeros(linear_weight.shape, dtype=acc, device=linear_weight.device) if need_dw else None
+    on_cpu = hidden.device.type == "cpu"
+    dh = (_cpu_empty(hidden.shape, hidden.dtype) if on_cpu else torch.empty_like(hidden)) if need_dh \
+        else hidden.new_empty(0)
+    # dW: the first chunk's product is written (no zero fill of a V x H buffer first), the
+    # others are added to it
+    dw = None
     db = torch.zeros(linear_weight.shape[0], dtype=acc, device=linear_weight.device) if need_db else None
     for r0 in range(0, N, chunk_rows):
         r1 = min(N, r0 + chunk_rows)
@@ -119,9 +136,15 @@ def _chunk_gradients(kernels, chunk_logits, grad_loss, hidden, linear_weight, ta
         if need_dh:
             torch.mm(dlogits, linear_weight, out=dh[r0:r1])
         if need_dw:
-            dw.addmm_(dlogits.t().to(acc), hidden[r0:r1].to(acc))
+            if dw is None:
+                dw = torch.mm(dlogits.t().to(acc), hidden[r0:r1].to(acc),
+                              out=_cpu_empty(linear_weight.shape, acc) if on_cpu else None)
+            else:
+                dw.addmm_(dlogits.t().to(acc), hidden[r0:r1].to(acc))
         if need_db:
             db += dlogits.sum(0, dtype=acc)
+    if need_dw and dw is None:  # no rows
+        dw = torch.zeros(linear_weight.shape, dtype=acc, device=linear_weight.device)
     return (total, dh, dw.to(linear_weight.dtype) if need_dw else hidden.new_empty(0),
             db.to(linear_weight.dtype) if need_db else hidden.new_empty(0))
 
