@@ -490,6 +490,8 @@ def backward(do, q, k, v, o, lse, causal: bool, key_padding_mask, scale: float, 
                     delta.numpy(), dq.numpy(), dk.numpy(), dv.numpy(), bool(causal), mask, has_mask, float(scale), Hq,
                     Hq // Hkv, *_fused_blocks())
     group = Hq // Hkv
+    if group == 1:  # no GQA group to sum: a view, not the copy .sum(2) makes
+        return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
     dk = dk.reshape(B, Hkv, group, Tk, D).sum(2)
     dv = dv.reshape(B, Hkv, group, Tk, D).sum(2)
     return dq.reshape(q.shape), dk, dv
