@@ -27,7 +27,7 @@ def _apply(src, dst, mask, mask_use, k0, k1, offset, threshold, scale):
     """dst = src * keep * scale. The keep bits come from Philox, and are also written to mask
     when mask_use is _MASK_WRITE, or come from mask when it is _MASK_READ (no Philox)."""
     n = src.size
-    zero = scale * 0
+    zero = scale - scale  # scale's float type: scale * 0 would be float64, and so every product
     for c in prange((n + _CHUNK - 1) // _CHUNK):
         start = c * _CHUNK
         stop = min(n, start + _CHUNK)
