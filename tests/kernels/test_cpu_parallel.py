@@ -27,8 +27,11 @@ def test_serial_and_parallel_builds_agree_bit_for_bit(dtype):
     dy, z = (rng.standard_normal((301, 77)).astype(dtype) for _ in range(2))
     drop = (False, np.uint64(0), np.uint64(0), np.uint64(0), np.uint64(0), dtype(1.0))
     results = []
-    for build in (linear_act._grad_preact.serial, linear_act._grad_preact.parallel):
+    # one_thread: the single-thread form (one loop over the block, then the parts) gives the same bits too
+    for build, one_thread in ((linear_act._grad_preact.serial, True), (linear_act._grad_preact.serial, False),
+                              (linear_act._grad_preact.parallel, False)):
         dz, parts = np.empty_like(dy), np.zeros((8, 77))
-        build(dy, z, True, dz, parts, GELU, *drop[:1], 0, *drop[1:])
+        build(dy, z, True, dz, parts, GELU, *drop[:1], 0, *drop[1:], one_thread)
         results.append((dz, parts))
-    assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
+    for dz, parts in results[1:]:
+        assert np.array_equal(results[0][0], dz) and np.array_equal(results[0][1], parts)
