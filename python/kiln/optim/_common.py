@@ -97,9 +97,11 @@ def _no_step_hooks(optimizer) -> bool:
     """Whether torch's Optimizer.step wrapper would do nothing observable: no step hooks
     (global or the optimizer's), no profiler to name the step (record_function), not
     compiling (dynamo traces the wrapper as torch's own optimizers have it)."""
-    return (not (_global_pre_hooks or _global_post_hooks or optimizer._optimizer_step_pre_hooks
-                 or optimizer._optimizer_step_post_hooks)
-            and not torch._C._autograd._profiler_enabled() and not torch.compiler.is_compiling())
+    # is_compiling first: dynamo folds it to True and must not trace the C calls after it
+    return (not torch.compiler.is_compiling()
+            and not (_global_pre_hooks or _global_post_hooks or optimizer._optimizer_step_pre_hooks
+                     or optimizer._optimizer_step_post_hooks)
+            and not torch._C._autograd._profiler_enabled())
 
 
 class FusedOptimizer(Optimizer):
@@ -128,10 +130,11 @@ class FusedOptimizer(Optimizer):
                 loss = closure()
         grad_enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)  # torch.no_grad() as a decorator costs ~3 us a step
+        planned = not torch.compiler.is_compiling()  # (a plan's checks are C calls dynamo must not trace)
         try:
             for index, group in enumerate(self.param_groups):
                 check_flags(self._name, group)
-                if not self._step_planned(group, index):
+                if not (planned and self._step_planned(group, index)):
                     self._step_group(group, params_with_grad(self._name, group), index)
         finally:
             torch._C._set_grad_enabled(grad_enabled)
