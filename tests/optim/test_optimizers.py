@@ -572,3 +572,24 @@ def test_step_hooks_and_profiler_see_every_step(name):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             _run(opt, params, 1, start=6)
     assert any(e.name == f"Optimizer.step#{name}.step" for e in prof.events())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mutate", [_drop_a_grad, _repoint_state_data, _new_state_dict_object],
+                         ids=["drop-grad", "repoint-state-data", "new-state-dict-object"])
+@pytest.mark.parametrize("case", _PLANNED[::2], ids=_ids)
+def test_gpu_quick_plan_check_follows_changes(case, mutate):
+    """On CUDA the plan's quick check runs as on the CPU (the step then takes the op layer's
+    lists): the same changes between steps are noticed."""
+    name, kw = case
+    kparams = [p.detach().cuda().requires_grad_() for p in _params(torch.float64)]
+    tparams = [p.detach().clone().requires_grad_() for p in kparams]
+    kopt, topt = getattr(kiln.optim, name)(kparams, **kw), getattr(torch.optim, name)(tparams, **kw)
+    for step in range(8):
+        for opt, params in ((kopt, kparams), (topt, tparams)):
+            for p, g in zip(params, _grads(params, step)):
+                p.grad = g.to(p.device)  # (_grads draws on the CPU)
+            if step == 4:
+                mutate(opt, params)
+            opt.step()
+    _assert_close(kparams, tparams, kopt, topt, 1e-12)  # both on CUDA
