@@ -319,7 +319,8 @@ class StepPlan:
         (sizes need no check there: the plan holds their storages, so memory at those addresses
         is theirs; a parameter resized in place gets gradients of its new size, which fail
         below), and every gradient a plain contiguous tensor of its parameter's dtype and size.
-        ~0.06 ms at 200 parameters with momentum buffers, against ~0.3 ms for the full path."""
+        At 200 parameters with momentum buffers, 1 thread on the loaded 2-core VM: ~0.11 ms, where
+        the full path's checks and lists took ~0.6 ms."""
         params = group["params"]
         if (group is not self.group or not self.whole_group or len(params) != len(self.params)
                 or not all(map(is_, params, self.params))):
