@@ -229,6 +229,44 @@ def _tables(lists, scalars=()):
     return found
 
 
+class PlanTable:
+    """A multi-tensor table that a caller keeps from call to call (kiln.optim's step plans):
+    list 1's row (the gradients) is written before each call, every other row is fixed.
+    The caller guarantees that the tensors of the fixed rows still live at these addresses
+    (and keeps their storages alive), and that each gradient fits its row."""
+
+    __slots__ = ("args", "grad_row", "like", "tensors")
+
+    def __init__(self, lists):
+        table = multi_tensor.build(lists, CHUNK)
+        addresses = table.addresses.numpy()
+        self.args = (addresses, table.sizes.numpy(), table.chunk_of.numpy(), table.chunk_at.numpy(), table.chunk)
+        self.grad_row = addresses[1]
+        self.like = _like(lists[0][0])
+        self.tensors = table.tensors
+
+    def set_grads(self, addresses) -> None:
+        """This call's gradient addresses (a list of ints, one per tensor)."""
+        self.grad_row[:] = addresses
+
+
+def sgd_step_table(table: PlanTable, lr, weight_decay, momentum, dampening, nesterov, maximize, first_step):
+    """sgd_step on a PlanTable whose gradient row is set (lists: params, grads[, buffers])."""
+    like = table.like
+    _sgd(*table.args, _consts(like, lr, weight_decay, momentum, 1 - dampening), nesterov, maximize, momentum != 0,
+         first_step, like)
+
+
+def adam_step_table(table: PlanTable, step_sizes, bc2_sqrts, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                    decoupled_weight_decay):
+    """adam_step on a PlanTable whose gradient row is set (lists: params, grads, exp_avgs,
+    exp_avg_sqs[, max_exp_avg_sqs]); step_sizes, bc2_sqrts: float64 arrays, one per tensor."""
+    like = table.like
+    _adam(*table.args, (step_sizes * bc2_sqrts).astype(like.dtype), (eps * bc2_sqrts).astype(like.dtype),
+          _consts(like, beta2, eps, weight_decay, 1 - beta1, 1 - beta2, 1 - lr * weight_decay), amsgrad, maximize,
+          decoupled_weight_decay, like)
+
+
 def sgd_step(params, grads, momentum_buffers, lr, weight_decay, momentum, dampening, nesterov, maximize,
              first_step):
     like = _like(params[0])

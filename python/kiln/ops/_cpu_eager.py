@@ -70,6 +70,15 @@ def bump_versions(lists) -> None:
             torch.autograd.graph.increment_version(t)
 
 
+def bump_versions_of(tensors: list) -> None:
+    """bump_versions of one list, without copying it (a cached list of an optimizer plan)."""
+    try:
+        _C._increment_version(tensors)
+    except TypeError:  # an older torch: one tensor a call
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
+
+
 def autograd_op(op, backward, setup_context):
     """Register ``backward`` / ``setup_context`` as the autograd formula of the custom op ``op``
     (mutating nothing) and return the function callers use in its place: the same

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -451,6 +452,76 @@ def sgd_step_checked(params: list[Tensor], grads: list[Tensor], momentum_buffers
     _cpu_eager.bump_versions((params, buffers))
     _implementation("sgd_step", params[0])(params, grads, buffers, lr, weight_decay, momentum, dampening, nesterov,
                                            maximize, first_step)
+
+
+# ---------------------------------------------------------------------------------------
+# Steps on a plan's own table: kiln.optim's plans check each step that their parameters and
+# state still live where the table says (and keep those storages alive), so only the
+# gradients' addresses are new; the numba kernel then runs on the table as it stands
+# (reading 600 addresses and building the table's key cost more than a 200-tensor step's
+# other host work together). Any call the table cannot take goes through *_checked.
+
+
+def step_table(lists: list[list[Tensor]]):
+    """A table for a plan's eager CPU steps over these lists (params, grads, state lists:
+    checked, non-empty, contiguous, of one dtype), or None where the cpu backend cannot run
+    them (another device or dtype, numba missing). The grads' row is written by each step."""
+    first = lists[0][0]
+    if backend.unavailable_reason("cpu", first.device, first.dtype, DTYPES["cpu"]) is not None:
+        return None
+    return backend.kernels("cpu", _KERNEL_MODULES, _REFERENCE).PlanTable(lists)
+
+
+def _table_usable(op: str, table, params: list[Tensor], grads: list[Tensor]) -> bool:
+    """Whether this call may run on the plan's table: eager, no mode or profiler, grad mode
+    off (_direct), and the cpu backend is the one selected for the op now."""
+    first = params[0]
+    return (table is not None and _direct(params, grads)
+            and backend.select(op, first.device, first.dtype, DTYPES) == "cpu")
+
+
+def sgd_step_planned(table, grad_addresses: list[int], mutated: list[Tensor], params: list[Tensor],
+                     grads: list[Tensor], momentum_buffers: list[Tensor] | None, *, lr: float, weight_decay: float,
+                     momentum: float, dampening: float, nesterov: bool, maximize: bool) -> None:
+    """sgd_step_checked (not a first step) on a plan's table (step_table of [params, grads,
+    buffers]): grad_addresses are the grads' data pointers, mutated the params and buffers
+    (whose versions the step bumps)."""
+    if not _table_usable("sgd_step", table, params, grads):
+        sgd_step_checked(params, grads, momentum_buffers, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                         dampening=dampening, nesterov=nesterov, maximize=maximize, first_step=False)
+        return
+    _cpu_eager.bump_versions_of(mutated)
+    table.set_grads(grad_addresses)
+    backend.kernels("cpu", _KERNEL_MODULES, _REFERENCE).sgd_step_table(
+        table, lr, weight_decay, momentum, dampening, nesterov, maximize, False)
+
+
+def adam_step_planned(table, grad_addresses: list[int], mutated: list[Tensor], params: list[Tensor],
+                      grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                      max_exp_avg_sqs: list[Tensor] | None, steps: list[Tensor], counts, *, lr: float, beta1: float,
+                      beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
+                      decoupled_weight_decay: bool) -> None:
+    """adam_step_checked on a plan's table (step_table of [params, grads, exp_avgs,
+    exp_avg_sqs(, max_exp_avg_sqs)]); counts: a float64 numpy array of the steps' values
+    (already incremented); mutated: the params and state lists' tensors."""
+    if not _table_usable("adam_step", table, params, grads):
+        adam_step_checked(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, counts.tolist(), lr=lr,
+                          beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                          maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)
+        return
+    _cpu_eager.bump_versions_of(mutated)
+    table.set_grads(grad_addresses)
+    # torch's bias corrections in float64, once when every count is the same (as usual)
+    first = float(counts[0])
+    if (counts == first).all():
+        step_sizes = np.full(len(counts), lr / (1 - beta1 ** first))
+        bc2_sqrts = np.full(len(counts), (1 - beta2 ** first) ** 0.5)
+    else:
+        values = counts.tolist()
+        step_sizes = np.array([lr / (1 - beta1 ** c) for c in values])
+        bc2_sqrts = np.array([(1 - beta2 ** c) ** 0.5 for c in values])
+    backend.kernels("cpu", _KERNEL_MODULES, _REFERENCE).adam_step_table(
+        table, step_sizes, bc2_sqrts, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay)
 
 
 def rmsprop_step(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor],

@@ -9,6 +9,8 @@ from operator import attrgetter, is_, is_not
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.optimizer import _global_optimizer_post_hooks as _global_post_hooks
+from torch.optim.optimizer import _global_optimizer_pre_hooks as _global_pre_hooks
 
 
 _data_ptr, _numel, _is_contiguous = Tensor.data_ptr, Tensor.numel, Tensor.is_contiguous
@@ -91,25 +93,61 @@ def new_step() -> Tensor:
     return torch.tensor(0.0, dtype=_get_scalar_dtype())
 
 
+def _no_step_hooks(optimizer) -> bool:
+    """Whether torch's Optimizer.step wrapper would do nothing observable: no step hooks
+    (global or the optimizer's), no profiler to name the step (record_function), not
+    compiling (dynamo traces the wrapper as torch's own optimizers have it)."""
+    # is_compiling first: dynamo folds it to True and must not trace the C calls after it
+    return (not torch.compiler.is_compiling()
+            and not (_global_pre_hooks or _global_post_hooks or optimizer._optimizer_step_pre_hooks
+                     or optimizer._optimizer_step_post_hooks)
+            and not torch._C._autograd._profiler_enabled())
+
+
 class FusedOptimizer(Optimizer):
     """What every kiln optimizer's step does around its fused update: the closure (under
-    grad mode, as torch's), the flags, and the group's parameters that have a gradient."""
+    grad mode, as torch's), the flags, and the group's parameters that have a gradient.
+
+    torch wraps every Optimizer subclass's step (profile_hook_step: record_function, the
+    step hooks), ~25 us a step. kiln's ``step`` is that wrapper around ``_step`` where
+    anything could observe it (hooks, a profiler, compiling) and ``_step`` itself else;
+    it is marked ``hooked`` so that torch does not wrap it again."""
 
     _name = "Optimizer"
 
     def _step_group(self, group: dict, params: list[Tensor], index: int) -> None:
         raise NotImplementedError
 
-    @torch.no_grad()
-    def step(self, closure=None):
+    def _step_planned(self, group: dict, index: int) -> bool:
+        """Runs the group's step on its cached plan where the plan's quick check holds
+        (kiln/optim/_common.py StepPlan.quick); False: the caller runs _step_group."""
+        return False
+
+    def _step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for index, group in enumerate(self.param_groups):
-            check_flags(self._name, group)
-            self._step_group(group, params_with_grad(self._name, group), index)
+        grad_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)  # torch.no_grad() as a decorator costs ~3 us a step
+        planned = not torch.compiler.is_compiling()  # (a plan's checks are C calls dynamo must not trace)
+        try:
+            for index, group in enumerate(self.param_groups):
+                check_flags(self._name, group)
+                if not (planned and self._step_planned(group, index)):
+                    self._step_group(group, params_with_grad(self._name, group), index)
+        finally:
+            torch._C._set_grad_enabled(grad_enabled)
         return loss
+
+    def step(self, closure=None):
+        if _profile_hook_step is None or not _no_step_hooks(self):
+            return self._hooked_step(closure)
+        loss = self._step(closure)
+        self._optimizer_step_code()  # what the wrapper calls for torch.profiler's Python tracer
+        return loss
+
+    step.hooked = True  # torch's _patch_step_function: already wrapped (above)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -124,12 +162,41 @@ class FusedOptimizer(Optimizer):
                     p_state["step"] = new_step().fill_(float(p_state["step"]))
 
 
+# torch's wrapper (a staticmethod of Optimizer in every torch kiln supports; None: no hooks to run)
+_profile_hook_step = getattr(Optimizer, "profile_hook_step", None)
+FusedOptimizer._hooked_step = (_profile_hook_step(FusedOptimizer._step) if _profile_hook_step is not None
+                               else FusedOptimizer._step)
+
+
 # ---------------------------------------------------------------------------------------
 # A group's step as the last one ran it. Rebuilding the step's lists (state lookups,
 # grouping by dtype, 0-d step counters bumped by _foreach_add_, the op layer's checks of
 # every list) cost ~0.3 ms per step at 20 tensors: as much as the update of their 1M
 # float32 elements. A plan keeps them, and each step checks what could have changed.
 
+
+
+try:  # torch.compile's C check of tensors' metadata (its guards on a compiled frame's inputs)
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except ImportError:
+    _TensorGuards = None
+
+
+def _layout_guard(tensors: list[Tensor]):
+    """A C-level check that a list of tensors is like these, one by one: the same type (exactly),
+    dispatch keys, dtype, device, requires_grad, sizes and strides; ~4x faster than the maps of
+    StepPlan._grads_fit at 200 tensors (~0.1 us a tensor). None where this torch has none, or
+    where it does not tell these tensors from None (then the maps check every step)."""
+    if _TensorGuards is None:
+        return None
+    try:
+        guard = _TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
+                              dynamic_dims_strides=[list(t.stride()) for t in tensors])
+        if guard.check(*tensors) and not guard.check(None, *tensors[1:]):
+            return guard
+    except Exception:  # noqa: BLE001 - an internal API: any other signature means no guard
+        pass
+    return None
 
 
 def _plain_real(t) -> bool:
@@ -179,6 +246,13 @@ class StepPlan:
                          [[params[i] for i in idx]] + [[dicts[i][k] for i in idx] for k in state_keys],
                          [self.steps[i] for i in idx] if self.steps else None)
                         for idx in by_kind.values()]
+        # for quick(): the whole group's parameters (it checks no subset); the storages of the
+        # parameters and state as planned, held so that no other tensor can be allocated at
+        # the addresses the tables hold: an address found again is that memory, never a reuse
+        self.whole_group = len(params) == len(group["params"])
+        self.storages = [t.untyped_storage() for t in self.persistent]
+        self.state = self.state_keys = self.state_values = None
+        self.tables = self.grad_guard = None
 
     @staticmethod
     def usable(params: list[Tensor], dicts: list[dict], keys: tuple[str, ...]) -> bool:
@@ -230,6 +304,66 @@ class StepPlan:
             return grads
         return None
 
+    def remember_state(self, state) -> None:
+        """The optimizer's state dict as it stands when the plan was found to hold: what
+        quick() compares (every key and value the same objects: each parameter's dict)."""
+        self.state, self.state_keys, self.state_values = state, list(state), list(state.values())
+
+    def quick(self, group: dict, state) -> tuple[list[Tensor], list[int]] | None:
+        """This step's gradients and their addresses where the plan holds for the whole group,
+        else None (then the caller takes the full path: params_with_grad, holds, grads).
+
+        holds() and grads() in fewer passes: the group's parameters the same objects, the
+        optimizer's state dict the same keys and values (remember_state) and each parameter's
+        dict the same state tensors, the parameters and state at their planned addresses
+        (sizes need no check there: the plan holds their storages, so memory at those addresses
+        is theirs; a parameter resized in place gets gradients of its new size, which fail
+        below), and every gradient a plain contiguous tensor of its parameter's dtype and size.
+        At 200 parameters with momentum buffers, 1 thread on the loaded 2-core VM: ~0.11 ms, where
+        the full path's checks and lists took ~0.6 ms."""
+        params = group["params"]
+        if (group is not self.group or not self.whole_group or len(params) != len(self.params)
+                or not all(map(is_, params, self.params))):
+            return None
+        if self.keys:
+            if (state is not self.state or len(state) != len(self.state_keys)
+                    or not all(map(is_, state, self.state_keys)) or not all(map(is_, state.values(), self.state_values))
+                    or not all(map(is_, map(dict.get, self.entry_dicts, self.entry_keys), self.entries))):
+                return None
+            if self.steps is not None and tuple(map(_data_ptr, self.steps)) != self.step_addresses:
+                return None
+        if tuple(map(_data_ptr, self.persistent)) != self.addresses:
+            return None
+        grads = list(map(_grad, params))
+        guard = self.grad_guard
+        if guard is None or not guard.check(*grads):
+            if not self._grads_fit(grads):
+                return None
+            self.grad_guard = _layout_guard(grads)  # the next steps' gradients are checked by it
+        return grads, list(map(_data_ptr, grads))
+
+    def _grads_fit(self, grads: list[Tensor]) -> bool:
+        """What grads() checks, less the list: each a plain contiguous tensor of its parameter's
+        size and dtype."""
+        if not all(map(is_, map(type, grads), repeat(Tensor))):  # None, a subclass
+            return False
+        try:  # a sparse gradient has no is_contiguous: the full path names it
+            return (tuple(map(_numel, grads)) == self.param_sizes and all(map(is_, map(_dtype, grads), self.dtypes))
+                    and all(map(_is_contiguous, grads)))
+        except RuntimeError:
+            return False
+
+    def tabled(self, step_table) -> list[tuple]:
+        """The buckets with what a step on a table needs: (indices, lists, step counters,
+        table or None, the tensors a step mutates), the tables made on first use by
+        ``step_table`` (kiln.ops.optim.step_table) from [params, params as the grads' row
+        until a step writes it, state lists...]."""
+        if self.tables is None:
+            self.tables = [(indices, lists, steps, step_table([lists[0], lists[0], *lists[1:]]),
+                            [t for ts in lists for t in ts])
+                           for indices, lists, steps in self.buckets]
+        return self.tables
+
     @staticmethod
     def pick(values: list, indices: list[int] | None) -> list:
         """A bucket's share of a list over all parameters."""
@@ -241,6 +375,11 @@ class StepPlan:
         self.counter_values += 1
         return self.counter_values.tolist()
 
+    def bump_counts(self):
+        """step_counts as the numpy array of the counters (float64 copy) itself."""
+        self.counter_values += 1
+        return self.counter_values.astype(float)
+
 
 def plan_for(optimizer, index: int, group: dict, params: list[Tensor], keys: tuple[str, ...]) -> StepPlan | None:
     """Group ``index``'s cached plan if it still holds, else a new one where one can be
@@ -249,10 +388,18 @@ def plan_for(optimizer, index: int, group: dict, params: list[Tensor], keys: tup
     plans = optimizer.__dict__.setdefault("_kiln_plans", {})
     plan = plans.get(index)
     if plan is not None and plan.holds(group, params, optimizer.state, keys):
+        plan.remember_state(optimizer.state)
         return plan
     plans.pop(index, None)
     dicts = [optimizer.state.get(p) for p in params]
     if (keys and any(d is None for d in dicts)) or not StepPlan.usable(params, dicts, keys):
         return None
     plan = plans[index] = StepPlan(group, params, dicts, keys)
+    plan.remember_state(optimizer.state)
     return plan
+
+
+def current_plan(optimizer, index: int, keys: tuple[str, ...]) -> StepPlan | None:
+    """Group ``index``'s cached plan if it is one for these state keys (quick() checks the rest)."""
+    plan = optimizer.__dict__.get("_kiln_plans", {}).get(index)
+    return plan if plan is not None and plan.keys == keys else None

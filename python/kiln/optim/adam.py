@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kiln.ops.optim import adam_step, adam_step_checked
+from kiln.ops.optim import adam_step, adam_step_checked, adam_step_planned, step_table
 
-from ._common import (FusedOptimizer, buckets, check_flags, check_tensor_lr, new_step, plan_for, real, scalar,
-                      zeros_like)
+from ._common import (FusedOptimizer, buckets, check_flags, check_tensor_lr, current_plan, new_step, plan_for,
+                      real, scalar, zeros_like)
 
 # The state a step reads, in the order of adam_step's lists (the plan's buckets).
 _KEYS = ("step", "exp_avg", "exp_avg_sq")
@@ -73,12 +73,30 @@ class Adam(FusedOptimizer):
             state["max_exp_avg_sq"] = zeros_like(p)
         return state
 
+    @staticmethod
+    def _hyper(group):
+        beta1, beta2 = group["betas"]
+        return dict(lr=scalar(group["lr"]), beta1=scalar(beta1), beta2=scalar(beta2), eps=scalar(group["eps"]),
+                    weight_decay=scalar(group["weight_decay"]), amsgrad=group["amsgrad"],
+                    maximize=group["maximize"], decoupled_weight_decay=group["decoupled_weight_decay"])
+
+    def _step_planned(self, group, index):
+        plan = current_plan(self, index, _KEYS_AMSGRAD if group["amsgrad"] else _KEYS)
+        found = plan.quick(group, self.state) if plan is not None else None
+        if found is None:
+            return False
+        grads, addresses = found
+        hyper = self._hyper(group)
+        counts = plan.bump_counts()
+        for indices, (ps, ms, vs, *vmax), steps, table, mutated in plan.tabled(step_table):
+            adam_step_planned(table, plan.pick(addresses, indices), mutated, ps, plan.pick(grads, indices), ms, vs,
+                              vmax[0] if vmax else None, steps, counts if indices is None else counts[indices],
+                              **hyper)
+        return True
+
     def _step_group(self, group, params, index):
         amsgrad = group["amsgrad"]
-        beta1, beta2 = group["betas"]
-        hyper = dict(lr=scalar(group["lr"]), beta1=scalar(beta1), beta2=scalar(beta2), eps=scalar(group["eps"]),
-                     weight_decay=scalar(group["weight_decay"]), amsgrad=amsgrad, maximize=group["maximize"],
-                     decoupled_weight_decay=group["decoupled_weight_decay"])
+        hyper = self._hyper(group)
         keys = _KEYS_AMSGRAD if amsgrad else _KEYS
         plan = plan_for(self, index, group, params, keys)
         grads = plan.grads(params) if plan is not None else None

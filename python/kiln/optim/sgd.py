@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from kiln.ops.optim import sgd_step, sgd_step_checked
+from kiln.ops.optim import sgd_step, sgd_step_checked, sgd_step_planned, step_table
 
-from ._common import FusedOptimizer, buckets, check_flags, check_tensor_lr, plan_for, real, scalar
+from ._common import (FusedOptimizer, buckets, check_flags, check_tensor_lr, current_plan, plan_for, real,
+                      scalar)
 
 _KEYS = ("momentum_buffer",)  # the state a step with momentum reads
 
@@ -47,11 +48,27 @@ class SGD(FusedOptimizer):
             group.setdefault("differentiable", False)
             group.setdefault("fused", False)
 
+    @staticmethod
+    def _hyper(group):
+        return dict(lr=scalar(group["lr"]), weight_decay=scalar(group["weight_decay"]),
+                    momentum=scalar(group["momentum"]), dampening=scalar(group["dampening"]),
+                    nesterov=group["nesterov"], maximize=group["maximize"])
+
+    def _step_planned(self, group, index):
+        hyper = self._hyper(group)
+        plan = current_plan(self, index, _KEYS if hyper["momentum"] != 0 else ())
+        found = plan.quick(group, self.state) if plan is not None else None
+        if found is None:
+            return False
+        grads, addresses = found
+        for indices, (ps, *bufs), _, table, mutated in plan.tabled(step_table):
+            sgd_step_planned(table, plan.pick(addresses, indices), mutated, ps, plan.pick(grads, indices),
+                             bufs[0] if bufs else None, **hyper)
+        return True
+
     def _step_group(self, group, params, index):
-        momentum = scalar(group["momentum"])
-        hyper = dict(lr=scalar(group["lr"]), weight_decay=scalar(group["weight_decay"]), momentum=momentum,
-                     dampening=scalar(group["dampening"]), nesterov=group["nesterov"],
-                     maximize=group["maximize"])
+        hyper = self._hyper(group)
+        momentum = hyper["momentum"]
         # every buffer made (the plan holds from the second step): one call per bucket
         plan = plan_for(self, index, group, params, _KEYS if momentum != 0 else ())
         grads = plan.grads(params) if plan is not None else None
