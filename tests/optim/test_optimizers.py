@@ -423,6 +423,21 @@ MUTATION_IDS = ["replace-exp_avg", "replace-step", "replace-momentum_buffer", "r
                 "repoint-state-data", "new-state-dict-object"]
 
 
+def _steps_with_a_change(case, mutate, kparams, tparams):
+    """Eight steps of kiln.optim's and torch.optim's optimizer ``case`` on their own copies of the
+    same parameters, with ``mutate`` applied to both before the fifth step."""
+    name, kw = case
+    kopt, topt = getattr(kiln.optim, name)(kparams, **kw), getattr(torch.optim, name)(tparams, **kw)
+    for step in range(8):
+        for opt, params in ((kopt, kparams), (topt, tparams)):
+            for p, g in zip(params, _grads(params, step)):
+                p.grad = g.to(p.device)  # (_grads draws on the CPU)
+            if step == 4:
+                mutate(opt, params)
+            opt.step()
+    return kparams, tparams, kopt, topt
+
+
 @pytest.mark.parametrize("mutate", MUTATIONS, ids=MUTATION_IDS)
 @pytest.mark.parametrize("case", [("Adam", dict(lr=0.01, weight_decay=0.1)), ("AdamW", dict(lr=0.01, amsgrad=True)),
                                   ("SGD", dict(lr=0.05, momentum=0.9))], ids=_ids)
@@ -431,19 +446,8 @@ def test_cached_step_plans_follow_changes_between_steps(case, mutate):
     two steps (state replaced, reset or deleted, a parameter's data moved, a counter set,
     a flag toggled, a gradient dropped or non-contiguous, a reloaded state_dict), the next
     steps still match torch's, which rebuilds everything every step."""
-    name, kw = case
-    dtype = torch.float64
-    kparams, tparams = _params(dtype), _params(dtype)
-    kopt, topt = getattr(kiln.optim, name)(kparams, **kw), getattr(torch.optim, name)(tparams, **kw)
     with kiln.use("cpu"):
-        for step in range(8):
-            for opt, params in ((kopt, kparams), (topt, tparams)):
-                for p, g in zip(params, _grads(params, step)):
-                    p.grad = g
-                if step == 4:
-                    mutate(opt, params)
-                opt.step()
-    _assert_close(kparams, tparams, kopt, topt, 1e-12)
+        _assert_close(*_steps_with_a_change(case, mutate, _params(torch.float64), _params(torch.float64)), 1e-12)
 
 
 def test_step_counters_keep_their_identity_and_count():
@@ -506,17 +510,9 @@ def test_quick_plan_check_without_the_layout_guard(case, mutate, monkeypatch):
     from kiln.optim import _common
 
     monkeypatch.setattr(_common, "_TensorGuards", None)
-    name, kw = case
-    kparams, tparams = _params(torch.float64), _params(torch.float64)
-    kopt, topt = getattr(kiln.optim, name)(kparams, **kw), getattr(torch.optim, name)(tparams, **kw)
     with kiln.use("cpu"):
-        for step in range(8):
-            for opt, params in ((kopt, kparams), (topt, tparams)):
-                for p, g in zip(params, _grads(params, step)):
-                    p.grad = g
-                if step == 4:
-                    mutate(opt, params)
-                opt.step()
+        kparams, tparams, kopt, topt = _steps_with_a_change(case, mutate, _params(torch.float64),
+                                                            _params(torch.float64))
     assert kopt._kiln_plans[0].grad_guard is None
     _assert_close(kparams, tparams, kopt, topt, 1e-12)
 
@@ -581,15 +577,6 @@ def test_step_hooks_and_profiler_see_every_step(name):
 def test_gpu_quick_plan_check_follows_changes(case, mutate):
     """On CUDA the plan's quick check runs as on the CPU (the step then takes the op layer's
     lists): the same changes between steps are noticed."""
-    name, kw = case
     kparams = [p.detach().cuda().requires_grad_() for p in _params(torch.float64)]
     tparams = [p.detach().clone().requires_grad_() for p in kparams]
-    kopt, topt = getattr(kiln.optim, name)(kparams, **kw), getattr(torch.optim, name)(tparams, **kw)
-    for step in range(8):
-        for opt, params in ((kopt, kparams), (topt, tparams)):
-            for p, g in zip(params, _grads(params, step)):
-                p.grad = g.to(p.device)  # (_grads draws on the CPU)
-            if step == 4:
-                mutate(opt, params)
-            opt.step()
-    _assert_close(kparams, tparams, kopt, topt, 1e-12)  # both on CUDA
+    _assert_close(*_steps_with_a_change(case, mutate, kparams, tparams), 1e-12)  # both on CUDA
