@@ -184,7 +184,8 @@ def _(dy, x, weight, mean, invstd, training, need_dx, need_dw, need_db):
 
 
 def _as_dtype(t: Optional[Tensor], dtype) -> Optional[Tensor]:
-    return None if t is None else t.to(dtype)
+    # the dtype test first: Tensor.to costs ~1 us even when it returns t itself
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def differentiable_backward(dy, x, weight, mean, invstd, training: bool, eps: float,
