@@ -24,6 +24,8 @@ _C = torch._C
 _HAS_CHECKS = all(hasattr(_C, name) for name in ("_len_torch_dispatch_stack", "_is_torch_function_mode_enabled")) \
     and hasattr(_C, "_functorch") and hasattr(_C._functorch, "peek_interpreter_stack")
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+PLAIN_TYPES = _PLAIN_TYPES  # the tensor classes an op's eager fast path accepts
+FAST_DTYPES = (torch.float32, torch.float64)  # the dtypes of the numba forms
 # a functorch wrapper that outlived its transform (no interpreter left to see it) is still one
 _is_functorch_wrapped = getattr(getattr(_C, "_functorch", None), "is_functorch_wrapped_tensor", lambda t: False)
 

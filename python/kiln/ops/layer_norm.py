@@ -223,8 +223,7 @@ def _shape_tuple(normalized_shape) -> tuple[int, ...]:
     return tuple(int(d) for d in normalized_shape)
 
 
-_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
-_EAGER_DTYPES = (torch.float32, torch.float64)
+_PLAIN_TYPES, _EAGER_DTYPES = _cpu_eager.PLAIN_TYPES, _cpu_eager.FAST_DTYPES
 _EAGER_BODY = getattr(_layer_norm_call, "body", None)
 _EAGER_APPLY = getattr(_layer_norm_call, "apply", None)
 
@@ -251,11 +250,8 @@ def _eager_cpu(x: Tensor, normalized_shape, weight: Optional[Tensor], bias: Opti
     if not _cpu_eager.direct(x, weight, bias):
         return None
     rows = x if x.dim() == 2 else x.view(-1, N)
-    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
-                                    or (bias is not None and bias.requires_grad)):
-        y = _EAGER_APPLY(rows, weight, bias, eps)[0]
-    else:
-        y = _EAGER_BODY(rows, weight, bias, eps)[0]
+    call = _EAGER_BODY if _cpu_eager.no_grad_needed(x, weight, bias) else _EAGER_APPLY
+    y = call(rows, weight, bias, eps)[0]
     return y if rows is x else y.view_as(x)
 
 

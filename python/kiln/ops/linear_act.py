@@ -267,8 +267,7 @@ _autocast.register("kiln::linear_act", "lower")
 # ---------------------------------------------------------------------------------------
 # The public op.
 
-_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
-_EAGER_DTYPES = (torch.float32, torch.float64)
+_PLAIN_TYPES, _EAGER_DTYPES = _cpu_eager.PLAIN_TYPES, _cpu_eager.FAST_DTYPES
 _EAGER_BODY = getattr(_linear_act_call, "body", None)
 _EAGER_APPLY = getattr(_linear_act_call, "apply", None)
 
@@ -297,11 +296,10 @@ def _eager_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: st
     if not _cpu_eager.direct(x, weight, bias):
         return None
     x2 = x if x.dim() == 2 else x.view(-1, x.shape[-1])
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
-        out = _EAGER_APPLY(x2, weight, bias, activation, SAVED[activation] == "preact", 0.0, None)[0]
-    else:
+    if _cpu_eager.no_grad_needed(x, weight, bias):
         out = _EAGER_BODY(x2, weight, bias, activation, False, 0.0, None)[0]
+    else:
+        out = _EAGER_APPLY(x2, weight, bias, activation, SAVED[activation] == "preact", 0.0, None)[0]
     return out if x.dim() == 2 else out.view(*x.shape[:-1], weight.shape[0])
 
 
