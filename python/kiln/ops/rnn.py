@@ -411,7 +411,7 @@ def _sequence_function(kernels, name):
 def _differentiable_sequence(kind, gx, h0, c0, w_hh, b_hh, relu):
     """The sequence op's differentiable outputs recomputed by autograd-tracked PyTorch ops:
     lstm -> [h_all, c_all], gru / rnn -> [h_all]."""
-    T, B = gx.shape[0], h0.shape[0]
+    T = gx.shape[0]
     if T == 0:
         return [h0.new_zeros((0, *h0.shape))] + ([c0.new_zeros((0, *c0.shape))] if kind == "lstm" else [])
     w = w_hh.t().to(h0.dtype)

@@ -175,7 +175,6 @@ FusedOptimizer._hooked_step = (_profile_hook_step(FusedOptimizer._step) if _prof
 # float32 elements. A plan keeps them, and each step checks what could have changed.
 
 
-
 try:  # torch.compile's C check of tensors' metadata (its guards on a compiled frame's inputs)
     from torch._C._dynamo.guards import TensorGuards as _TensorGuards
 except ImportError:
