@@ -45,6 +45,27 @@ def test_conv2d_matches_torch_forward_and_backward(backend, c_in, c_out, kernel,
         assert rel_err(a, b) < BOUND[torch.float64]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("c_in,c_out,kernel,kwargs,H,W", CONV_CASES)
+def test_conv2d_matches_torch_on_cuda(c_in, c_out, kernel, kwargs, H, W):
+    """Off the CPU Conv2d unfolds with F.unfold (channel-major columns) instead of kiln's
+    im2col: float32 on CUDA against torch's Conv2d in float64 (on the CPU: cuDNN's own float32
+    convolution may use TF32), forward and every gradient."""
+    torch.manual_seed(0)
+    theirs = torch.nn.Conv2d(c_in, c_out, kernel, dtype=torch.float64, **kwargs)
+    ours = kiln.nn.Conv2d(c_in, c_out, kernel, device="cuda", **kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    x_ref = torch.randn(3, c_in, H, W, dtype=torch.float64, requires_grad=True)
+    x = x_ref.detach().float().cuda().requires_grad_()
+    y, y_ref = ours(x), theirs(x_ref)
+    assert y.shape == y_ref.shape and rel_err(y.cpu().double(), y_ref) < BOUND[torch.float32]
+    g = torch.randn_like(y_ref)
+    grads = torch.autograd.grad(y, [x, *ours.parameters()], g.float().cuda())
+    grads_ref = torch.autograd.grad(y_ref, [x_ref, *theirs.parameters()], g)
+    for a, b in zip(grads, grads_ref):
+        assert rel_err(a.cpu().double(), b) < BOUND[torch.float32]
+
+
 def test_conv2d_fused_activation_and_unbatched_input():
     torch.manual_seed(0)
     ours = kiln.nn.Conv2d(3, 4, 3, padding=1, dtype=torch.float64, activation="gelu")
