@@ -45,6 +45,21 @@ def test_conv2d_matches_torch_forward_and_backward(backend, c_in, c_out, kernel,
         assert rel_err(a, b) < BOUND[torch.float64]
 
 
+def test_conv2d_under_a_backend_im2col_has_no_form_of_unfolds_with_torch():
+    """kiln.backend.use("triton") on CPU tensors (the interpreter): im2col has no triton form, so
+    the unfold is torch's F.unfold, as on a GPU, and the GEMM still runs on the chosen backend."""
+    if not kiln.backend.triton_interpreted():
+        pytest.skip("runs the triton form on CPU tensors under TRITON_INTERPRET=1")
+    torch.manual_seed(0)
+    theirs = torch.nn.Conv2d(4, 6, 3, padding=1, groups=2)
+    ours = kiln.nn.Conv2d(4, 6, 3, padding=1, groups=2)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 4, 5, 6)
+    with kiln.backend.use("triton"):
+        y = ours(x)
+    assert rel_err(y, theirs(x)) < BOUND[torch.float32]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("c_in,c_out,kernel,kwargs,H,W", CONV_CASES)
 def test_conv2d_matches_torch_on_cuda(c_in, c_out, kernel, kwargs, H, W):

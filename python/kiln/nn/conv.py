@@ -15,7 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kiln import ops
+from kiln import backend, ops
+
+# the backends im2col has a form for (None: the device's default)
+_IM2COL_BACKENDS = (None, *ops.BACKEND_DTYPES["im2col"])
 
 
 def _unbatched(input: Tensor, name: str) -> bool:
@@ -65,9 +68,10 @@ class Conv2d(nn.Conv2d):
             raise ValueError(f"kiln.nn.Conv2d: input {tuple(input.shape)} (padded by {padding}) is smaller "
                              f"than the dilated kernel {self.kernel_size} (dilation {self.dilation})")
         g = self.groups
-        if input.is_cpu:
+        if input.is_cpu and backend.requested("im2col") in _IM2COL_BACKENDS:
             # kiln's im2col: tap-major rows (N, L, k_h k_w C/g) read from channels-last memory, and
-            # the filters flattened in the same order
+            # the filters flattened in the same order (under a backend im2col has no form of, such
+            # as triton everywhere, the unfold is torch's as on a GPU)
             c, o = self.in_channels // g, self.out_channels // g
             columns = [ops.im2col(input[:, i * c:(i + 1) * c] if g > 1 else input, self.kernel_size,
                                   self.dilation, padding, self.stride) for i in range(g)]
