@@ -53,6 +53,10 @@ _WORKER = textwrap.dedent("""
         assert dist.is_initialized()
     dist.destroy_process_group()
     print("WRITES", rank, json.dumps(writes), flush=True)
+    # Leave without interpreter teardown: once, in CI, rank 1 aborted there ("terminate called
+    # without an active exception", a C++ thread of torch's still joinable at exit) after every
+    # job had finished and written. What these tests check is done by now; torch's own exit is not.
+    os._exit(0)
 """)
 
 
