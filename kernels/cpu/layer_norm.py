@@ -23,7 +23,7 @@ from numba import njit, prange
 
 from .fastmath import like
 from .lanes import lane_shifted_sums_f64, lane_sum_f64, lane_sum_sq_dev_f64
-from .memory import empty_like
+from .memory import HUGE_MIN_BYTES, empty_like
 from .parallel import sized_kernel
 
 _PARTS = 16
@@ -148,28 +148,48 @@ def _sum_parts(parts, out):
 
 # The per-row statistics and the parameter gradients are small arrays every element of
 # which a kernel writes: numpy makes them (np.empty and torch.from_numpy, ~1 us, against
-# ~2 us for torch.empty and Tensor.numpy on a fresh tensor).
+# ~2 us for torch.empty and Tensor.numpy on a fresh tensor). Each Tensor.numpy costs ~1 us
+# too: forward_arrays hands back the arrays it made, and the eager autograd path of
+# kiln/ops/layer_norm.py keeps them for backward_arrays, which then converts only dy.
 
 
-def forward(x, weight, bias, eps: float):
+def _output_like(x):
+    # memory.empty's size test and pool cost ~2 us more than torch.empty below its threshold
+    return torch.empty_like(x) if x.numel() * x.element_size() < HUGE_MIN_BYTES else empty_like(x)
+
+
+def forward_arrays(x, weight, bias, eps: float):
+    """forward's y, then the numpy arrays backward_arrays takes: x, weight (ones for None),
+    mean (float64) and rstd."""
     M, N = x.shape
-    y = empty_like(x)
+    y = _output_like(x)
     x_np = x.numpy()
     mean = np.empty(M, np.float64)
     rstd = np.empty(M, x_np.dtype)
     w = weight.numpy() if weight is not None else np.ones(N, x_np.dtype)
     b = bias.numpy() if bias is not None else np.zeros(N, x_np.dtype)
-    kernel = _forward_one_pass if x.dtype == torch.float32 else _forward
+    kernel = _forward_one_pass if x_np.dtype == np.float32 else _forward
     kernel(x_np.size, x_np, w, b, float(eps), y.numpy(), mean, rstd)
+    return y, x_np, w, mean, rstd
+
+
+def forward(x, weight, bias, eps: float):
+    y, _, _, mean, rstd = forward_arrays(x, weight, bias, eps)
     return y, torch.from_numpy(mean), torch.from_numpy(rstd)
 
 
-def backward(dy, x, weight, mean, rstd, need_dx: bool, need_dw: bool, need_db: bool):
-    M, N = x.shape
-    dx = empty_like(x) if need_dx else x.new_empty((1, 1))
-    x_np = x.numpy()
-    w = weight.numpy() if weight is not None else np.ones(N, x_np.dtype)
+def backward_arrays(dy, x_np, w, mean, rstd, need_dx: bool, need_dw: bool, need_db: bool):
+    """backward on forward_arrays' arrays; dy a contiguous tensor."""
+    M, N = x_np.shape
+    dx = _output_like(dy) if need_dx else dy.new_empty((1, 1))
     dw, db = np.empty(N, x_np.dtype), np.empty(N, x_np.dtype)
-    _backward(x_np.size, dy.numpy(), x_np, w, mean.numpy(), rstd.numpy(), need_dx, dx.numpy(), dw, db)
+    _backward(x_np.size, dy.numpy(), x_np, w, mean, rstd, need_dx, dx.numpy(), dw, db)
     return (dx if need_dx else None, torch.from_numpy(dw) if need_dw else None,
             torch.from_numpy(db) if need_db else None)
+
+
+def backward(dy, x, weight, mean, rstd, need_dx: bool, need_dw: bool, need_db: bool):
+    N = x.shape[1]
+    x_np = x.numpy()
+    w = weight.numpy() if weight is not None else np.ones(N, x_np.dtype)
+    return backward_arrays(dy, x_np, w, mean.numpy(), rstd.numpy(), need_dx, need_dw, need_db)

@@ -228,6 +228,47 @@ _EAGER_BODY = getattr(_layer_norm_call, "body", None)
 _EAGER_APPLY = getattr(_layer_norm_call, "apply", None)
 
 
+class _CpuKernelsFunction(torch.autograd.Function):
+    """The eager call's autograd node when the cpu kernels run it: what `_layer_norm_call`'s
+    autograd.Function does, in fewer steps. One output (y: the statistics stay in ctx, so
+    the engine tracks one output, not three), the kernel module chosen at forward (the
+    backward runs the same backend's kernels), and the numpy arrays forward made kept for
+    the backward kernel (each Tensor.numpy costs ~1 us). x and weight are still saved as
+    tensors: their version counters catch an in-place change before backward as torch does.
+    At the charlm rows (3072 x 128) this was ~100 us of the backward's ~370 us on one
+    loaded core (bench/results/layer_norm_cpu_issue14_session8.md)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, kernels):
+        y, x_np, w_np, mean, rstd = kernels.forward_arrays(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight)
+        ctx.arrays = (x_np, w_np, mean, rstd)
+        ctx.kernels, ctx.eps, ctx.has_bias = kernels, eps, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors  # unpacking checks the versions
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        need_dw = need_dw and weight is not None
+        need_db = need_db and ctx.has_bias
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
+            dx, dw, db = differentiable_backward(dy, x, weight, ctx.eps, need_dx, need_dw, need_db)
+        elif _cpu_eager.direct(dy):
+            dx, dw, db = ctx.kernels.backward_arrays(dy.contiguous(), *ctx.arrays, need_dx, need_dw, need_db)
+        else:  # a mode that must see the custom op (a profiler, a dispatch mode) came on since forward
+            x_np, w_np, mean, rstd = ctx.arrays
+            dx, dw, db = _layer_norm_backward(dy.contiguous(), x, weight, torch.from_numpy(mean),
+                                              torch.from_numpy(rstd), need_dx, need_dw, need_db)
+        return (dx if need_dx else None, dw if need_dw else None, db if need_db else None, None, None)
+
+
+# The C apply (see _cpu_eager.autograd_op: Function.apply's Python wrapper costs ~10 us).
+_c_apply = getattr(torch._C._FunctionBase, "__dict__", {}).get("apply")
+_CPU_KERNELS_APPLY = (_c_apply.__get__(None, _CpuKernelsFunction) if _c_apply is not None
+                      else _CpuKernelsFunction.apply)
+
+
 def _eager_cpu(x: Tensor, normalized_shape, weight: Optional[Tensor], bias: Optional[Tensor],
                eps) -> Optional[Tensor]:
     """The common call of eager CPU training in its fewest steps, or None where it is not that
@@ -250,8 +291,14 @@ def _eager_cpu(x: Tensor, normalized_shape, weight: Optional[Tensor], bias: Opti
     if not _cpu_eager.direct(x, weight, bias):
         return None
     rows = x if x.dim() == 2 else x.view(-1, N)
-    call = _EAGER_BODY if _cpu_eager.no_grad_needed(x, weight, bias) else _EAGER_APPLY
-    y = call(rows, weight, bias, eps)[0]
+    kernels = _implementation(rows)
+    if getattr(kernels, "forward_arrays", None) is None:  # another backend: the op's own body
+        call = _EAGER_BODY if _cpu_eager.no_grad_needed(x, weight, bias) else _EAGER_APPLY
+        y = call(rows, weight, bias, eps)[0]
+    elif _cpu_eager.no_grad_needed(x, weight, bias):
+        y = kernels.forward_arrays(rows, weight, bias, eps)[0]
+    else:
+        y = _CPU_KERNELS_APPLY(rows, weight, bias, eps, kernels)
     return y if rows is x else y.view_as(x)
 
 
