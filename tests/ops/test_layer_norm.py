@@ -124,6 +124,43 @@ def test_deterministic_parameter_grads():
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
+def test_wide_and_offset_rows_float32_backward():
+    """The cpu backward sums a row's w dy xhat and w dy in float32 for float32 rows: wide rows
+    and rows far from 0 (xhat from the float64 mean) stay inside the bound."""
+    _check("cpu", (3,), (16384,), torch.float32)
+    _check("cpu", (5,), (4099,), torch.float32, offset=1e4, scale=1e-2)
+
+
+def test_eager_backward_sees_an_in_place_change_of_its_input_as_torch():
+    x = _randn(4, 8, dtype=torch.float32).requires_grad_()
+    with kiln.backend.use("cpu"):
+        h = x * 2
+        y = kiln.ops.layer_norm(h, 8)
+        h.add_(1)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+
+
+def test_eager_forward_then_profiled_backward_runs_the_custom_op_with_the_same_grads():
+    x, w, b = (_randn(*s, seed=k, dtype=torch.float32) for k, s in enumerate([(5, 40), (40,), (40,)]))
+    dy = _randn(5, 40, seed=3, dtype=torch.float32)
+    grads = []
+    for profiled in (False, True):
+        xi, wi, bi = (t.clone().requires_grad_() for t in (x, w, b))
+        with kiln.backend.use("cpu"):
+            y = kiln.ops.layer_norm(xi, 40, wi, bi)  # no profiler yet: the direct eager path
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                if profiled:
+                    y.backward(dy)
+            if not profiled:
+                y.backward(dy)
+        grads.append((xi.grad, wi.grad, bi.grad))
+        if profiled:
+            assert "kiln::layer_norm_backward" in {e.name for e in prof.events()}
+    for got, want in zip(*grads):
+        assert torch.equal(got, want)
+
+
 # --- double backward -------------------------------------------------------------------
 
 
