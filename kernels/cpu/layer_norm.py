@@ -4,7 +4,10 @@ Forward, per row while it sits in cache: the mean and the variance about it as t
 float64 lane sums (float32 sums of 5120 values near 1e4 lose the digits a row with
 std 1e-2 needs), then one pass writing y. The mean is kept in float64 (see
 kiln/ops/layer_norm.py for why): y uses it as hi + lo, two float32 parts, so that
-(x - hi) - lo stays float32 arithmetic (vectorized) yet exact near the mean.
+(x - hi) - lo stays float32 arithmetic (vectorized) yet exact near the mean. Wide
+float32 rows (_BLOCKED_MIN_N) sum their deviations from a center near the mean in float32
+blocks instead, added up in float64 (_forward_blocked): half the vector work of the
+statistics pass, as accurate to within 1e-8 normwise.
 
 Backward: fixed row parts (_PARTS, whatever the thread count: deterministic), each
 part writes dx for its rows and adds dy * xhat and dy into its own column partials for
@@ -71,6 +74,64 @@ def _forward_one_pass(x, w, b, eps, y, mean, rstd):
         s1, s2 = lane_shifted_sums_f64(row, center)
         shift = s1 / N
         mu = center + shift
+        r = 1.0 / np.sqrt(max(s2 / N - shift * shift, 0.0) + eps)
+        mean[i], rstd[i] = mu, r
+        _normalize_row(row, mu, r, w, b, y[i])
+
+
+# Rows at least this wide (float32) take _forward_blocked: below it the head mean's scalar
+# adds cost more than the float64 sums they replace (3072 x 128: 148 -> 182 us on one core).
+_BLOCKED_MIN_N = 512
+_BLOCK = 1024  # float32 elements summed before the block's sums go into float64
+
+
+@njit(fastmath={"reassoc", "contract"}, error_model="numpy", cache=True)
+def _blocked_shifted_sums(x, center):
+    """(sum(d), sum(d^2)) in float64, d = x - center in x's dtype: each block of _BLOCK
+    elements summed in float32 (8-wide lanes, 4 accumulators: 32 partial sums of 32 terms),
+    the blocks added in float64. A function of its own for the reassociation (see
+    _row_sums)."""
+    s1, s2 = 0.0, 0.0
+    n = x.size
+    for j0 in range(0, n, _BLOCK):
+        b1, b2 = like(center, 0.0), like(center, 0.0)
+        for j in range(j0, min(n, j0 + _BLOCK)):
+            d = x[j] - center
+            b1 += d
+            b2 += d * d
+        s1 += np.float64(b1)
+        s2 += np.float64(b2)
+    return s1, s2
+
+
+@sized_kernel(**_CONTRACT)
+def _forward_blocked(x, w, b, eps, y, mean, rstd):
+    """_forward_one_pass for wide float32 rows with float32 arithmetic in the statistics
+    pass (_blocked_shifted_sums): 4 vector operations per 8 elements against 9 for the
+    float64 lanes (float conversions, 4-wide adds), 1024 x 1024 on one core 245 -> 210 us.
+    The center is the mean of the row's first 16 values, not one value: var = sum(d^2)/n -
+    shift^2 cancels by a factor 1 + shift^2/var, and a 16-value mean is typically 1/4 of a
+    standard deviation from the row's mean (one value: 1). It can be up to sqrt(n/16) of
+    them off (rows that start with outliers: 16384 wide, 9.9e-6 normwise): a row whose
+    shift^2 exceeds its variance sums again about its mean, so that the factor stays < 2.
+    The center is rounded to float32 so that x - center is float32 arithmetic, exact for x
+    near it; the mean itself stays float64 (center + shift). Against float64 the normwise
+    error of y went 4.0e-8 -> 4.5e-8 (random rows), 3.9e-8 either way (mean 1e4, std 1e-2)."""
+    M, N = x.shape
+    head = min(N, 16)
+    for i in prange(M):
+        row = x[i]
+        c64 = 0.0
+        for j in range(head):
+            c64 += np.float64(row[j])
+        center = like(row[0], c64 / head)
+        s1, s2 = _blocked_shifted_sums(row, center)
+        shift = s1 / N
+        if 2.0 * shift * shift > s2 / N:  # shift^2 > var: cancelling by over 2x; again about the mean
+            center = like(row[0], np.float64(center) + shift)
+            s1, s2 = _blocked_shifted_sums(row, center)
+            shift = s1 / N
+        mu = np.float64(center) + shift
         r = 1.0 / np.sqrt(max(s2 / N - shift * shift, 0.0) + eps)
         mean[i], rstd[i] = mu, r
         _normalize_row(row, mu, r, w, b, y[i])
@@ -174,7 +235,10 @@ def forward_arrays(x, weight, bias, eps: float):
     rstd = np.empty(M, x_np.dtype)
     w = weight.numpy() if weight is not None else np.ones(N, x_np.dtype)
     b = bias.numpy() if bias is not None else np.zeros(N, x_np.dtype)
-    kernel = _forward_one_pass if x_np.dtype == np.float32 else _forward
+    if x_np.dtype != np.float32:
+        kernel = _forward
+    else:
+        kernel = _forward_blocked if N >= _BLOCKED_MIN_N else _forward_one_pass
     kernel(x_np.size, x_np, w, b, float(eps), y.numpy(), mean, rstd)
     return y, x_np, w, mean, rstd
 
