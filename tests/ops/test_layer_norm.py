@@ -152,6 +152,18 @@ def test_wide_float32_rows_whose_first_values_sit_far_from_the_mean():
         assert rel_err(a.grad, r.grad) < BOUND[torch.float32]
 
 
+def test_eager_cpu_node_gradcheck_and_gradgradcheck():
+    """The eager call's own autograd node (one normalized dim, contiguous, cpu kernels)."""
+    g = torch.Generator().manual_seed(3)
+    x, w, b = (torch.randn(*s, dtype=torch.float64, generator=g, requires_grad=True) for s in [(2, 3, 7), (7,), (7,)])
+    with kiln.backend.use("cpu"):
+        node = kiln.ops.layer_norm(x, 7, w, b).grad_fn.next_functions[0][0]  # under the view back to 3-D
+        assert "CpuKernelsFunction" in type(node).__name__
+        assert torch.autograd.gradcheck(lambda *a: kiln.ops.layer_norm(a[0], 7, a[1], a[2]), (x, w, b))
+        assert torch.autograd.gradgradcheck(lambda *a: kiln.ops.layer_norm(a[0], 7, a[1], a[2]), (x, w, b))
+        assert torch.autograd.gradcheck(lambda a: kiln.ops.layer_norm(a, [7], w.detach()), (x,))
+
+
 def test_eager_backward_sees_an_in_place_change_of_its_input_as_torch():
     x = _randn(4, 8, dtype=torch.float32).requires_grad_()
     with kiln.backend.use("cpu"):
