@@ -41,6 +41,14 @@ def _autocast_cpu() -> bool:
 _autocast_any = getattr(_C, "_is_any_autocast_enabled", None) or _autocast_cpu
 
 
+# the C checks of `direct`, bound once (each attribute chain looked up per call cost ~0.1 us)
+if _HAS_CHECKS:
+    _dispatch_stack_len, _function_mode_enabled = _C._len_torch_dispatch_stack, _C._is_torch_function_mode_enabled
+    _functorch_interpreter, _profiler_enabled = _C._functorch.peek_interpreter_stack, _C._autograd._profiler_enabled
+_is_compiling = torch.compiler.is_compiling
+_STRIDED = torch.strided
+
+
 def direct(*tensors) -> bool:
     """Whether a call on these tensors (None skipped) may run its op's body directly.
 
@@ -50,11 +58,14 @@ def direct(*tensors) -> bool:
     FakeTensor included, has a type of its own).
     """
     # is_compiling first: dynamo folds it to True and must not trace the C calls after it
-    return (_HAS_CHECKS and not torch.compiler.is_compiling() and not _C._len_torch_dispatch_stack()
-            and not _C._is_torch_function_mode_enabled() and _C._functorch.peek_interpreter_stack() is None
-            and not _C._autograd._profiler_enabled() and not _autocast_any()
-            and all(t is None or (type(t) in _PLAIN_TYPES and t.is_cpu and t.layout == torch.strided
-                                  and not _is_functorch_wrapped(t)) for t in tensors))
+    if (not _HAS_CHECKS or _is_compiling() or _dispatch_stack_len() or _function_mode_enabled()
+            or _functorch_interpreter() is not None or _profiler_enabled() or _autocast_any()):
+        return False
+    for t in tensors:  # a loop, not all() over a generator: ~0.3 us less per tensor
+        if t is not None and (type(t) not in _PLAIN_TYPES or not t.is_cpu or t.layout != _STRIDED
+                              or _is_functorch_wrapped(t)):
+            return False
+    return True
 
 
 def no_grad_needed(*tensors) -> bool:
