@@ -231,7 +231,9 @@ def select(op: str, device: torch.device, dtype: torch.dtype, supported: dict) -
     name = _op_choice.get(op) or _global_choice
     if name is None:
         name = requested(op)
-    key = (op, name, device.type, dtype, id(supported), _getenv("TRITON_INTERPRET") == "1")
+    # the device itself, not device.type: that builds a new string per call (~1.5 us in a training
+    # step); an index of its own is one more entry with the same answer
+    key = (op, name, device, dtype, id(supported), _getenv("TRITON_INTERPRET") == "1")
     chosen = _selected.get(key)
     if chosen is None:
         chosen = _select(op, name, device, dtype, supported)
@@ -285,6 +287,32 @@ def kernels(name: str, modules: dict[str, str], reference, cuda=None):
 def implementation(op: str, t: torch.Tensor, supported: dict, modules: dict[str, str], reference, cuda=None):
     """The kernels that run ``op`` on tensors like ``t``: ``select`` then ``kernels``."""
     return kernels(select(op, t.device, t.dtype, supported), modules, reference, cuda)
+
+
+def selector(op: str, supported: dict, modules: dict[str, str], reference, cuda=None):
+    """``implementation`` bound to one op: a function of the tensor alone, for the op's hot path.
+
+    Each backend chosen is kept by what the choice depends on (the backend asked for, the tensor's device and
+    dtype, TRITON_INTERPRET), so a call is a few lookups in one frame: ``implementation``'s
+    three frames and wider key cost ~3-7 us a call in a training step of a small model, where
+    the cache and the Python around each GEMM evict each other. Every call still reads the
+    choices and the environment, so ``use`` and ``KILN_BACKEND`` apply at once, and a default
+    that steps aside to reference is not kept (``select`` logs it)."""
+    answers: dict[tuple, str] = {}
+
+    def implementation_of(t: torch.Tensor):
+        name = _op_choice.get(op) or _global_choice
+        if name is None:
+            name = requested(op)
+        device, dtype = t.device, t.dtype
+        key = (name, device, dtype, _getenv("TRITON_INTERPRET"))
+        chosen = answers.get(key)
+        if chosen is None:
+            chosen = select(op, device, dtype, supported)
+            if not (name is None and chosen == "reference" and default_for(device) != "reference"):
+                answers[key] = chosen
+        return kernels(chosen, modules, reference, cuda)
+    return implementation_of
 
 
 def report(op: str, supported: dict, dtype: torch.dtype = torch.float32) -> dict[str, str]:

@@ -142,8 +142,7 @@ _REFERENCE = SimpleNamespace(forward=reference_forward, backward=reference_backw
 _CUDA = SimpleNamespace(forward=cuda_forward, backward=cuda_backward)
 
 
-def _implementation(t: Tensor):
-    return backend.implementation(OP, t, DTYPES, _KERNEL_MODULES, _REFERENCE, _CUDA)
+_implementation = backend.selector(OP, DTYPES, _KERNEL_MODULES, _REFERENCE, _CUDA)  # of a tensor
 
 
 # ---------------------------------------------------------------------------------------
@@ -292,7 +291,15 @@ class _EagerLinearAct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _backward(ctx, grad_out, None)
+        # _backward's direct path in its fewest steps: forward ran direct, so x, weight, bias and
+        # the saved tensor are plain CPU tensors and only grad_out and the modes need a look
+        if grad_out is None or torch.is_grad_enabled() or not _cpu_eager.direct(grad_out):
+            return _backward(ctx, grad_out, None)
+        x, weight, bias, saved, _ = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        return (*_implementation(x).backward(grad_out.contiguous(), x, weight, saved, CODE[ctx.activation],
+                                             need_dx, need_dw, need_db and bias is not None, 0.0, 0, 0, 0),
+                None, None, None, None)
 
 
 # Function.apply's C form, as _cpu_eager.autograd_op takes it (its Python wrapper costs ~10 us)
