@@ -319,26 +319,28 @@ def _eager_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: st
     backend run on them directly (no gradient needed) or under `_EagerLinearAct`. Anything
     else returns None.
     """
-    if not _HAS_EAGER or activation not in CODE:
+    code = CODE.get(activation) if _HAS_EAGER and activation.__class__ is str else None
+    if code is None:
         return None
-    dtype = x.dtype
+    dtype, dims = x.dtype, x.dim()
+    # size(i), not shape[i]: no torch.Size built
     if (dtype not in _EAGER_DTYPES or weight.dtype != dtype or weight.dim() != 2
-            or not 2 <= x.dim() <= 3 or x.shape[-1] != weight.shape[1] or not x.is_contiguous()
+            or not 2 <= dims <= 3 or x.size(-1) != weight.size(1) or not x.is_contiguous()
             or not weight.is_contiguous() or x.numel() == 0 or weight.numel() == 0):
         return None
-    if bias is not None and (bias.dtype != dtype or bias.dim() != 1 or bias.shape[0] != weight.shape[0]
+    if bias is not None and (bias.dtype != dtype or bias.dim() != 1 or bias.size(0) != weight.size(0)
                              or not bias.is_contiguous()):
         return None
     if not _cpu_eager.direct(x, weight, bias):
         return None
-    x2 = x if x.dim() == 2 else x.view(-1, x.shape[-1])
+    x2 = x if dims == 2 else x.view(-1, x.size(-1))
     if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad
                                            or (bias is not None and bias.requires_grad)):
         # the op's body, less its empty second output: inference never saves z
-        out = _implementation(x2).forward(x2, weight, bias, CODE[activation], False, 0.0, 0, 0, 0)[0]
+        out = _implementation(x2).forward(x2, weight, bias, code, False, 0.0, 0, 0, 0)[0]
     else:
         out = _EAGER_APPLY(x2, weight, bias, activation, SAVED[activation] == "preact", 0.0, None)
-    return out if x.dim() == 2 else out.view(*x.shape[:-1], weight.shape[0])
+    return out if dims == 2 else out.view(*x.shape[:-1], weight.size(0))
 
 
 def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
