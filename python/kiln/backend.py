@@ -47,28 +47,37 @@ _op_choice: dict[str, str] = {}
 _logged_defaults: set[tuple] = set()
 
 
-def _environ_reader():
-    """A function of a variable's name that gives what ``os.environ.get(name)`` gives, read
-    from os.environ's own dict: os.environ.get encodes the key and decodes the value on each
-    call (~1.5 us; every op call asks for two variables, in its forward and again in its
-    backward), where the dict lookup costs ~0.1. It is the very dict os.environ.get reads, so
-    every change made through os.environ (monkeypatch.setenv included) is seen at once. Where
-    os.environ has no such dict (not CPython), os.environ.get itself."""
+def _environ_dict():
+    """os.environ's own dict and its key encoder, or (None, None) where it has none (not CPython).
+
+    os.environ.get encodes the key and decodes the value on each call (~1.5 us; every op call
+    asks for two variables, in its forward and again in its backward), where a lookup in this
+    dict costs ~0.1. It is the very dict os.environ.get reads, so every change made through
+    os.environ (monkeypatch.setenv included) is seen at once."""
     data, encode, decode = (getattr(os.environ, a, None) for a in ("_data", "encodekey", "decodevalue"))
     if not isinstance(data, dict) or not callable(encode) or not callable(decode):
-        return os.environ.get
-    keys: dict[str, object] = {}
-
-    def getenv(name: str) -> str | None:
-        key = keys.get(name)
-        if key is None:
-            key = keys[name] = encode(name)
-        value = data.get(key)
-        return None if value is None else decode(value)
-    return getenv
+        return None, None
+    return data, encode
 
 
-_getenv = _environ_reader()
+_ENVIRON, _encode_key = _environ_dict()
+# the two variables' keys in _ENVIRON, encoded once
+_KILN_BACKEND_KEY, _TRITON_INTERPRET_KEY = (("KILN_BACKEND", "TRITON_INTERPRET") if _ENVIRON is None
+                                            else (_encode_key("KILN_BACKEND"), _encode_key("TRITON_INTERPRET")))
+
+
+_ENV_KEYS = {"KILN_BACKEND": _KILN_BACKEND_KEY, "TRITON_INTERPRET": _TRITON_INTERPRET_KEY}
+
+
+def _getenv(name: str) -> str | None:
+    """os.environ.get(name), read from os.environ's own dict where it has one."""
+    if _ENVIRON is None:
+        return os.environ.get(name)
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = _ENV_KEYS[name] = _encode_key(name)
+    value = _ENVIRON.get(key)
+    return None if value is None else os.environ.decodevalue(value)
 
 
 class BackendError(RuntimeError):
@@ -301,15 +310,17 @@ def selector(op: str, supported: dict, modules: dict[str, str], reference, cuda=
     answers: dict[tuple, str] = {}
 
     def implementation_of(t: torch.Tensor):
-        name = _op_choice.get(op) or _global_choice
-        if name is None:
-            name = requested(op)
+        # both variables as stored (undecoded): a key needs no more, and a bad KILN_BACKEND is
+        # never kept (requested raises on it each call)
+        environ = _ENVIRON if _ENVIRON is not None else os.environ
         device, dtype = t.device, t.dtype
-        key = (name, device, dtype, _getenv("TRITON_INTERPRET"))
+        key = (_op_choice.get(op) or _global_choice, environ.get(_KILN_BACKEND_KEY), device, dtype,
+               environ.get(_TRITON_INTERPRET_KEY))
         chosen = answers.get(key)
         if chosen is None:
+            asked = requested(op)
             chosen = select(op, device, dtype, supported)
-            if not (name is None and chosen == "reference" and default_for(device) != "reference"):
+            if not (asked is None and chosen == "reference" and default_for(device) != "reference"):
                 answers[key] = chosen
         return kernels(chosen, modules, reference, cuda)
     return implementation_of
