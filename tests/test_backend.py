@@ -1,3 +1,4 @@
+import importlib
 import logging
 
 import pytest
@@ -112,3 +113,57 @@ def test_a_misspelt_op_name_lists_the_valid_ones():
 def test_an_unknown_backend_name_lists_the_valid_ones():
     with pytest.raises(ValueError, match="'cpux'.*triton, cuda, cpu, reference"):
         kiln.backend.use("cpux")
+
+
+def test_selector_follows_every_change_of_the_choice(monkeypatch):
+    """backend.selector keeps its answers, yet sees use(), a per-op choice and KILN_BACKEND at once."""
+    ops_module = importlib.import_module("kiln.ops.linear_act")
+    implementation_of = backend.selector("linear_act", kiln.ops.BACKEND_DTYPES["linear_act"],
+                                         ops_module._KERNEL_MODULES, ops_module._REFERENCE, ops_module._CUDA)
+    x = torch.randn(3, 4)
+    monkeypatch.delenv("KILN_BACKEND", raising=False)
+    cpu = implementation_of(x)
+    assert cpu is not ops_module._REFERENCE and implementation_of(x) is cpu
+    with backend.use("reference"):
+        assert implementation_of(x) is ops_module._REFERENCE
+    assert implementation_of(x) is cpu
+    with backend.use("reference", ops=["linear_act"]):
+        assert implementation_of(x) is ops_module._REFERENCE
+    monkeypatch.setenv("KILN_BACKEND", "reference")
+    assert implementation_of(x) is ops_module._REFERENCE
+    with backend.use("cpu"):
+        assert implementation_of(x) is cpu
+    monkeypatch.setenv("KILN_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="KILN_BACKEND='gpu'"):
+        implementation_of(x)
+    monkeypatch.delenv("KILN_BACKEND")
+    with backend.use("cuda"), pytest.raises(BackendError, match="runs on CUDA tensors"):
+        implementation_of(x)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with backend.use("triton"), pytest.raises(BackendError, match="TRITON_INTERPRET=1"):
+        implementation_of(x)
+
+
+def test_selector_says_each_time_the_default_steps_aside(caplog):
+    """A default that steps aside to reference is never kept: select logs it (once per process)."""
+    ops_module = importlib.import_module("kiln.ops.linear_act")
+    implementation_of = backend.selector("linear_act", kiln.ops.BACKEND_DTYPES["linear_act"],
+                                         ops_module._KERNEL_MODULES, ops_module._REFERENCE, ops_module._CUDA)
+    x = torch.randn(3, 4, dtype=torch.bfloat16)
+    for _ in range(2):
+        backend._logged_defaults.clear()
+        with caplog.at_level(logging.WARNING, logger="kiln"):
+            assert implementation_of(x) is ops_module._REFERENCE
+    messages = [r.getMessage() for r in caplog.records if "reference backend" in r.getMessage()]
+    assert len(messages) == 2
+
+
+def test_environment_is_read_as_os_environ_reads_it(monkeypatch):
+    monkeypatch.setenv("KILN_BACKEND", "reference")
+    assert backend._getenv("KILN_BACKEND") == "reference" == backend.requested("linear_act")
+    monkeypatch.delenv("KILN_BACKEND")
+    assert backend._getenv("KILN_BACKEND") is None and backend.requested("linear_act") is None
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend.triton_interpreted()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not backend.triton_interpreted()

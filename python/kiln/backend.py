@@ -47,6 +47,39 @@ _op_choice: dict[str, str] = {}
 _logged_defaults: set[tuple] = set()
 
 
+def _environ_dict():
+    """os.environ's own dict and its key encoder, or (None, None) where it has none (not CPython).
+
+    os.environ.get encodes the key and decodes the value on each call (~1.5 us; every op call
+    asks for two variables, in its forward and again in its backward), where a lookup in this
+    dict costs ~0.1. It is the very dict os.environ.get reads, so every change made through
+    os.environ (monkeypatch.setenv included) is seen at once."""
+    data, encode, decode = (getattr(os.environ, a, None) for a in ("_data", "encodekey", "decodevalue"))
+    if not isinstance(data, dict) or not callable(encode) or not callable(decode):
+        return None, None
+    return data, encode
+
+
+_ENVIRON, _encode_key = _environ_dict()
+# the two variables' keys in _ENVIRON, encoded once
+_KILN_BACKEND_KEY, _TRITON_INTERPRET_KEY = (("KILN_BACKEND", "TRITON_INTERPRET") if _ENVIRON is None
+                                            else (_encode_key("KILN_BACKEND"), _encode_key("TRITON_INTERPRET")))
+
+
+_ENV_KEYS = {"KILN_BACKEND": _KILN_BACKEND_KEY, "TRITON_INTERPRET": _TRITON_INTERPRET_KEY}
+
+
+def _getenv(name: str) -> str | None:
+    """os.environ.get(name), read from os.environ's own dict where it has one."""
+    if _ENVIRON is None:
+        return os.environ.get(name)
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = _ENV_KEYS[name] = _encode_key(name)
+    value = _ENVIRON.get(key)
+    return None if value is None else os.environ.decodevalue(value)
+
+
 class BackendError(RuntimeError):
     """A backend was asked for that cannot run the given tensors."""
 
@@ -122,7 +155,7 @@ def requested(op: str) -> str | None:
         return _op_choice[op]
     if _global_choice is not None:
         return _global_choice
-    env = os.environ.get("KILN_BACKEND")
+    env = _getenv("KILN_BACKEND")
     if env:
         try:
             return _check_name(env)
@@ -132,7 +165,7 @@ def requested(op: str) -> str | None:
 
 
 def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return _getenv("TRITON_INTERPRET") == "1"
 
 
 @functools.cache
@@ -192,7 +225,9 @@ def default_for(device: torch.device) -> str:
 
 
 # select's answers that did not raise or fall back, by everything they depend on: every op call asks
-# (twice in a training step), and the checks below cost ~4 us where the lookup costs 0.3.
+# (twice in a training step), and the checks below cost ~4 us where the lookup costs 0.3. The key
+# holds the backend asked for itself (not a version of the choices), so a `with use(...)` per step
+# adds no entries.
 _selected: dict[tuple, str] = {}
 
 
@@ -201,8 +236,13 @@ def select(op: str, device: torch.device, dtype: torch.dtype, supported: dict) -
 
     ``supported`` maps each backend of the op to the dtypes it covers.
     """
-    name = requested(op)
-    key = (op, name, device.type, dtype, id(supported), triton_interpreted())
+    # requested(op) and triton_interpreted() inlined where they need no more (~0.3 us a call)
+    name = _op_choice.get(op) or _global_choice
+    if name is None:
+        name = requested(op)
+    # the device itself, not device.type: that builds a new string per call (~1.5 us in a training
+    # step); an index of its own is one more entry with the same answer
+    key = (op, name, device, dtype, id(supported), _getenv("TRITON_INTERPRET") == "1")
     chosen = _selected.get(key)
     if chosen is None:
         chosen = _select(op, name, device, dtype, supported)
@@ -256,6 +296,34 @@ def kernels(name: str, modules: dict[str, str], reference, cuda=None):
 def implementation(op: str, t: torch.Tensor, supported: dict, modules: dict[str, str], reference, cuda=None):
     """The kernels that run ``op`` on tensors like ``t``: ``select`` then ``kernels``."""
     return kernels(select(op, t.device, t.dtype, supported), modules, reference, cuda)
+
+
+def selector(op: str, supported: dict, modules: dict[str, str], reference, cuda=None):
+    """``implementation`` bound to one op: a function of the tensor alone, for the op's hot path.
+
+    Each backend chosen is kept by what the choice depends on (the backend asked for, the tensor's device and
+    dtype, TRITON_INTERPRET), so a call is a few lookups in one frame: ``implementation``'s
+    three frames and wider key cost ~3-7 us a call in a training step of a small model, where
+    the cache and the Python around each GEMM evict each other. Every call still reads the
+    choices and the environment, so ``use`` and ``KILN_BACKEND`` apply at once, and a default
+    that steps aside to reference is not kept (``select`` logs it)."""
+    answers: dict[tuple, str] = {}
+
+    def implementation_of(t: torch.Tensor):
+        # both variables as stored (undecoded): a key needs no more, and a bad KILN_BACKEND is
+        # never kept (requested raises on it each call)
+        environ = _ENVIRON if _ENVIRON is not None else os.environ
+        device, dtype = t.device, t.dtype
+        key = (_op_choice.get(op) or _global_choice, environ.get(_KILN_BACKEND_KEY), device, dtype,
+               environ.get(_TRITON_INTERPRET_KEY))
+        chosen = answers.get(key)
+        if chosen is None:
+            asked = requested(op)
+            chosen = select(op, device, dtype, supported)
+            if not (asked is None and chosen == "reference" and default_for(device) != "reference"):
+                answers[key] = chosen
+        return kernels(chosen, modules, reference, cuda)
+    return implementation_of
 
 
 def report(op: str, supported: dict, dtype: torch.dtype = torch.float32) -> dict[str, str]:

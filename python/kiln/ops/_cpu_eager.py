@@ -41,6 +41,14 @@ def _autocast_cpu() -> bool:
 _autocast_any = getattr(_C, "_is_any_autocast_enabled", None) or _autocast_cpu
 
 
+# the C checks of `direct`, bound once (each attribute chain looked up per call cost ~0.1 us)
+if _HAS_CHECKS:
+    _dispatch_stack_len, _function_mode_enabled = _C._len_torch_dispatch_stack, _C._is_torch_function_mode_enabled
+    _functorch_interpreter, _profiler_enabled = _C._functorch.peek_interpreter_stack, _C._autograd._profiler_enabled
+_is_compiling = torch.compiler.is_compiling
+_STRIDED = torch.strided
+
+
 def direct(*tensors) -> bool:
     """Whether a call on these tensors (None skipped) may run its op's body directly.
 
@@ -50,11 +58,17 @@ def direct(*tensors) -> bool:
     FakeTensor included, has a type of its own).
     """
     # is_compiling first: dynamo folds it to True and must not trace the C calls after it
-    return (_HAS_CHECKS and not torch.compiler.is_compiling() and not _C._len_torch_dispatch_stack()
-            and not _C._is_torch_function_mode_enabled() and _C._functorch.peek_interpreter_stack() is None
-            and not _C._autograd._profiler_enabled() and not _autocast_any()
-            and all(t is None or (type(t) in _PLAIN_TYPES and t.is_cpu and t.layout == torch.strided
-                                  and not _is_functorch_wrapped(t)) for t in tensors))
+    if (not _HAS_CHECKS or _is_compiling() or _dispatch_stack_len() or _function_mode_enabled()
+            or _functorch_interpreter() is not None or _profiler_enabled() or _autocast_any()):
+        return False
+    for t in tensors:  # a loop, not all() over a generator: ~0.3 us less per tensor
+        if t is not None and (type(t) not in _PLAIN_TYPES or not t.is_cpu or t.layout != _STRIDED
+                              or _is_functorch_wrapped(t)):
+            return False
+    return True
+
+
+_grad_enabled = torch.is_grad_enabled
 
 
 def no_grad_needed(*tensors) -> bool:
@@ -121,9 +135,11 @@ def autograd_op(op, backward, setup_context):
             return call.op(*args)  # looked up per call: tests count the dispatches by replacing it
         if len(args) < params:  # the inputs as setup_context sees them from the dispatcher: defaults filled
             args = args + defaults[len(defaults) - (params - len(args)):]
-        if no_grad_needed(*tensors):
-            return body(*args)
-        return apply(*args)
+        if _grad_enabled():  # no_grad_needed inlined: a loop, no generator, no call (~1 us a call)
+            for t in tensors:
+                if t.requires_grad:
+                    return apply(*args)
+        return body(*args)
 
     call.__name__ = call.__qualname__ = op._name
     call.__doc__ = body.__doc__

@@ -242,9 +242,12 @@ _CUDA = SimpleNamespace(
     cross_entropy_soft_backward=cuda_cross_entropy_soft_backward)
 
 
+_SELECTORS = {op: backend.selector(op, DTYPES, _KERNEL_MODULES, _REFERENCE, _CUDA) for op in ("softmax", "cross_entropy")}
+
+
 def _implementation(op: str, t: Tensor):
     """The kernels of the backend that runs ``op`` ("softmax" or "cross_entropy") on t."""
-    return backend.implementation(op, t, DTYPES, _KERNEL_MODULES, _REFERENCE, _CUDA)
+    return _SELECTORS[op](t)
 
 
 # ---------------------------------------------------------------------------------------

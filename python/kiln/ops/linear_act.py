@@ -142,8 +142,7 @@ _REFERENCE = SimpleNamespace(forward=reference_forward, backward=reference_backw
 _CUDA = SimpleNamespace(forward=cuda_forward, backward=cuda_backward)
 
 
-def _implementation(t: Tensor):
-    return backend.implementation(OP, t, DTYPES, _KERNEL_MODULES, _REFERENCE, _CUDA)
+_implementation = backend.selector(OP, DTYPES, _KERNEL_MODULES, _REFERENCE, _CUDA)  # of a tensor
 
 
 # ---------------------------------------------------------------------------------------
@@ -268,8 +267,44 @@ _autocast.register("kiln::linear_act", "lower")
 # The public op.
 
 _PLAIN_TYPES, _EAGER_DTYPES = _cpu_eager.PLAIN_TYPES, _cpu_eager.FAST_DTYPES
-_EAGER_BODY = getattr(_linear_act_call, "body", None)
-_EAGER_APPLY = getattr(_linear_act_call, "apply", None)
+_HAS_EAGER = getattr(_linear_act_call, "apply", None) is not None  # a torch with _cpu_eager's checks
+
+
+class _EagerLinearAct(torch.autograd.Function):
+    """The op's body and setup_context (`_linear_act`, `_setup_context`) for the call `_eager_cpu`
+    takes (no dropout), in one forward with one output, and the op's own backward.
+
+    The custom op returns a second output (z, or an empty placeholder) because an op can hand
+    setup_context nothing else; here forward saves z itself, so neither the placeholder nor
+    autograd's bookkeeping of a second output is paid (~5 us of a small layer's ~45 us forward).
+    z is an intermediate, not an output: double backward never reads it (_backward recomputes
+    z from x, weight and bias under create_graph)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, activation, save_preact, p, seed_offset):
+        out, preact = _implementation(x).forward(x, weight, bias, CODE[activation], save_preact, 0.0, 0, 0, 0)
+        kind = SAVED[activation]  # as _setup_context with p = 0: z for "preact", y for "output"
+        ctx.save_for_backward(x, weight, bias, None if kind is None else preact if kind == "preact" else out, None)
+        ctx.activation = activation
+        ctx.p = 0.0
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        # _backward's direct path in its fewest steps: forward ran direct, so x, weight, bias and
+        # the saved tensor are plain CPU tensors and only grad_out and the modes need a look
+        if grad_out is None or torch.is_grad_enabled() or not _cpu_eager.direct(grad_out):
+            return _backward(ctx, grad_out, None)
+        x, weight, bias, saved, _ = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        return (*_implementation(x).backward(grad_out.contiguous(), x, weight, saved, CODE[ctx.activation],
+                                             need_dx, need_dw, need_db and bias is not None, 0.0, 0, 0, 0),
+                None, None, None, None)
+
+
+# Function.apply's C form, as _cpu_eager.autograd_op takes it (its Python wrapper costs ~10 us)
+_c_apply = getattr(torch._C._FunctionBase, "__dict__", {}).get("apply")
+_EAGER_APPLY = _c_apply.__get__(None, _EagerLinearAct) if _c_apply is not None else _EagerLinearAct.apply
 
 
 def _eager_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str) -> Optional[Tensor]:
@@ -280,27 +315,32 @@ def _eager_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: st
     reshapes and dispatch came to ~75 us a call against 7 us for F.linear (a digits MLP's
     step, 3 layers, at 0.45x torch's speed). Here: x (2-D or 3-D), weight and bias
     contiguous float32 / float64 CPU tensors of one dtype with matching shapes, a known
-    activation, nothing that `_cpu_eager.direct` rules out; then the op's body (or its
-    autograd.Function) runs on them directly. Anything else returns None.
+    activation, nothing that `_cpu_eager.direct` rules out; then the kernels of the selected
+    backend run on them directly (no gradient needed) or under `_EagerLinearAct`. Anything
+    else returns None.
     """
-    if _EAGER_BODY is None or activation not in CODE:
+    code = CODE.get(activation) if _HAS_EAGER and activation.__class__ is str else None
+    if code is None:
         return None
-    dtype = x.dtype
+    dtype, dims = x.dtype, x.dim()
+    # size(i), not shape[i]: no torch.Size built
     if (dtype not in _EAGER_DTYPES or weight.dtype != dtype or weight.dim() != 2
-            or not 2 <= x.dim() <= 3 or x.shape[-1] != weight.shape[1] or not x.is_contiguous()
+            or not 2 <= dims <= 3 or x.size(-1) != weight.size(1) or not x.is_contiguous()
             or not weight.is_contiguous() or x.numel() == 0 or weight.numel() == 0):
         return None
-    if bias is not None and (bias.dtype != dtype or bias.dim() != 1 or bias.shape[0] != weight.shape[0]
+    if bias is not None and (bias.dtype != dtype or bias.dim() != 1 or bias.size(0) != weight.size(0)
                              or not bias.is_contiguous()):
         return None
     if not _cpu_eager.direct(x, weight, bias):
         return None
-    x2 = x if x.dim() == 2 else x.view(-1, x.shape[-1])
-    if _cpu_eager.no_grad_needed(x, weight, bias):
-        out = _EAGER_BODY(x2, weight, bias, activation, False, 0.0, None)[0]
+    x2 = x if dims == 2 else x.view(-1, x.size(-1))
+    if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad
+                                           or (bias is not None and bias.requires_grad)):
+        # the op's body, less its empty second output: inference never saves z
+        out = _implementation(x2).forward(x2, weight, bias, code, False, 0.0, 0, 0, 0)[0]
     else:
-        out = _EAGER_APPLY(x2, weight, bias, activation, SAVED[activation] == "preact", 0.0, None)[0]
-    return out if x.dim() == 2 else out.view(*x.shape[:-1], weight.shape[0])
+        out = _EAGER_APPLY(x2, weight, bias, activation, SAVED[activation] == "preact", 0.0, None)
+    return out if dims == 2 else out.view(*x.shape[:-1], weight.size(0))
 
 
 def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
