@@ -349,12 +349,14 @@ def _fused_tasks(M: int, N: int, K: int, itemsize: int):
     forms run: one thread (no second team to hand over to; there the blocked forms' single
     loops measured 0.1-0.2 ms faster at 1024x256x1024 gelu), no MKL to call from numba,
     fewer than GRAIN outputs, a task's rows larger than _BLOCK_BYTES (the big layers, where
-    the epilogue would read its block back from memory and each task packs all of W again),
-    or a dimension past BLAS's 32-bit ints."""
+    the epilogue would read its block back from memory and each task packs all of W again)
+    or fewer than _MIN_BLOCK_ROWS (many threads on few rows: short GEMMs, each packing W;
+    MKL's own threads share one packing), or a dimension past BLAS's 32-bit ints."""
     tasks = _team_size()
     if tasks < 2 or not MKL_THREADS or M * N < GRAIN or max(M, N, K) >= 2 ** 31:
         return 0
-    return tasks if -(-M // tasks) * N * itemsize <= _BLOCK_BYTES else 0
+    rows = -(-M // tasks)
+    return tasks if _MIN_BLOCK_ROWS <= rows and rows * N * itemsize <= _BLOCK_BYTES else 0
 
 
 _NO_DROPOUT = {dtype: (False, *key_of(0), np.uint64(0), np.uint64(0), np.dtype(name).type(1.0))

@@ -85,6 +85,7 @@ def test_cpu_one_region_forms(monkeypatch, dtype, shape, activation):
     if not cpu_kernel.MKL_THREADS:
         pytest.skip("torch without MKL's exported GEMM: the one-region forms do not run")
     monkeypatch.setattr(cpu_kernel, "_team_size", lambda: 3)  # 3 tasks, whatever numba's thread count
+    monkeypatch.setattr(cpu_kernel, "_MIN_BLOCK_ROWS", 1)
     lead, k, n = shape
     assert cpu_kernel._fused_tasks(lead[-1] * (lead[0] if len(lead) > 1 else 1), n, k, 8) == 3
     _check("cpu", *shape, activation, dtype)
@@ -98,6 +99,7 @@ def test_cpu_one_region_backward_of_one_input(monkeypatch, activation):
     if not cpu_kernel.MKL_THREADS:
         pytest.skip("torch without MKL's exported GEMM: the one-region forms do not run")
     monkeypatch.setattr(cpu_kernel, "_team_size", lambda: 2)
+    monkeypatch.setattr(cpu_kernel, "_MIN_BLOCK_ROWS", 1)
     (x, w, b, dy), _ = _inputs((300,), 17, 130, torch.float64)
     for wanted in (x, w):
         x_, w_ = x.clone().requires_grad_(wanted is x), w.clone().requires_grad_(wanted is w)
