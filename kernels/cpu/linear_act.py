@@ -15,6 +15,11 @@ products come from torch (torch.mm, MKL) and everything around them is numba:
   no atomics);
   dx for the block is multiplied out while dz is in cache; dW = dz^T x is one GEMM
   at the end, which needs all of dz, so dz is one (M, N) buffer in backward.
+* with 2+ numba threads and layers whose rows per thread fit a block (_fused_tasks), both
+  run instead as one numba parallel region, each thread's rows multiplied by MKL's
+  sequential GEMM called from numba (blas.mkl_gemm) and their epilogue / dz pass run
+  right after: torch's OpenMP team and numba's (two libgomp copies in one process) no
+  longer hand the cores to each other, and spin on them, between the steps.
 
 Dropout (p > 0) is fused into both passes: forward multiplies each activated element by
 scale = 1/(1-p) or 0, the keep bit regenerated from Philox(seed, offset + row * N + col)
