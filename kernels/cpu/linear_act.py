@@ -15,6 +15,11 @@ products come from torch (torch.mm, MKL) and everything around them is numba:
   no atomics);
   dx for the block is multiplied out while dz is in cache; dW = dz^T x is one GEMM
   at the end, which needs all of dz, so dz is one (M, N) buffer in backward.
+* with 2+ numba threads and layers whose rows per thread fit a block (_fused_tasks), both
+  run instead as one numba parallel region, each thread's rows multiplied by MKL's
+  sequential GEMM called from numba (blas.mkl_gemm) and their epilogue / dz pass run
+  right after: torch's OpenMP team and numba's (two libgomp copies in one process) no
+  longer hand the cores to each other, and spin on them, between the steps.
 
 Dropout (p > 0) is fused into both passes: forward multiplies each activated element by
 scale = 1/(1-p) or 0, the keep bit regenerated from Philox(seed, offset + row * N + col)
@@ -33,7 +38,8 @@ from numba import get_num_threads, njit, prange
 
 from ..activations import GELU, GELU_TANH, GELU_TANH_CUBIC, IDENTITY, INV_SQRT_2, INV_SQRT_2PI
 from ..activations import RELU, SIGMOID, SILU, SQRT_2_OVER_PI, TANH
-from .fastmath import exp, like, one_plus_erf, one_plus_erf_and_gauss, tanh
+from .blas import MKL_THREADS, mkl_gemm, mkl_set_num_threads_local
+from .fastmath import KERNEL_OPTIONS, exp, like, one_plus_erf, one_plus_erf_and_gauss, tanh
 from .memory import empty
 from .parallel import GRAIN, sized_kernel
 from .philox import key_of, keeps
@@ -269,6 +275,95 @@ def _column_sums(dy, db_parts):
                 col_sum[j] += row[j]
 
 
+# ---------------------------------------------------------------------------------------
+# The one-region forms: each numba thread multiplies its own rows with MKL's sequential GEMM
+# (blas.mkl_gemm, MKL_Set_Num_Threads_Local(1) on the worker) and runs the epilogue on them
+# at once, while they are in its cache. The blocked forms above hand the cores from torch's
+# OpenMP team (the GEMM) to numba's (the passes) and back at every step: two libgomp teams
+# in one process (torch's own copy and the system's), whose idle workers spin for a while
+# after each region on the very cores the other team needs.
+
+
+@njit(**{**KERNEL_OPTIONS, "fastmath": {"contract"}})
+def _fused_forward(x, weight, bias, has_bias, y, z, save_z, code, tasks):
+    """y = act(x W^T + b) without dropout; z = x W^T + b too when save_z. Task t: rows
+    [t M / tasks, (t + 1) M / tasks), their product into z (save_z) or y (the bias first
+    written to the rows and the GEMM's beta 1, as addmm), then the activation as one loop
+    over the task's rows (a loop nested in a row loop compiles slower: _epilogue)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    y_flat = y.reshape(y.size)
+    z_flat = z.reshape(z.size)
+    for t in prange(tasks):
+        r0, r1 = t * M // tasks, (t + 1) * M // tasks
+        if r1 > r0:
+            product = z if save_z else y
+            if has_bias:
+                for i in range(r0, r1):
+                    product[i, :] = bias
+            previous = mkl_set_num_threads_local(1)
+            mkl_gemm(1, 0, N, r1 - r0, K, weight, K, x[r0:], K, 1.0 if has_bias else 0.0, product[r0:], N)
+            mkl_set_num_threads_local(previous)
+            if save_z:
+                _act_row_from(y_flat[r0 * N:r1 * N], z_flat[r0 * N:r1 * N], code)
+            else:
+                _act_row(y_flat[r0 * N:r1 * N], code)
+
+
+@njit(**{**KERNEL_OPTIONS, "fastmath": {"contract"}})
+def _fused_backward(dy, saved, weight, x, dz, dx, dw, db_parts, code, need_dx, need_dw, tasks):
+    """Without dropout, from saved (z or y, as _grad_row reads it): dz = dy act'(saved),
+    db_parts[p] += column sums of part p's rows (parts fixed, as _grad_preact's: the sums do
+    not depend on the thread count), dx = dz W for each task's rows while its dz is in cache;
+    then dW = dz^T x by blocks of dW's rows, one per task. dz is one loop over the task's
+    rows, then summed (as _grad_preact with one thread)."""
+    M, N = dy.shape
+    K = x.shape[1]
+    parts = db_parts.shape[0]
+    per_part = (M + parts - 1) // parts
+    dz_flat, dy_flat, saved_flat = dz.reshape(dz.size), dy.reshape(dy.size), saved.reshape(saved.size)
+    for t in prange(tasks):
+        p0, p1 = t * parts // tasks, (t + 1) * parts // tasks
+        r0, r1 = min(M, p0 * per_part), min(M, p1 * per_part)
+        if r1 > r0:
+            _grad_row(dz_flat[r0 * N:r1 * N], dy_flat[r0 * N:r1 * N], saved_flat[r0 * N:r1 * N], code)
+            for p in range(p0, p1):
+                col_sum = db_parts[p]
+                for i in range(p * per_part, min(M, (p + 1) * per_part)):
+                    dz_row = dz[i]
+                    for j in range(N):
+                        col_sum[j] += dz_row[j]
+            if need_dx:
+                previous = mkl_set_num_threads_local(1)
+                mkl_gemm(0, 0, K, r1 - r0, N, weight, K, dz[r0:], N, 0.0, dx[r0:], K)
+                mkl_set_num_threads_local(previous)
+    if need_dw:
+        for t in prange(tasks):
+            n0, n1 = t * N // tasks, (t + 1) * N // tasks
+            if n1 > n0:
+                previous = mkl_set_num_threads_local(1)
+                mkl_gemm(0, 1, K, n1 - n0, M, x, K, dz[:, n0:], N, 0.0, dw[n0:], K)
+                mkl_set_num_threads_local(previous)
+
+
+_team_size = get_num_threads  # the tests set a team size here to run the one-region forms on one thread
+
+
+def _fused_tasks(M: int, N: int, K: int, itemsize: int):
+    """The task count of the one-region forms (numba's thread count), or 0 where the blocked
+    forms run: one thread (no second team to hand over to; there the blocked forms' single
+    loops measured 0.1-0.2 ms faster at 1024x256x1024 gelu), no MKL to call from numba,
+    fewer than GRAIN outputs, a task's rows larger than _BLOCK_BYTES (the big layers, where
+    the epilogue would read its block back from memory and each task packs all of W again)
+    or fewer than _MIN_BLOCK_ROWS (many threads on few rows: short GEMMs, each packing W;
+    MKL's own threads share one packing), or a dimension past BLAS's 32-bit ints."""
+    tasks = _team_size()
+    if tasks < 2 or not MKL_THREADS or M * N < GRAIN or max(M, N, K) >= 2 ** 31:
+        return 0
+    rows = -(-M // tasks)
+    return tasks if _MIN_BLOCK_ROWS <= rows and rows * N * itemsize <= _BLOCK_BYTES else 0
+
+
 _NO_DROPOUT = {dtype: (False, *key_of(0), np.uint64(0), np.uint64(0), np.dtype(name).type(1.0))
                for dtype, name in ((torch.float32, "float32"), (torch.float64, "float64"))}
 
@@ -315,6 +410,12 @@ def forward(x, weight, bias, activation: int, save_preact: bool, p: float = 0.0,
     out = empty((M, N), x.dtype) if out is None else out
     save_after_act = save_preact and activation in (RELU, TANH, SIGMOID)
     preact = empty((M, N), x.dtype) if save_preact else None
+    tasks = _fused_tasks(M, N, x.shape[1], x.element_size()) if not drop[0] and not save_after_act else 0
+    if tasks and x.dtype in _DUMMY:
+        dummy = _DUMMY[x.dtype]
+        _fused_forward(x.numpy(), weight.numpy(), dummy[0] if bias is None else bias.numpy(), bias is not None,
+                       out.numpy(), preact.numpy() if save_preact else dummy, save_preact, activation, tasks)
+        return out, preact
     # z itself saved (gelu, gelu_tanh, silu): the product goes to preact and the epilogue
     # reads it from there, else it goes to y and the epilogue works in place
     from_z = save_preact and not save_after_act
@@ -360,6 +461,15 @@ def backward(grad_out, x, weight, saved, activation: int, need_dx: bool, need_dw
         db = torch.from_numpy(db_parts.sum(0)).to(grad_out.dtype) if need_db else None
         return dx, dw, db
     dz = empty(grad_out.shape, grad_out.dtype)  # pooled: the same (M, N) scratch every step
+    tasks = _fused_tasks(M, N, x.shape[1], x.element_size()) if saved is not None and not drop[0] else 0
+    if tasks and x.dtype in _DUMMY:
+        dw = torch.empty_like(weight) if need_dw else None
+        dummy = _DUMMY[x.dtype]
+        _fused_backward(grad_out.numpy(), saved.numpy(), weight.numpy(), x.numpy(), dz.numpy(),
+                        dx.numpy() if need_dx else dummy, dw.numpy() if need_dw else dummy, db_parts,
+                        activation, need_dx, need_dw, tasks)
+        db = torch.from_numpy(db_parts.sum(0)).to(grad_out.dtype) if need_db else None
+        return dx, dw, db
     saved_np = saved.numpy() if saved is not None else grad_out.new_empty((1, 1)).numpy()
     step = _rows_per_block(N, grad_out.element_size())
     for r0 in range(0, M, step):

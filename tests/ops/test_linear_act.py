@@ -70,6 +70,48 @@ def test_cpu_backend_across_row_blocks(monkeypatch, dtype, shape, activation):
     _check("cpu", *shape, activation, dtype)
 
 
+# At least GRAIN outputs, for the cpu kernel's one-region forms (one numba task per thread,
+# each with MKL's sequential GEMM): tasks with 1 or 2 rows, an empty task (2 rows, 3 tasks),
+# an empty block of dW's rows (2 outputs, 3 tasks), a 3-D input.
+CPU_FUSED_SHAPES = [((300,), 17, 130), ((2,), 5, 16500), ((17000,), 3, 2), ((3, 150), 9, 80)]
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape", CPU_FUSED_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_cpu_one_region_forms(monkeypatch, dtype, shape, activation):
+    cpu_kernel = importlib.import_module("kiln.kernels.cpu.linear_act")
+    if not cpu_kernel.MKL_THREADS:
+        pytest.skip("torch without MKL's exported GEMM: the one-region forms do not run")
+    monkeypatch.setattr(cpu_kernel, "_team_size", lambda: 3)  # 3 tasks, whatever numba's thread count
+    monkeypatch.setattr(cpu_kernel, "_MIN_BLOCK_ROWS", 1)
+    lead, k, n = shape
+    assert cpu_kernel._fused_tasks(lead[-1] * (lead[0] if len(lead) > 1 else 1), n, k, 8) == 3
+    _check("cpu", *shape, activation, dtype)
+    _check("cpu", *shape, activation, dtype, bias=False)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_cpu_one_region_backward_of_one_input(monkeypatch, activation):
+    """dx alone and dW alone, in float64 against torch."""
+    cpu_kernel = importlib.import_module("kiln.kernels.cpu.linear_act")
+    if not cpu_kernel.MKL_THREADS:
+        pytest.skip("torch without MKL's exported GEMM: the one-region forms do not run")
+    monkeypatch.setattr(cpu_kernel, "_team_size", lambda: 2)
+    monkeypatch.setattr(cpu_kernel, "_MIN_BLOCK_ROWS", 1)
+    (x, w, b, dy), _ = _inputs((300,), 17, 130, torch.float64)
+    for wanted in (x, w):
+        x_, w_ = x.clone().requires_grad_(wanted is x), w.clone().requires_grad_(wanted is w)
+        x64, w64 = x.clone().requires_grad_(wanted is x), w.clone().requires_grad_(wanted is w)
+        with kiln.backend.use("cpu"):
+            kiln.ops.linear_act(x_, w_, b, activation).backward(dy)
+        TORCH_ACT[activation](F.linear(x64, w64, b)).backward(dy)
+        got, ref = (x_.grad, x64.grad) if wanted is x else (w_.grad, w64.grad)
+        assert rel_err(got, ref) < BOUND[torch.float64]
+        assert (x_.grad is None) == (wanted is w) and (w_.grad is None) == (wanted is x)
+
+
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("shape", SMALL_SHAPES, ids=str)
