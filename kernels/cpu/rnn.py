@@ -436,7 +436,7 @@ def _lstm_steps_forward_units(gx, bias, h0, c0, w_hh, h_all, c_all, reverse, j0,
         else:
             tp = t + 1 if reverse else t - 1
             h, c = h_all[tp], c_all[tp]
-        for q in range(4):  # gate q of units j0:j1 += h W_hh[q H + j0 : q H + j1]^T
+        for q in range(4 if j1 > j0 else 0):  # gate q of units j0:j1 += h W_hh[q H + j0 : q H + j1]^T
             mkl_gemm(1, 0, j1 - j0, B, H, w_hh[q * H + j0:], H, h, H, 1.0, gx[t, :, q * H + j0:], G)
         for b in range(B):
             _lstm_forward_units_inplace(gx[t, b], bias, c[b], h_all[t, b], c_all[t, b], j0, j1)
@@ -471,7 +471,8 @@ def _lstm_steps_backward_units(dh_all, dh, dc, gates, c0, c_all, w_hh, dpre, rev
         for b in range(B):
             _lstm_backward_units(dh_all[t, b], dh[b], gates[t, b], c[b], c_all[t, b], dpre[t, b], dc[b], j0, j1)
         barrier(state, parties)
-        mkl_gemm(0, 0, j1 - j0, B, G, w_hh[:, j0:], H, dpre[t], G, 0.0, dh[:, j0:], H)
+        if j1 > j0:
+            mkl_gemm(0, 0, j1 - j0, B, G, w_hh[:, j0:], H, dpre[t], G, 0.0, dh[:, j0:], H)
 
 
 @njit(**_LAYER_OPTIONS)
