@@ -392,10 +392,10 @@ _MIN_PART_UNITS = 128
 
 def _unit_parts(B, H):
     """How many workers split the step loop over hidden units (1: none, batch blocks)."""
-    threads = get_num_threads()
-    if not SPIN_BARRIER or threads < 2 or B < 2 * _MIN_CHUNK_ROWS or H < threads * _MIN_PART_UNITS:
+    if not SPIN_BARRIER or B < 2 * _MIN_CHUNK_ROWS or H < 2 * _MIN_PART_UNITS:
         return 1
-    return threads
+    threads = get_num_threads()
+    return threads if 2 <= threads <= H // _MIN_PART_UNITS else 1
 
 
 @njit(inline="always")
