@@ -22,6 +22,7 @@ from numba.extending import overload
 
 from .blas import MKL_GEMM, MKL_THREADS, PackedLinear, mkl_gemm, mkl_set_num_threads_local
 from .fastmath import KERNEL_OPTIONS, exp, like
+from .spin import SPIN_BARRIER, STATE_SIZE, barrier, join_team
 
 # The gates' tanh. float64: math.tanh. float32: a rational minimax approximation (the one
 # Eigen and XLA use: odd degree-13 numerator over even degree-6 denominator on
@@ -135,6 +136,34 @@ def _lstm_backward_row(dh_out, dc_out, has_dc_out, hw, a, cb, cn, d, dcb):
         dg[j] = dcb[j] * i[j] * (one - g[j] * g[j])
     for j in range(H):
         dcb[j] = dcb[j] * f[j]
+
+
+@njit(inline="always")
+def _lstm_backward_units(dh_out, hw, a, cb, cn, d, dcb, j0, j1):
+    """_lstm_backward_row (no dc_out) for hidden units [j0, j1) only: one worker's share of
+    a step when the step loop is split over the hidden units."""
+    H = cb.shape[0]
+    one = like(cb[0], 1.0)
+    i, f, g, o = a[j0:j1], a[H + j0:H + j1], a[2 * H + j0:2 * H + j1], a[3 * H + j0:3 * H + j1]
+    di, df, dg, do = d[j0:j1], d[H + j0:H + j1], d[2 * H + j0:2 * H + j1], d[3 * H + j0:3 * H + j1]
+    dy, carried, c, c_next, dc = dh_out[j0:j1], hw[j0:j1], cb[j0:j1], cn[j0:j1], dcb[j0:j1]
+    n = j1 - j0
+    for j in range(n):  # di holds dh_next until its own loop
+        di[j] = dy[j] + carried[j]
+    for j in range(n):  # do holds tanh(c_next) until its own loop
+        do[j] = tanh(c_next[j])
+    for j in range(n):  # dc holds dc_tot = dc_next + dh o (1 - tanh^2) until the end
+        dc[j] = dc[j] + di[j] * o[j] * (one - do[j] * do[j])
+    for j in range(n):
+        do[j] = di[j] * do[j] * o[j] * (one - o[j])
+    for j in range(n):
+        di[j] = dc[j] * g[j] * i[j] * (one - i[j])
+    for j in range(n):
+        df[j] = dc[j] * c[j] * f[j] * (one - f[j])
+    for j in range(n):
+        dg[j] = dc[j] * i[j] * (one - g[j] * g[j])
+    for j in range(n):
+        dc[j] = dc[j] * f[j]
 
 
 @njit(**KERNEL_OPTIONS)
@@ -301,6 +330,29 @@ def _lstm_forward_row_inplace(a, bias, cb, hn, cn):
         hn[j] = o[j] * tanh(cn[j])
 
 
+@njit(inline="always")
+def _lstm_forward_units_inplace(a, bias, cb, hn, cn, j0, j1):
+    """_lstm_forward_row_inplace for hidden units [j0, j1) only (their four gates' entries
+    of a, of cb, hn and cn): one worker's share of a step when the step loop is split over
+    the hidden units."""
+    H = cb.shape[0]
+    i, f, g, o = a[j0:j1], a[H + j0:H + j1], a[2 * H + j0:2 * H + j1], a[3 * H + j0:3 * H + j1]
+    bi, bf, bg, bo = bias[j0:j1], bias[H + j0:H + j1], bias[2 * H + j0:2 * H + j1], bias[3 * H + j0:3 * H + j1]
+    c, h_out, c_out = cb[j0:j1], hn[j0:j1], cn[j0:j1]
+    for j in range(j1 - j0):
+        i[j] = _sigmoid(i[j] + bi[j])
+    for j in range(j1 - j0):
+        f[j] = _sigmoid(f[j] + bf[j])
+    for j in range(j1 - j0):
+        o[j] = _sigmoid(o[j] + bo[j])
+    for j in range(j1 - j0):
+        g[j] = tanh(g[j] + bg[j])
+    for j in range(j1 - j0):
+        c_out[j] = f[j] * c[j] + i[j] * g[j]
+    for j in range(j1 - j0):
+        h_out[j] = o[j] * tanh(c_out[j])
+
+
 # The step loop over a block of batch rows [b0, b1): the rows of a batch never meet in a
 # recurrence, so with more than one thread each worker runs the whole sequence over its own
 # rows (MKL sequential inside it) and the steps need no synchronisation at all. Threading
@@ -325,6 +377,36 @@ def _batch_chunks(B):
     return max(1, min(get_num_threads(), B // _MIN_CHUNK_ROWS))
 
 
+# The step loop split over hidden units instead (_lstm_steps_*_units): with batch blocks
+# each worker's step GEMM has B / threads rows and reads all of W_hh; split over units,
+# worker k computes the four gates of its units [j_k, j_k+1) for all B rows (its rows of
+# W_hh, 4 x 128 x 256 at H 256, one GEMM per gate), and the workers meet at a spin barrier
+# (spin.py) once a step, since every unit's next step reads all of h. At T64 B32 H256 one
+# worker's 64 step GEMMs took 6.9 ms as 4 x (128 x 32 x 256) against 8.7 ms as one
+# 16 x 256 x 1024 (one thread, 78 against 62 GFLOP/s; backward 7.2 against 8.5 ms); 128
+# barriers cost ~40 us (bench/results/lstm_cpu_issue14_session8.md). Taken when every
+# numba thread gets at least _MIN_PART_UNITS units and the batch would be split anyway
+# (B >= 2 _MIN_CHUNK_ROWS); else batch blocks as before.
+_MIN_PART_UNITS = 128
+
+
+def _unit_parts(B, H):
+    """How many workers split the step loop over hidden units (1: none, batch blocks)."""
+    if not SPIN_BARRIER or B < 2 * _MIN_CHUNK_ROWS or H < 2 * _MIN_PART_UNITS:
+        return 1
+    threads = get_num_threads()
+    return threads if 2 <= threads <= H // _MIN_PART_UNITS else 1
+
+
+@njit(inline="always")
+def _part_bounds(k, parties, H):
+    """Hidden units [j0, j1) of part k of parties, boundaries on multiples of 16 (whole
+    vectors and cache lines of every gate block)."""
+    j0 = 0 if k == 0 else min(H, (k * H // parties + 15) // 16 * 16)
+    j1 = H if k == parties - 1 else min(H, ((k + 1) * H // parties + 15) // 16 * 16)
+    return j0, j1
+
+
 @njit(inline="always")
 def _lstm_steps_forward(gx, bias, h0, c0, w_hh, h_all, c_all, reverse, b0, b1):
     T, H = gx.shape[0], h0.shape[1]
@@ -342,6 +424,26 @@ def _lstm_steps_forward(gx, bias, h0, c0, w_hh, h_all, c_all, reverse, b0, b1):
 
 
 @njit(inline="always")
+def _lstm_steps_forward_units(gx, bias, h0, c0, w_hh, h_all, c_all, reverse, j0, j1, state, parties):
+    """_lstm_steps_forward for hidden units [j0, j1) of every batch row, one part of a team
+    (spin.join_team) that meets at a barrier after every step."""
+    T, B, H = gx.shape[0], h0.shape[0], h0.shape[1]
+    G = 4 * H
+    for s in range(T):
+        t = T - 1 - s if reverse else s
+        if s == 0:
+            h, c = h0, c0
+        else:
+            tp = t + 1 if reverse else t - 1
+            h, c = h_all[tp], c_all[tp]
+        for q in range(4 if j1 > j0 else 0):  # gate q of units j0:j1 += h W_hh[q H + j0 : q H + j1]^T
+            mkl_gemm(1, 0, j1 - j0, B, H, w_hh[q * H + j0:], H, h, H, 1.0, gx[t, :, q * H + j0:], G)
+        for b in range(B):
+            _lstm_forward_units_inplace(gx[t, b], bias, c[b], h_all[t, b], c_all[t, b], j0, j1)
+        barrier(state, parties)  # h_all[t] complete before any part's next GEMM reads it
+
+
+@njit(inline="always")
 def _lstm_steps_backward(dh_all, dh, dc, gates, c0, c_all, w_hh, dpre, reverse, b0, b1):
     T, G = gates.shape[0], gates.shape[2]
     H = G // 4
@@ -354,13 +456,33 @@ def _lstm_steps_backward(dh_all, dh, dc, gates, c0, c_all, w_hh, dpre, reverse, 
         mkl_gemm(0, 0, H, b1 - b0, G, w_hh, H, dpre[t, b0:], G, 0.0, dh[b0:], H)  # dh = dpre_t W_hh (last: dh0)
 
 
+@njit(inline="always")
+def _lstm_steps_backward_units(dh_all, dh, dc, gates, c0, c_all, w_hh, dpre, reverse, j0, j1, state, parties):
+    """_lstm_steps_backward for hidden units [j0, j1) of every batch row, one part of a
+    team: each step's gate pass writes this part's units of dpre_t, the barrier waits for
+    all of dpre_t, and the GEMM forms this part's units of dh = dpre_t W_hh[:, j0:j1] (the
+    next step's gate pass reads only those, so one barrier a step)."""
+    T, B, G = gates.shape
+    H = G // 4
+    for s in range(T):
+        t = s if reverse else T - 1 - s
+        first = t == T - 1 if reverse else t == 0
+        c = c0 if first else (c_all[t + 1] if reverse else c_all[t - 1])
+        for b in range(B):
+            _lstm_backward_units(dh_all[t, b], dh[b], gates[t, b], c[b], c_all[t, b], dpre[t, b], dc[b], j0, j1)
+        barrier(state, parties)
+        if j1 > j0:
+            mkl_gemm(0, 0, j1 - j0, B, G, w_hh[:, j0:], H, dpre[t], G, 0.0, dh[:, j0:], H)
+
+
 @njit(**_LAYER_OPTIONS)
-def _lstm_layer_forward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, reverse, T, h_n, c_n, chunks):
+def _lstm_layer_forward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, reverse, T, h_n, c_n, chunks, parties):
     """x (T*B, I) -> (h_all, c_all (T, B, H) in time order, gates (T, B, 4H)), allocated
     here (a torch allocation and .numpy() per buffer cost ~3 us each); the gates are the
     pre-activation buffer gx, activated in place; b_ih, b_hh (4H,) or empty for none;
     h_n, c_n (B, H) get the final states (reverse: step T-1 runs first and reads h0);
-    chunks: blocks of batch rows whose step loops run in parallel (_batch_chunks)."""
+    chunks: blocks of batch rows whose step loops run in parallel (_batch_chunks); parties
+    > 1: the step loop split over hidden units instead (_unit_parts)."""
     B, H = h0.shape
     G = 4 * H
     h_all, c_all = np.empty((T, B, H), h0.dtype), np.empty((T, B, H), h0.dtype)
@@ -374,15 +496,29 @@ def _lstm_layer_forward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, reverse, T, h_n, c_n,
     # gx = x W_ih^T, all steps (beta 0: the gate pass adds the bias, so nothing fills gx
     # ahead of the GEMM)
     gx2 = gx.reshape((T * B, G))
-    if chunks > 1:
+    if chunks > 1 or parties > 1:
         # the projection in blocks of rows on numba's threads too (MKL sequential), so the
         # layer's parallel work stays in one thread pool: after a threaded MKL GEMM, torch's
         # OpenMP workers spin a while before they sleep, on the cores the step blocks want
-        for k in prange(chunks):
+        blocks = max(chunks, parties)
+        for k in prange(blocks):
             previous = mkl_set_num_threads_local(1)
-            r0, r1 = k * T * B // chunks, (k + 1) * T * B // chunks
+            r0, r1 = k * T * B // blocks, (k + 1) * T * B // blocks
             mkl_gemm(1, 0, G, r1 - r0, I, w_ih, I, x[r0:], I, 0.0, gx2[r0:], G)
             mkl_set_num_threads_local(previous)
+    if parties > 1:
+        state = np.zeros(STATE_SIZE, np.int64)
+        for k in prange(parties):
+            role = join_team(state, k, parties)
+            if role != 0:
+                previous = mkl_set_num_threads_local(1)
+                if role == 1:
+                    j0, j1 = _part_bounds(k, parties, H)
+                    _lstm_steps_forward_units(gx, bias, h0, c0, w_hh, h_all, c_all, reverse, j0, j1, state, parties)
+                else:  # no team: this part runs every unit
+                    _lstm_steps_forward(gx, bias, h0, c0, w_hh, h_all, c_all, reverse, 0, B)
+                mkl_set_num_threads_local(previous)
+    elif chunks > 1:
         for k in prange(chunks):
             previous = mkl_set_num_threads_local(1)
             _lstm_steps_forward(gx, bias, h0, c0, w_hh, h_all, c_all, reverse, k * B // chunks,
@@ -427,11 +563,12 @@ def _lstm_gradients_after_steps(dpre, h0, h_all, x, w_ih, dx, dw_ih, dw_hh, db, 
 
 
 @njit(**_LAYER_OPTIONS)
-def _lstm_layer_backward(dh_all, dh, dc, gates, h0, c0, h_all, c_all, w_hh, x, w_ih, reverse, need_x, need_w, chunks):
+def _lstm_layer_backward(dh_all, dh, dc, gates, h0, c0, h_all, c_all, w_hh, x, w_ih, reverse, need_x, need_w, chunks,
+                         parties):
     """dh, dc (B, H): in, the final states' gradients; out, dh0 and dc0. -> (dx (T*B, I) =
     dpre W_ih if need_x, dw_ih, dw_hh, db if need_w; 0-size arrays where not needed);
-    chunks as in _lstm_layer_forward (with chunks > 1 the GEMMs over all steps also run
-    in blocks on numba's threads)."""
+    chunks, parties as in _lstm_layer_forward (with chunks > 1 or parties > 1 the GEMMs
+    over all steps also run in blocks on numba's threads)."""
     T, B, G = gates.shape
     H = G // 4
     I = x.shape[1]
@@ -439,7 +576,21 @@ def _lstm_layer_backward(dh_all, dh, dc, gates, h0, c0, h_all, c_all, w_hh, x, w
     dx = np.empty((T * B if need_x else 0, I), gates.dtype)
     n = G if need_w else 0
     dw_ih, dw_hh, db = np.empty((n, I), gates.dtype), np.empty((n, H), gates.dtype), np.empty(n, gates.dtype)
-    if chunks > 1:
+    if parties > 1:
+        state = np.zeros(STATE_SIZE, np.int64)
+        for k in prange(parties):
+            role = join_team(state, k, parties)
+            if role != 0:
+                previous = mkl_set_num_threads_local(1)
+                if role == 1:
+                    j0, j1 = _part_bounds(k, parties, H)
+                    _lstm_steps_backward_units(dh_all, dh, dc, gates, c0, c_all, w_hh, dpre, reverse, j0, j1, state,
+                                               parties)
+                else:  # no team: this part runs every unit
+                    _lstm_steps_backward(dh_all, dh, dc, gates, c0, c_all, w_hh, dpre, reverse, 0, B)
+                mkl_set_num_threads_local(previous)
+        chunks = max(chunks, parties)
+    elif chunks > 1:
         for k in prange(chunks):
             previous = mkl_set_num_threads_local(1)
             _lstm_steps_backward(dh_all, dh, dc, gates, c0, c_all, w_hh, dpre, reverse, k * B // chunks,
@@ -599,7 +750,7 @@ def lstm_layer_forward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, reverse, h_n=None, c_n
                                               none if b_ih is None else b_ih.numpy(),
                                               none if b_hh is None else b_hh.numpy(), h0.numpy(), c0.numpy(),
                                               w_hh.numpy(), bool(reverse), T, h_n.numpy(), c_n.numpy(),
-                                              _batch_chunks(B))
+                                              _batch_chunks(B), _unit_parts(B, h0.shape[1]))
     return torch.from_numpy(h_all), torch.from_numpy(c_all), torch.from_numpy(gates), h_n, c_n
 
 
@@ -614,7 +765,7 @@ def lstm_layer_backward(dh_all, dh, dc, gates, h0, c0, h_all, c_all, w_hh, x, w_
     dx, dw_ih, dw_hh, db = _lstm_layer_backward(
         dh_all.numpy(), dh.numpy(), dc.numpy(), gates.numpy(), h0.numpy(), c0.numpy(), h_all.numpy(), c_all.numpy(),
         w_hh.numpy(), x.numpy().reshape(T * B, I), w_ih.numpy(), bool(reverse), bool(need_x), bool(need_w),
-        _batch_chunks(B))
+        _batch_chunks(B), _unit_parts(B, h0.shape[1]))
     dx = torch.from_numpy(dx).view(T, B, I) if need_x else None
     if not need_w:
         return dx, None, None, None

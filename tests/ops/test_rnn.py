@@ -503,3 +503,35 @@ def test_eager_cpu_lstm_layer_and_stack_gradcheck_and_gradgradcheck(monkeypatch,
             assert torch.autograd.gradcheck(stack, (x, hs, cs))
             assert torch.autograd.gradgradcheck(stack, (x, hs, cs))
     assert calls["layer"] > 0 and calls["stack"] > 0
+
+
+@pytest.mark.parametrize("parties", [2, 3])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lstm_hidden_unit_split_cpu(monkeypatch, parties, bidirectional, dtype):
+    """The eager cpu LSTM layer's step loop split over hidden units (a team of `parties`
+    workers, each its units' four gates for every row, meeting at a spin barrier every
+    step; what B >= 16, H >= 256 run with two numba threads) matches torch forward and
+    backward, both directions and stacked; H 40 gives parts of 32 + 8 and 16 + 16 + 8
+    units. With fewer numba threads than parts (one thread, or 3 parts on 2) the team
+    never forms and the first part runs every unit alone: the same results."""
+    import kiln.kernels.cpu.rnn as rnn_kernels
+
+    asked = []
+    monkeypatch.setattr(rnn_kernels, "_unit_parts", lambda B, H: asked.append((B, H)) or parties)
+    _check_layer("cpu", "LSTM", 5, 3, 7, 40, 2, bidirectional, False, dtype)
+    assert asked, "the layer kernels did not run"
+
+
+def test_lstm_hidden_unit_split_taken_at_bench_width():
+    """At B 16, H 256 the unit split is what runs with two numba threads (none with one, nor
+    with more: 128 units a part at least), and it matches torch in float32."""
+    import numba
+
+    import kiln.kernels.cpu.rnn as rnn_kernels
+
+    threads = numba.get_num_threads()
+    parties = rnn_kernels._unit_parts(16, 256)
+    assert parties == (2 if threads == 2 and rnn_kernels.SPIN_BARRIER else 1)
+    assert rnn_kernels._unit_parts(8, 256) == 1  # small batch: serial
+    _check_layer("cpu", "LSTM", 3, 16, 8, 256, 1, False, False, torch.float32)
