@@ -111,37 +111,13 @@ def _lstm_backward(dh_out, dc_out, hw, gates, c, c_next, dpre, dc):
 def _lstm_backward_row(dh_out, dc_out, has_dc_out, hw, a, cb, cn, d, dcb):
     """One batch row of a step's LSTM backward; dc_out, this step's output gradient of c, is
     read only when has_dc_out (the layer kernel has none: dcb carries all of dc in)."""
-    H = cb.shape[0]
-    one = like(cb[0], 1.0)
-    i, f, g, o = a[:H], a[H:2 * H], a[2 * H:3 * H], a[3 * H:]
-    di, df, dg, do = d[:H], d[H:2 * H], d[2 * H:3 * H], d[3 * H:]
-    for j in range(H):  # di holds dh_next until its own loop
-        di[j] = dh_out[j] + hw[j]
-    for j in range(H):  # do holds tanh(c_next) until its own loop
-        do[j] = tanh(cn[j])
-    # dcb holds dc_tot = dc_next (+ dc_out) + dh o (1 - tanh^2) until the end
-    if has_dc_out:
-        for j in range(H):
-            dcb[j] = dcb[j] + dc_out[j] + di[j] * o[j] * (one - do[j] * do[j])
-    else:
-        for j in range(H):
-            dcb[j] = dcb[j] + di[j] * o[j] * (one - do[j] * do[j])
-    for j in range(H):
-        do[j] = di[j] * do[j] * o[j] * (one - o[j])
-    for j in range(H):
-        di[j] = dcb[j] * g[j] * i[j] * (one - i[j])
-    for j in range(H):
-        df[j] = dcb[j] * cb[j] * f[j] * (one - f[j])
-    for j in range(H):
-        dg[j] = dcb[j] * i[j] * (one - g[j] * g[j])
-    for j in range(H):
-        dcb[j] = dcb[j] * f[j]
+    _lstm_backward_units(dh_out, dc_out, has_dc_out, hw, a, cb, cn, d, dcb, 0, cb.shape[0])
 
 
 @njit(inline="always")
-def _lstm_backward_units(dh_out, hw, a, cb, cn, d, dcb, j0, j1):
-    """_lstm_backward_row (no dc_out) for hidden units [j0, j1) only: one worker's share of
-    a step when the step loop is split over the hidden units."""
+def _lstm_backward_units(dh_out, dc_out, has_dc_out, hw, a, cb, cn, d, dcb, j0, j1):
+    """_lstm_backward_row for hidden units [j0, j1) only: one worker's share of a step when
+    the step loop is split over the hidden units (the whole row: 0, H)."""
     H = cb.shape[0]
     one = like(cb[0], 1.0)
     i, f, g, o = a[j0:j1], a[H + j0:H + j1], a[2 * H + j0:2 * H + j1], a[3 * H + j0:3 * H + j1]
@@ -152,8 +128,14 @@ def _lstm_backward_units(dh_out, hw, a, cb, cn, d, dcb, j0, j1):
         di[j] = dy[j] + carried[j]
     for j in range(n):  # do holds tanh(c_next) until its own loop
         do[j] = tanh(c_next[j])
-    for j in range(n):  # dc holds dc_tot = dc_next + dh o (1 - tanh^2) until the end
-        dc[j] = dc[j] + di[j] * o[j] * (one - do[j] * do[j])
+    # dc holds dc_tot = dc_next (+ dc_out) + dh o (1 - tanh^2) until the end
+    if has_dc_out:
+        dc_step = dc_out[j0:j1]
+        for j in range(n):
+            dc[j] = dc[j] + dc_step[j] + di[j] * o[j] * (one - do[j] * do[j])
+    else:
+        for j in range(n):
+            dc[j] = dc[j] + di[j] * o[j] * (one - do[j] * do[j])
     for j in range(n):
         do[j] = di[j] * do[j] * o[j] * (one - o[j])
     for j in range(n):
@@ -469,7 +451,7 @@ def _lstm_steps_backward_units(dh_all, dh, dc, gates, c0, c_all, w_hh, dpre, rev
         first = t == T - 1 if reverse else t == 0
         c = c0 if first else (c_all[t + 1] if reverse else c_all[t - 1])
         for b in range(B):
-            _lstm_backward_units(dh_all[t, b], dh[b], gates[t, b], c[b], c_all[t, b], dpre[t, b], dc[b], j0, j1)
+            _lstm_backward_units(dh_all[t, b], dh_all[t, b], False, dh[b], gates[t, b], c[b], c_all[t, b], dpre[t, b], dc[b], j0, j1)
         barrier(state, parties)
         if j1 > j0:
             mkl_gemm(0, 0, j1 - j0, B, G, w_hh[:, j0:], H, dpre[t], G, 0.0, dh[:, j0:], H)
