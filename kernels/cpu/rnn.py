@@ -390,16 +390,21 @@ def _part_bounds(k, parties, H):
 
 
 @njit(inline="always")
+def _step_and_previous_state(s, T, reverse, h0, c0, h_all, c_all):
+    """The s-th step's time index (counting down when reverse) and the (h, c) it starts from."""
+    t = T - 1 - s if reverse else s
+    if s == 0:
+        return t, h0, c0
+    tp = t + 1 if reverse else t - 1
+    return t, h_all[tp], c_all[tp]
+
+
+@njit(inline="always")
 def _lstm_steps_forward(gx, bias, h0, c0, w_hh, h_all, c_all, reverse, b0, b1):
     T, H = gx.shape[0], h0.shape[1]
     G = 4 * H
     for s in range(T):
-        t = T - 1 - s if reverse else s
-        if s == 0:
-            h, c = h0, c0
-        else:
-            tp = t + 1 if reverse else t - 1
-            h, c = h_all[tp], c_all[tp]
+        t, h, c = _step_and_previous_state(s, T, reverse, h0, c0, h_all, c_all)
         mkl_gemm(1, 0, G, b1 - b0, H, w_hh, H, h[b0:], H, 1.0, gx[t, b0:], G)  # gx_t += h W_hh^T
         for b in range(b0, b1):
             _lstm_forward_row_inplace(gx[t, b], bias, c[b], h_all[t, b], c_all[t, b])
@@ -412,12 +417,7 @@ def _lstm_steps_forward_units(gx, bias, h0, c0, w_hh, h_all, c_all, reverse, j0,
     T, B, H = gx.shape[0], h0.shape[0], h0.shape[1]
     G = 4 * H
     for s in range(T):
-        t = T - 1 - s if reverse else s
-        if s == 0:
-            h, c = h0, c0
-        else:
-            tp = t + 1 if reverse else t - 1
-            h, c = h_all[tp], c_all[tp]
+        t, h, c = _step_and_previous_state(s, T, reverse, h0, c0, h_all, c_all)
         for q in range(4 if j1 > j0 else 0):  # gate q of units j0:j1 += h W_hh[q H + j0 : q H + j1]^T
             mkl_gemm(1, 0, j1 - j0, B, H, w_hh[q * H + j0:], H, h, H, 1.0, gx[t, :, q * H + j0:], G)
         for b in range(B):
